@@ -1,0 +1,76 @@
+"""Frozen, validated option classes: unknown options raise ConfigError naming them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lbkit.errors import ConfigError
+
+try:  # Python >= 3.11
+    from typing import dataclass_transform
+except ImportError:  # pragma: no cover - Python 3.10
+    from typing_extensions import dataclass_transform
+
+__all__ = ["check_choice", "check_float", "check_int", "config"]
+
+T = TypeVar("T")
+
+
+@dataclass_transform(frozen_default=True)
+def config(cls: type[T]) -> type[T]:
+    """Make ``cls`` a frozen dataclass whose constructor rejects unknown options with ConfigError."""
+    dc: Any = dataclasses.dataclass(frozen=True)(cls)
+    init: Callable[..., None] = dc.__init__
+    names = [n for n in inspect.signature(init).parameters if n != "self"]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {names}")
+        if len(args) > len(names):
+            raise ConfigError(f"{cls.__name__}: takes at most {len(names)} positional options, got {len(args)}")
+        init(self, *args, **kwargs)
+
+    dc.__init__ = __init__
+    return dc  # type: ignore[no-any-return]
+
+
+def check_int(owner: str, name: str, value: object, *, minimum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum``; else raise ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}: {name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{owner}: {name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_min: bool = False,
+) -> float:
+    """Return ``value`` as a finite float within bounds; else raise ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if strict_min else value < minimum):
+        raise ConfigError(f"{owner}: {name} must be {'>' if strict_min else '>='} {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{owner}: {name} must be <= {maximum}, got {value!r}")
+    return float(value)
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``; else raise ConfigError naming it."""
+    if value not in choices:
+        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
+    return str(value)

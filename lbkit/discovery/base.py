@@ -1,0 +1,56 @@
+"""The Discovery interface: a source of endpoint-set snapshots."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lbkit.endpoint import EndpointSet
+
+__all__ = ["Discovery", "DiscoveryStatus", "OnUpdate"]
+
+OnUpdate = Callable[[EndpointSet], None]
+
+
+@dataclass
+class DiscoveryStatus:
+    """What a discovery source last did, for metrics and logs (times from ``time.monotonic``)."""
+
+    updates: int = 0
+    """Endpoint sets published."""
+    errors: int = 0
+    """Failed queries, in all."""
+    consecutive_errors: int = 0
+    """Failed queries since the last good answer; above 0 the published set is stale."""
+    last_success: float | None = None
+    """When the last good answer came."""
+    last_error: str = ""
+    """The last failure, as text (never holding a token)."""
+
+    @property
+    def stale(self) -> bool:
+        """Whether the last query failed, so the set in force may be out of date."""
+        return self.consecutive_errors > 0
+
+
+class Discovery(ABC):
+    """A source of :class:`EndpointSet` snapshots for one service.
+
+    A source never publishes an empty set because it failed: it keeps the last good one and retries.
+    The sync balancer runs :meth:`run` in a thread of its own; the asyncio one awaits :meth:`arun`.
+    """
+
+    service: str
+    """The service's name, used in errors, logs and metric labels."""
+
+    status: DiscoveryStatus
+
+    @abstractmethod
+    def run(self, on_update: OnUpdate, stop: threading.Event) -> None:
+        """Call ``on_update`` with each new endpoint set until ``stop`` is set; then return promptly."""
+
+    @abstractmethod
+    async def arun(self, on_update: OnUpdate) -> None:
+        """Call ``on_update`` with each new endpoint set until cancelled."""

@@ -1,0 +1,63 @@
+"""The one error tree of lbkit."""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "ConfigError",
+    "DiscoveryError",
+    "LbkitError",
+    "NoEndpointsError",
+    "NoReadyEndpointError",
+]
+
+
+class LbkitError(Exception):
+    """Base of every error lbkit raises."""
+
+
+class ConfigError(LbkitError, ValueError):
+    """A bad option, address, weight or payload; the message names the bad value."""
+
+
+class DiscoveryError(LbkitError):
+    """Discovery could not produce an endpoint set; the cause is chained."""
+
+
+class NoEndpointsError(LbkitError, grpc.RpcError):
+    """Nothing to pick from: no endpoints are known.
+
+    It is also a `grpc.RpcError` with code UNAVAILABLE, so callers that handle
+    gRPC status codes keep working.
+    """
+
+    def __init__(self, message: str = "no endpoints", *, service: str | None = None) -> None:
+        self.service = service
+        text = f"{service}: {message}" if service else message
+        super().__init__(text)
+        self._details = text
+
+    def code(self) -> grpc.StatusCode:
+        """Always UNAVAILABLE."""
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        """The message, naming the service and why nothing could be picked."""
+        return self._details
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Empty: no server was reached."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Empty: no server was reached."""
+        return ()
+
+    def debug_error_string(self) -> str:
+        """The message, as grpc errors offer it."""
+        return self._details
+
+
+class NoReadyEndpointError(NoEndpointsError):
+    """Endpoints are known but none is ready (connecting, unhealthy or ejected)."""

@@ -1,0 +1,189 @@
+"""A real gRPC model server of the inference-service shape, for tests, examples, the demo and benchmarks.
+
+Each response says which endpoint served it (``served_by``), and the server counts its calls, so a
+test can see where calls went. Its behaviour (delay, failures, hanging, health) can be changed while
+it runs.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from lbkit.testing.proto import model_service_pb2 as pb2
+from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
+
+__all__ = ["Behavior", "ModelServer", "ModelServicer", "pb2", "pb2_grpc"]
+
+SERVICE_NAME = "lbkit.inference.v1.ModelService"
+
+
+@dataclass
+class Behavior:
+    """How a :class:`ModelServer` answers; change fields while it runs."""
+
+    delay: float = 0.0
+    """Seconds each unary call (and each streamed token) takes."""
+    fail_rate: float = 0.0
+    """Share of calls that fail with ``fail_code``, in [0, 1]."""
+    fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    hang: bool = False
+    """Answer nothing until the call's deadline passes or it is cancelled."""
+    tokens: int = 8
+    """Tokens StreamPredict sends when the request asks for none."""
+    model_version: str = "v1"
+
+
+class ModelServicer(pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
+    """The ModelService implementation behind :class:`ModelServer`."""
+
+    def __init__(self, name: str, behavior: Behavior) -> None:
+        self.name = name
+        self.behavior = behavior
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.calls[method] += 1
+            fail = self._rng.random() < self.behavior.fail_rate
+        context.set_trailing_metadata((("lb-served-by", self.name),))
+        b = self.behavior
+        if b.hang:
+            while context.is_active():
+                time.sleep(0.005)
+            return
+        if fail:
+            context.abort(b.fail_code, f"{self.name}: injected failure")
+
+    def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        self._enter("Predict", context)
+        if self.behavior.delay:
+            time.sleep(self.behavior.delay)
+        preds = [sum(request.features)] if request.features else [0.0]
+        return pb2.PredictResponse(
+            predictions=preds,
+            latency_ms=(time.perf_counter() - start) * 1e3,
+            served_by=self.name,
+            model_version=request.model_version or self.behavior.model_version,
+        )
+
+    def StreamPredict(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._enter("StreamPredict", context)
+        n = request.max_tokens or self.behavior.tokens
+        for i in range(n):
+            if not context.is_active():
+                return
+            if self.behavior.delay:
+                time.sleep(self.behavior.delay)
+            yield pb2.TokenResponse(token=f"tok{i}", is_finished=i == n - 1, served_by=self.name)
+
+    def UpdateFeatures(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        self._enter("UpdateFeatures", context)
+        for update in request_iterator:
+            yield pb2.AckResponse(
+                entity_id=update.entity_id, sequence=update.sequence, accepted=True, served_by=self.name
+            )
+
+
+class ModelServer:
+    """A ModelService server (with grpc.health.v1) on ``host``, port 0 meaning an ephemeral port.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        behavior: Behavior | None = None,
+        health_service: bool = True,
+        max_workers: int = 32,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self.behavior = behavior or Behavior()
+        self.health_service = health_service
+        self._max_workers = max_workers
+        self._credentials = credentials
+        self._server: grpc.Server | None = None
+        self.servicer: ModelServicer | None = None
+        self.health: health.HealthServicer | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port`` for IPv6)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._port}"
+
+    @property
+    def calls(self) -> Counter[str]:
+        """Calls received, by method name."""
+        return self.servicer.calls if self.servicer else Counter()
+
+    @property
+    def total_calls(self) -> int:
+        """Calls received over all methods."""
+        return sum(self.calls.values())
+
+    def start(self) -> ModelServer:
+        """Bind and start serving; the port stays the same across stop and start."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        bind = f"{'[' + self.host + ']' if ':' in self.host else self.host}:{self._port}"
+        if self._credentials is not None:
+            port = server.add_secure_port(bind, self._credentials)
+        else:
+            port = server.add_insecure_port(bind)
+        if port == 0:
+            raise RuntimeError(f"could not bind {bind}")
+        self._port = port
+        self.servicer = ModelServicer(self.address, self.behavior)
+        pb2_grpc.add_ModelServiceServicer_to_server(self.servicer, server)
+        if self.health_service:
+            self.health = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            self.set_serving(True)
+        server.start()
+        self._server = server
+        return self
+
+    def set_serving(self, serving: bool, service: str = "") -> None:
+        """Set the health status reported for ``service`` ("" is the whole server) and ModelService."""
+        if self.health is None:
+            raise RuntimeError("this server has no health service")
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in {service, "", SERVICE_NAME}:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; calls in flight get ``grace`` seconds to finish."""
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
