@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -32,8 +33,9 @@ def _alive(pid: int) -> bool:
 
 def _predict(address: str, timeout: float = 5.0) -> pb2.PredictResponse:
     with grpc.insecure_channel(address) as channel:
-        return pb2_grpc.ModelServiceStub(channel).Predict(
-            pb2.PredictRequest(features=[1.0, 2.0]), timeout=timeout
+        stub: Any = pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        return cast(
+            pb2.PredictResponse, stub.Predict(pb2.PredictRequest(features=[1.0, 2.0]), timeout=timeout)
         )
 
 
