@@ -29,21 +29,81 @@ _LAZY: dict[str, str] = {
     "Selector": "lbkit.selectors.base",
     "Discovery": "lbkit.discovery.base",
     "StaticDiscovery": "lbkit.discovery.static",
+    "ConsulDiscovery": "lbkit.discovery.consul",
+    "Balancer": "lbkit.balancer",
+    "BalancedChannel": "lbkit.channel",
+    "RetryPolicy": "lbkit.retry",
+    "OutlierDetection": "lbkit.health.outlier",
+    "SuccessRateEjection": "lbkit.health.outlier",
+    "FailurePercentageEjection": "lbkit.health.outlier",
+    "SlowStart": "lbkit.health.slow_start",
+    "HealthCheck": "lbkit.health.active",
+    "RoundRobin": "lbkit.selectors.round_robin",
+    "LeastConnections": "lbkit.selectors.least_connections",
+    "Weighted": "lbkit.selectors.weighted",
+    "ConsistentHash": "lbkit.selectors.consistent_hash",
+    "PeakEwma": "lbkit.selectors.peak_ewma",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "BalancedChannel",
+    "Balancer",
+    "ConfigError",
+    "ConsistentHash",
+    "ConsulDiscovery",
+    "Discovery",
+    "DiscoveryError",
+    "Endpoint",
+    "EndpointDiff",
+    "EndpointSet",
+    "EndpointStats",
+    "Event",
+    "EventKind",
+    "FailurePercentageEjection",
+    "HealthCheck",
+    "LbkitError",
+    "LeastConnections",
+    "NoEndpointsError",
+    "NoReadyEndpointError",
+    "OutlierDetection",
+    "PeakEwma",
+    "Picker",
+    "RetryPolicy",
+    "RoundRobin",
+    "Selector",
+    "SlowStart",
+    "StaticDiscovery",
+    "Stats",
+    "SuccessRateEjection",
+    "Weighted",
+    "__version__",
+]
 
 if TYPE_CHECKING:
+    from lbkit.balancer import Balancer
+    from lbkit.channel import BalancedChannel
     from lbkit.discovery.base import Discovery
+    from lbkit.discovery.consul import ConsulDiscovery
     from lbkit.discovery.static import StaticDiscovery
     from lbkit.endpoint import Endpoint, EndpointDiff, EndpointSet
     from lbkit.errors import ConfigError, DiscoveryError, LbkitError, NoEndpointsError, NoReadyEndpointError
     from lbkit.events import Event, EventKind
+    from lbkit.health.active import HealthCheck
+    from lbkit.health.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
+    from lbkit.health.slow_start import SlowStart
+    from lbkit.retry import RetryPolicy
     from lbkit.selectors.base import Picker, Selector
+    from lbkit.selectors.consistent_hash import ConsistentHash
+    from lbkit.selectors.least_connections import LeastConnections
+    from lbkit.selectors.peak_ewma import PeakEwma
+    from lbkit.selectors.round_robin import RoundRobin
+    from lbkit.selectors.weighted import Weighted
     from lbkit.stats import EndpointStats, Stats
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("aio", "consul", "testing", "metrics"):
+        return importlib.import_module(f"lbkit.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lbkit' has no attribute {name!r}")

@@ -34,7 +34,9 @@ def config(cls: type[T]) -> type[T]:
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {names}")
         if len(args) > len(names):
-            raise ConfigError(f"{cls.__name__}: takes at most {len(names)} positional options, got {len(args)}")
+            raise ConfigError(
+                f"{cls.__name__}: takes at most {len(names)} positional options, got {len(args)}"
+            )
         init(self, *args, **kwargs)
 
     dc.__init__ = __init__

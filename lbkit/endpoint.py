@@ -13,7 +13,9 @@ from lbkit.errors import ConfigError
 
 __all__ = ["Endpoint", "EndpointDiff", "EndpointSet", "parse_address"]
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$"
+)
 
 
 def parse_address(address: object) -> tuple[str, int]:
@@ -37,7 +39,9 @@ def parse_address(address: object) -> tuple[str, int]:
         if not sep or not host:
             raise ConfigError(f"bad endpoint address {address!r}: expected 'host:port'")
         if ":" in host:
-            raise ConfigError(f"bad endpoint address {address!r}: put an IPv6 host in brackets, '[{host}]:port'")
+            raise ConfigError(
+                f"bad endpoint address {address!r}: put an IPv6 host in brackets, '[{host}]:port'"
+            )
         if not _HOSTNAME.match(host):
             raise ConfigError(f"bad endpoint address {address!r}: {host!r} is not a valid host")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
@@ -76,13 +80,17 @@ class Endpoint:
             raise ConfigError(f"endpoint {self.address}: tags must be an iterable of str, got {tags!r}")
         tag_set = frozenset(tags)
         if not all(isinstance(t, str) for t in tag_set):
-            raise ConfigError(f"endpoint {self.address}: every tag must be a str, got {sorted(map(repr, tag_set))}")
+            raise ConfigError(
+                f"endpoint {self.address}: every tag must be a str, got {sorted(map(repr, tag_set))}"
+            )
         object.__setattr__(self, "tags", tag_set)
         meta: Any = self.metadata
         if not isinstance(meta, Mapping):
             raise ConfigError(f"endpoint {self.address}: metadata must be a mapping, got {meta!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise ConfigError(f"endpoint {self.address}: metadata keys and values must be str, got {dict(meta)!r}")
+            raise ConfigError(
+                f"endpoint {self.address}: metadata keys and values must be str, got {dict(meta)!r}"
+            )
         object.__setattr__(self, "metadata", MappingProxyType(dict(meta)))
 
     def __hash__(self) -> int:

@@ -65,7 +65,9 @@ class Selector(ABC):
 
     def build(self, endpoints: Iterable[Endpoint | str] | EndpointSet, stats: Stats | None = None) -> Picker:
         """Return a picker over ``endpoints``; an empty input gives a picker that raises NoEndpointsError."""
-        items = endpoints.endpoints if isinstance(endpoints, EndpointSet) else EndpointSet(endpoints).endpoints
+        items = (
+            endpoints.endpoints if isinstance(endpoints, EndpointSet) else EndpointSet(endpoints).endpoints
+        )
         if not items:
             return EmptyPicker()
         return self._build(items, stats if stats is not None else Stats())

@@ -172,7 +172,9 @@ class ModelServer:
         """Set the health status reported for ``service`` ("" is the whole server) and ModelService."""
         if self.health is None:
             raise RuntimeError("this server has no health service")
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in {service, "", SERVICE_NAME}:
             self.health.set(name, status)
 

@@ -1,0 +1,246 @@
+"""``lbkit.aio.Balancer``: the asyncio driver over the sans-I/O core, with a pool of grpc.aio channels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from lbkit.balancer import BalancerBase, KeyFn, Member
+from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.errors import NoEndpointsError
+from lbkit.selectors.base import Key
+
+__all__ = ["Balancer"]
+
+log = logging.getLogger("lbkit")
+
+
+class Balancer(BalancerBase):
+    """The asyncio twin of ``lbkit.Balancer``: same options, ``async with``, ``aclose()``.
+
+    ``lb.channel()`` gives a ``grpc.aio``-style channel for generated stubs; ``await lb.pick()`` a ready
+    ``grpc.aio.Channel`` for one endpoint.
+    """
+
+    async def start(self) -> Balancer:
+        """Start discovery, the channel pool and the timers (see :meth:`wait_ready`)."""
+        if self._closed:
+            raise RuntimeError("this Balancer is closed")
+        if getattr(self, "_tasks", None):
+            return self
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._picker_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._member_tasks: dict[str, asyncio.Task[None]] = {}
+        self.core.on_picker.append(self._threadsafe(self._picker_changed))
+        self.core.on_deadline.append(self._threadsafe(self._wake.set))
+        self._tasks = [
+            asyncio.create_task(self._run_discovery(), name=f"lbkit-discovery-{self.service}"),
+            asyncio.create_task(self._run_timers(), name=f"lbkit-timers-{self.service}"),
+        ]
+        return self
+
+    async def __aenter__(self) -> Balancer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _threadsafe(self, fn: Any) -> Any:
+        def call() -> None:
+            if threading.get_ident() == self._loop_thread:
+                fn()
+            elif not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(fn)
+
+        return call
+
+    def _picker_changed(self) -> None:
+        event = self._picker_event
+        self._picker_event = asyncio.Event()
+        event.set()
+
+    # ----------------------------------------------------------------- public
+
+    def channel(self, key: KeyFn | None = None) -> Any:
+        """A grpc.aio-style channel for generated stubs; each call picks an endpoint."""
+        from lbkit.aio.channel import BalancedChannel
+
+        return BalancedChannel(self, key)
+
+    async def pick(self, key: Key = None, timeout: float | None = None) -> grpc.aio.Channel:
+        """A ready grpc.aio.Channel for one endpoint, waiting up to ``timeout`` (default ``wait_timeout``)."""
+        member = await self.apick_member(key, self._deadline(timeout))
+        return member.channel
+
+    async def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
+        """Wait until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.core.picker.endpoints) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.no_endpoint_error()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
+
+    async def aclose(self) -> None:
+        """Stop discovery, health checks and timers, and close every channel."""
+        if self._closed:
+            return
+        self._closed = True
+        if not getattr(self, "_tasks", None):
+            return
+        tasks = [*self._tasks, *self._member_tasks.values()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._picker_changed()
+        members = list(self.members.values())
+        self.members.clear()
+        for m in members:
+            await self._close_member(m)
+
+    # ----------------------------------------------------------------- call path
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.options.wait_timeout if timeout is None else timeout)
+
+    def pick_now(self, key: Key, exclude: frozenset[str] = frozenset()) -> Member | None:
+        """The member for a pick now, or None when nothing suitable is pickable yet."""
+        try:
+            picker = self.core.picker
+            for _ in range(4 if exclude else 1):
+                endpoint = picker.pick(key)
+                member = self.members.get(endpoint.address)
+                if member is not None and endpoint.address not in exclude:
+                    return member
+            if exclude and len(picker.endpoints) <= len(exclude):
+                return self.members.get(picker.pick(key).address)
+        except NoEndpointsError:
+            pass
+        return None
+
+    async def apick_member(self, key: Key, deadline: float, exclude: frozenset[str] = frozenset()) -> Member:
+        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic)."""
+        while True:
+            member = self.pick_now(key, exclude)
+            if member is not None:
+                return member
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                raise self.no_endpoint_error()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
+
+    # ----------------------------------------------------------------- pool
+
+    def _on_update(self, endpoint_set: EndpointSet) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._on_update, endpoint_set)
+            return
+        if self._closed:
+            return
+        plan = self.core.set_endpoints(endpoint_set)
+        now = time.monotonic()
+        for address in plan.close:
+            member = self.members.get(address)
+            if member is not None:
+                member.closing_at = now
+        for endpoint in plan.open:
+            member = self.members.get(endpoint.address)
+            if member is not None and member.closing_at is not None:
+                member.closing_at = None
+                continue
+            self._open_member(endpoint)
+        if plan.close:
+            self._wake.set()
+
+    def _open_member(self, endpoint: Endpoint) -> None:
+        opts = self.options
+        if opts.credentials is not None:
+            channel = grpc.aio.secure_channel(
+                endpoint.address, opts.credentials, options=opts.channel_options
+            )
+        else:
+            channel = grpc.aio.insecure_channel(endpoint.address, options=opts.channel_options)
+        member = Member(endpoint.address, channel, self.stats[endpoint.address])
+        self.members[endpoint.address] = member
+        self._member_tasks[endpoint.address] = asyncio.create_task(self._watch_connectivity(member))
+        if opts.health_check is not None:
+            from lbkit.health.active_aio import AsyncHealthWatcher
+
+            member.health = AsyncHealthWatcher(opts.health_check, channel, endpoint.address, self._on_health)
+            member.health.start()
+
+    def _on_health(self, address: str, serving: bool, reason: str) -> None:
+        member = self.members.get(address)
+        if member is not None and member.closing_at is None:
+            self.core.set_health(address, serving, reason)
+
+    async def _watch_connectivity(self, member: Member) -> None:
+        channel = member.channel
+        state = channel.get_state(try_to_connect=True)
+        while not self._closed and self.members.get(member.address) is member:
+            if member.closing_at is None:
+                self.core.set_ready(
+                    member.address, state is grpc.ChannelConnectivity.READY, f"channel {state.name}"
+                )
+            if state is grpc.ChannelConnectivity.IDLE:
+                state = channel.get_state(try_to_connect=True)
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=False)
+
+    async def _close_member(self, member: Member) -> None:
+        task = self._member_tasks.pop(member.address, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        if member.health is not None:
+            await member.health.stop()
+        try:
+            await member.channel.close()
+        except Exception:
+            log.debug("closing channel to %s failed", member.address, exc_info=True)
+
+    async def _drain(self) -> float | None:
+        now = time.monotonic()
+        pending = False
+        for address, m in list(self.members.items()):
+            if m.closing_at is None:
+                continue
+            if m.stats.in_flight <= 0 or now - m.closing_at >= self.options.drain_timeout:
+                del self.members[address]
+                await self._close_member(m)
+                self.core.forget(address)
+            else:
+                pending = True
+        return now + 0.05 if pending else None
+
+    # ----------------------------------------------------------------- tasks
+
+    async def _run_discovery(self) -> None:
+        try:
+            await self.discovery.arun(self._on_update)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: discovery stopped: %s", self.service, exc)
+
+    async def _run_timers(self) -> None:
+        core = self.core
+        while not self._closed:
+            next_core = core.tick()
+            next_drain = await self._drain()
+            deadlines = [d for d in (next_core, next_drain) if d is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(timeout, 1.0))
+            self._wake.clear()

@@ -1,0 +1,498 @@
+"""The asyncio ``BalancedChannel``: grpc.aio-style call objects that pick an endpoint per call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from lbkit.errors import NoEndpointsError
+from lbkit.retry import never_reached_server
+from lbkit.selectors.base import Key
+
+if TYPE_CHECKING:
+    from lbkit.aio.balancer import Balancer
+    from lbkit.balancer import KeyFn, Member
+
+__all__ = ["BalancedChannel"]
+
+
+def _done_code(call: Any) -> grpc.StatusCode | None:
+    """The status of a finished grpc.aio call, read without awaiting (None if unavailable)."""
+    try:
+        return CYGRPC_STATUS_CODE_TO_STATUS_CODE[call._cython_call._status.code()]
+    except (AttributeError, KeyError):
+        return None
+
+
+class _Spec:
+    __slots__ = ("header", "key_fn", "keyed", "lb", "method", "spec")
+
+    def __init__(
+        self,
+        lb: Balancer,
+        kind: str,
+        method: str,
+        ser: Any,
+        deser: Any,
+        registered: bool,
+        key_fn: KeyFn | None,
+    ) -> None:
+        self.lb = lb
+        self.method = method
+        self.spec = (kind, method, ser, deser, registered)
+        self.key_fn = key_fn
+        self.keyed = lb.keyed
+        self.header = lb.options.key_header
+
+    def key(self, metadata: Any, request: Any) -> Key:
+        if not self.keyed:
+            return None
+        if self.key_fn is not None:
+            return self.key_fn(self.method, request)
+        if metadata:
+            for item in metadata:
+                if item[0] == self.header:
+                    value = item[1]
+                    return value if isinstance(value, (str, bytes)) else str(value)
+        return None
+
+    def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
+        policy = self.lb.retry_policy
+        if policy.max_attempts <= 1:
+            return False
+        if code in policy.retryable_codes or never_reached_server(code, details):  # type: ignore[operator]
+            self.lb.budget.on_failure()
+            return self.lb.budget.allow()
+        return False
+
+    def start(
+        self, member: Member, request: Any, deadline: float | None, kw: dict[str, Any], observe: bool
+    ) -> Any:
+        """Issue one attempt on ``member``, counted in flight until it is done."""
+        lb = self.lb
+        st = member.stats
+        t0 = st.start()
+        try:
+            inner = member.callable(self.spec)(request, timeout=_left(deadline), **kw)
+        except BaseException:
+            st.finish(t0, True, observe_latency=False)
+            raise
+
+        def done(call: Any) -> None:
+            code = _done_code(call)
+            st.finish(t0, not lb.is_failure(code) if code is not None else True, observe_latency=observe)
+            if code is grpc.StatusCode.OK:
+                lb.budget.on_success()
+
+        inner.add_done_callback(done)
+        return inner
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
+    return {
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
+
+
+class _CallBase:
+    """What every balanced aio call shares: the current attempt, its deadline, cancellation."""
+
+    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        self._c = c
+        self._request = request
+        self._kw = kw
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._inner: Any = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._tried: set[str] = set()
+        self._attempts = 0
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def _try_start_now(self, observe: bool) -> None:
+        member = self._c.lb.pick_now(self._c.key(self._kw.get("metadata"), self._request))
+        if member is not None:
+            self._issue(member, observe)
+
+    def _issue(self, member: Member, observe: bool) -> None:
+        self._tried.add(member.address)
+        self._attempts += 1
+        self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
+        for cb in self._callbacks:
+            self._inner.add_done_callback(lambda _call, cb=cb: cb(self))
+
+    async def _ensure_inner(self, observe: bool) -> Any:
+        if self._inner is None:
+            c = self._c
+            lb = c.lb
+            try:
+                member = await lb.apick_member(
+                    c.key(self._kw.get("metadata"), self._request),
+                    self._deadline or lb._deadline(None),
+                    frozenset(self._tried),
+                )
+            except NoEndpointsError as err:
+                self._error = err
+                raise
+            if self._cancelled:
+                raise asyncio.CancelledError()
+            self._issue(member, observe)
+        return self._inner
+
+    def _can_retry(self, err: grpc.RpcError) -> bool:
+        c = self._c
+        if self._cancelled or self._attempts >= c.lb.retry_policy.max_attempts:
+            return False
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return False
+        return c.retryable(err.code(), err.details())
+
+    async def _backoff(self) -> None:
+        self._c.lb.calls_retried += 1
+        await asyncio.sleep(random.uniform(0.0, self._c.lb.retry_policy.initial_backoff))
+        self._inner = None
+
+    # grpc.aio.RpcContext / Call
+    def cancelled(self) -> bool:
+        return self._cancelled or (self._inner is not None and bool(self._inner.cancelled()))
+
+    def done(self) -> bool:
+        if self._error is not None:
+            return True
+        return self._inner is not None and bool(self._inner.done())
+
+    def time_remaining(self) -> float | None:
+        return _left(self._deadline)
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        if self._inner is not None:
+            return bool(self._inner.cancel())
+        return True
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(call)`` when the current (and any later) attempt is done."""
+        self._callbacks.append(callback)
+        if self._inner is not None:
+            self._inner.add_done_callback(lambda _call: callback(self))
+
+    async def _settled(self) -> Any:
+        if self._error is not None or self._inner is None:
+            return None
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._inner.code()
+        return self._inner
+
+    async def initial_metadata(self) -> Any:
+        inner = await self._ensure_inner(True)
+        return await inner.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        inner = await self._settled()
+        return grpc.aio.Metadata() if inner is None else await inner.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        inner = await self._settled()
+        if inner is None:
+            return grpc.StatusCode.UNAVAILABLE
+        return await inner.code()  # type: ignore[no-any-return]
+
+    async def details(self) -> str:
+        inner = await self._settled()
+        if inner is None:
+            return str(self._error) if self._error else ""
+        return await inner.details()  # type: ignore[no-any-return]
+
+    async def wait_for_connection(self) -> None:
+        inner = await self._ensure_inner(True)
+        await inner.wait_for_connection()
+
+
+class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
+    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        super().__init__(c, request, timeout, kw)
+        self._outcome: tuple[bool, Any] | None = None
+        self._try_start_now(True)
+
+    async def _run(self) -> Any:
+        inner = await self._ensure_inner(True)
+        try:
+            return await inner
+        except grpc.RpcError as err:
+            if not self._can_retry(err):
+                raise
+        return await self._retry()
+
+    async def _retry(self) -> Any:
+        c = self._c
+
+        def _retry_on(exc: BaseException) -> bool:
+            return (
+                isinstance(exc, grpc.RpcError)
+                and not isinstance(exc, NoEndpointsError)
+                and self._can_retry(exc)
+            )
+
+        def _past_deadline(_: Any) -> bool:
+            return self._deadline is not None and time.monotonic() >= self._deadline
+
+        await self._backoff()
+        policy = c.lb.retry_policy
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(policy.max_attempts - self._attempts) | _past_deadline,
+            wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+            retry=retry_if_exception(_retry_on),
+            reraise=True,
+        ):
+            with attempt:
+                self._inner = None
+                inner = await self._ensure_inner(True)
+                return await inner
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._outcome is None:
+            try:
+                result = yield from self._run().__await__()
+            except BaseException as exc:
+                self._outcome = (False, exc)
+                raise
+            self._outcome = (True, result)
+            return result
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise value
+
+
+class _StreamingCall(_CallBase):
+    """A response stream (server or bidirectional) retried on another endpoint before its first response."""
+
+    def __init__(
+        self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any], retry: bool
+    ) -> None:
+        super().__init__(c, request, timeout, kw)
+        self._retry_ok = retry
+        self._got_first = False
+        self._iter: AsyncIterator[Any] | None = None
+        self._try_start_now(False)
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        while True:
+            inner = await self._ensure_inner(False)
+            try:
+                async for response in inner:
+                    self._got_first = True
+                    yield response
+                return
+            except grpc.RpcError as err:
+                if self._got_first or not self._retry_ok or not self._can_retry(err):
+                    raise
+            await self._backoff()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        if self._iter is None:
+            self._iter = self._responses()
+        return self._iter
+
+    async def read(self) -> Any:
+        try:
+            return await self.__aiter__().__anext__()
+        except StopAsyncIteration:
+            return grpc.aio.EOF
+
+    async def write(self, request: Any) -> None:
+        inner = await self._ensure_inner(False)
+        await inner.write(request)
+
+    async def done_writing(self) -> None:
+        inner = await self._ensure_inner(False)
+        await inner.done_writing()
+
+    def __del__(self) -> None:
+        inner = getattr(self, "_inner", None)
+        if inner is not None and not inner.done():
+            inner.cancel()
+
+
+class _UnaryStreamCall(_StreamingCall, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
+    pass
+
+
+class _StreamStreamCall(_StreamingCall, grpc.aio.StreamStreamCall):  # type: ignore[misc]
+    pass
+
+
+class _StreamUnaryCall(_CallBase, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
+    """A client stream: not retried once it has started sending (its requests cannot be replayed)."""
+
+    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        super().__init__(c, request, timeout, kw)
+        self._try_start_now(True)
+
+    async def _run(self) -> Any:
+        inner = await self._ensure_inner(True)
+        return await inner
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return (yield from self._run().__await__())
+
+    async def write(self, request: Any) -> None:
+        inner = await self._ensure_inner(True)
+        await inner.write(request)
+
+    async def done_writing(self) -> None:
+        inner = await self._ensure_inner(True)
+        await inner.done_writing()
+
+
+class _MultiCallable:
+    __slots__ = ("_c",)
+
+    def __init__(self, c: _Spec) -> None:
+        self._c = c
+
+
+class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return _UnaryUnaryCall(
+            self._c, request, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+        )
+
+
+class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return _UnaryStreamCall(
+            self._c, request, timeout, _kw(metadata, credentials, wait_for_ready, compression), True
+        )
+
+
+class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return _StreamUnaryCall(
+            self._c, request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+        )
+
+
+class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        # Requests may already be sent when the first attempt fails: no retry after it started.
+        return _StreamStreamCall(
+            self._c, request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), False
+        )
+
+
+class BalancedChannel:
+    """A grpc.aio-style channel whose every call goes to an endpoint the balancer picks for it.
+
+    Closing it does nothing: the balancer owns the real channels.
+    """
+
+    def __init__(self, lb: Balancer, key: KeyFn | None = None) -> None:
+        self._lb = lb
+        self._key = key
+
+    def _spec(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> _Spec:
+        return _Spec(self._lb, kind, method, ser, deser, registered, self._key)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _UnaryUnary(
+            self._spec("unary_unary", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _UnaryStream(
+            self._spec("unary_stream", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _StreamUnary(
+            self._spec("stream_unary", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _StreamStream(
+            self._spec("stream_stream", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    async def close(self, grace: float | None = None) -> None:
+        """Nothing to do: the balancer closes its channels."""
+
+    async def __aenter__(self) -> BalancedChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,640 @@
+"""``BalancedChannel``: a grpc.Channel that picks an endpoint per call, for generated stubs unchanged."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from lbkit.errors import NoEndpointsError
+from lbkit.retry import never_reached_server
+from lbkit.selectors.base import Key
+
+if TYPE_CHECKING:
+    from lbkit.balancer import Balancer, KeyFn, Member
+
+__all__ = ["BalancedChannel"]
+
+_MAX_REPLAY = 256
+"""Requests of a client stream kept for a retry before the first response; past it, no retry."""
+
+
+def _metadata_key(metadata: Any, header: str) -> Key:
+    if metadata:
+        for item in metadata:
+            if item[0] == header:
+                value = item[1]
+                return value if isinstance(value, (str, bytes)) else str(value)
+    return None
+
+
+class CallSpec:
+    """What every call of one stub method shares: the method, its codecs, the key rule, the balancer."""
+
+    __slots__ = ("header", "key_fn", "keyed", "lb", "method", "spec")
+
+    def __init__(
+        self,
+        lb: Balancer,
+        kind: str,
+        method: str,
+        ser: Any,
+        deser: Any,
+        registered: bool,
+        key_fn: KeyFn | None,
+    ) -> None:
+        self.lb = lb
+        self.method = method
+        self.spec = (kind, method, ser, deser, registered)
+        self.key_fn = key_fn
+        self.keyed = lb.keyed
+        self.header = lb.options.key_header
+
+    def key(self, metadata: Any, request: Any) -> Key:
+        """The call's hash key (None unless the policy uses keys)."""
+        if not self.keyed:
+            return None
+        if self.key_fn is not None:
+            return self.key_fn(self.method, request)
+        return _metadata_key(metadata, self.header)
+
+    def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
+        """Whether a failure may be retried on another endpoint (policy and budget permitting)."""
+        policy = self.lb.retry_policy
+        if policy.max_attempts <= 1:
+            return False
+        if code in policy.retryable_codes or never_reached_server(code, details):  # type: ignore[operator]
+            self.lb.budget.on_failure()
+            return self.lb.budget.allow()
+        return False
+
+    def retrying(self, deadline: float | None, attempts_left: int) -> Retrying:
+        """A tenacity loop for the remaining attempts (built only once a call has failed)."""
+        policy = self.lb.retry_policy
+
+        def _past_deadline(_: Any) -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
+        def _retry(exc: BaseException) -> bool:
+            if isinstance(exc, ValueError):  # the channel closed under us: the call never left
+                return True
+            if isinstance(exc, grpc.RpcError) and not isinstance(exc, NoEndpointsError):
+                return self.retryable(exc.code(), exc.details())
+            return False
+
+        return Retrying(
+            stop=stop_after_attempt(attempts_left) | _past_deadline,
+            wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
+            retry=retry_if_exception(_retry),
+            reraise=True,
+        )
+
+    def first_backoff(self) -> None:
+        """Sleep before the first retry (full jitter)."""
+        time.sleep(random.uniform(0.0, self.lb.retry_policy.initial_backoff))
+
+
+def _timeout_left(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(deadline - time.monotonic(), 0.0)
+
+
+class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpec) -> None:
+        self._c = c
+
+    def _once(
+        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, exclude: set[str]
+    ) -> Any:
+        c = self._c
+        lb = c.lb
+        member = lb.pick_member(
+            c.key(kw.get("metadata"), request), deadline or lb._deadline(None), frozenset(exclude)
+        )
+        exclude.add(member.address)
+        mc = member.callable(c.spec)
+        st = member.stats
+        t0 = st.start()
+        try:
+            if with_call:
+                result = mc.with_call(request, timeout=_timeout_left(deadline), **kw)
+            else:
+                result = mc(request, timeout=_timeout_left(deadline), **kw)
+        except grpc.RpcError as err:
+            st.finish(t0, not lb.is_failure(err.code()))
+            raise
+        except ValueError:
+            st.finish(t0, True, observe_latency=False)
+            raise
+        st.finish(t0, True)
+        return result
+
+    def _invoke(self, request: Any, timeout: float | None, kw: dict[str, Any], with_call: bool) -> Any:
+        c = self._c
+        lb = c.lb
+        deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = kw.get("metadata")
+        # Fast path: one pick, one call, no retry machinery.
+        member = lb.pick_member(c.key(metadata, request), deadline or lb._deadline(None))
+        mc = member.callable(c.spec)
+        st = member.stats
+        t0 = st.start()
+        try:
+            if with_call:
+                result = mc.with_call(request, timeout=_timeout_left(deadline), **kw)
+            else:
+                result = mc(request, timeout=_timeout_left(deadline), **kw)
+        except grpc.RpcError as err:
+            st.finish(t0, not lb.is_failure(err.code()))
+            if not c.retryable(err.code(), err.details()):
+                raise
+            return self._retry(request, deadline, kw, with_call, {member.address})
+        except ValueError:
+            st.finish(t0, True, observe_latency=False)
+            return self._retry(request, deadline, kw, with_call, {member.address})
+        st.finish(t0, True)
+        lb.budget.on_success()
+        return result
+
+    def _retry(
+        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, exclude: set[str]
+    ) -> Any:
+        c = self._c
+        c.first_backoff()
+        c.lb.calls_retried += 1
+        for attempt in c.retrying(deadline, c.lb.retry_policy.max_attempts - 1):
+            with attempt:
+                result = self._once(request, deadline, kw, with_call, exclude)
+        c.lb.budget.on_success()
+        return result
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._invoke(request, timeout, kw, False)
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._invoke(request, timeout, kw, True)
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A grpc.Future for the call on one picked endpoint (no retries: the future is grpc's own)."""
+        c = self._c
+        lb = c.lb
+        deadline = None if timeout is None else time.monotonic() + timeout
+        member = lb.pick_member(c.key(metadata, request), deadline or lb._deadline(None))
+        st = member.stats
+        t0 = st.start()
+        fut = member.callable(c.spec).future(
+            request,
+            timeout=_timeout_left(deadline),
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
+        return fut
+
+
+def _finisher(lb: Balancer, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
+    def done(call: Any) -> None:
+        code = call.code()
+        st.finish(t0, not lb.is_failure(code), observe_latency=observe)
+        if code is grpc.StatusCode.OK:
+            lb.budget.on_success()
+
+    return done
+
+
+class _Tape:
+    """The requests of a client stream, kept until the first response so a retry can replay them."""
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._source = source
+        self._items: list[Any] | None = []
+        self._lock = threading.Lock()
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a new attempt can still be given every request sent so far."""
+        return self._items is not None
+
+    def stop_recording(self) -> None:
+        """The first response came: no more retries, so no more memory for requests."""
+        self._items = None
+
+    def reader(self) -> Iterator[Any]:
+        """Requests from the start: replayed ones first, then new ones from the source."""
+        i = 0
+        while True:
+            with self._lock:
+                items = self._items
+                if items is not None and i < len(items):
+                    item = items[i]
+                else:
+                    try:
+                        item = next(self._source)
+                    except StopIteration:
+                        return
+                    if items is not None:
+                        if len(items) >= _MAX_REPLAY:
+                            self._items = None
+                        else:
+                            items.append(item)
+            i += 1
+            yield item
+
+
+class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A response stream (server or bidirectional streaming) over one picked endpoint at a time.
+
+    Counts as in flight until the stream ends, fails or is cancelled; dropped unread, it cancels.
+    Before the first response, a retryable failure re-opens the stream on another endpoint.
+    """
+
+    def __init__(
+        self, c: CallSpec, request: Any, tape: _Tape | None, timeout: float | None, kw: dict[str, Any]
+    ) -> None:
+        self._c = c
+        self._request = request
+        self._tape = tape
+        self._kw = kw
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._got_first = False
+        self._attempt = 0
+        self._tried: set[str] = set()
+        self._inner: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        c = self._c
+        lb = c.lb
+        key = c.key(self._kw.get("metadata"), self._request)
+        member: Member = lb.pick_member(key, self._deadline or lb._deadline(None), frozenset(self._tried))
+        self._tried.add(member.address)
+        self._attempt += 1
+        st = member.stats
+        t0 = st.start()
+        arg = self._tape.reader() if self._tape is not None else self._request
+        try:
+            inner = member.callable(c.spec)(arg, timeout=_timeout_left(self._deadline), **self._kw)
+        except BaseException:
+            st.finish(t0, True, observe_latency=False)
+            raise
+        inner.add_done_callback(_finisher(lb, st, t0, observe=False))
+        self._inner = inner
+
+    def _can_retry(self, err: grpc.RpcError) -> bool:
+        c = self._c
+        if self._got_first or self._attempt >= c.lb.retry_policy.max_attempts:
+            return False
+        if self._tape is not None and not self._tape.replayable:
+            return False
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return False
+        return c.retryable(err.code(), err.details())
+
+    def __iter__(self) -> _StreamCall:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                response = next(self._inner)
+            except grpc.RpcError as err:
+                if not self._can_retry(err):
+                    raise
+                self._c.lb.calls_retried += 1
+                self._c.first_backoff()
+                self._start()
+                continue
+            if not self._got_first:
+                self._got_first = True
+                if self._tape is not None:
+                    self._tape.stop_recording()
+            return response
+
+    def next(self) -> Any:
+        """Same as ``next(call)``."""
+        return self.__next__()
+
+    def __del__(self) -> None:
+        inner = getattr(self, "_inner", None)
+        if inner is not None and inner.is_active():
+            inner.cancel()
+
+    # grpc.Call / grpc.RpcContext / grpc.Future, delegated to the current attempt.
+    def is_active(self) -> bool:
+        return bool(self._inner.is_active())
+
+    def time_remaining(self) -> float | None:
+        return self._inner.time_remaining()  # type: ignore[no-any-return]
+
+    def cancel(self) -> bool:
+        return bool(self._inner.cancel())
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return bool(self._inner.add_callback(callback))
+
+    def initial_metadata(self) -> Any:
+        return self._inner.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._inner.trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._inner.code()  # type: ignore[no-any-return]
+
+    def details(self) -> str:
+        return self._inner.details()  # type: ignore[no-any-return]
+
+    def cancelled(self) -> bool:
+        return bool(self._inner.cancelled())
+
+    def running(self) -> bool:
+        return bool(self._inner.running())
+
+    def done(self) -> bool:
+        return bool(self._inner.done())
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._inner.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._inner.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._inner.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._inner.add_done_callback(lambda _call: fn(self))
+
+
+def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
+    return {
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
+
+
+class _UnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpec) -> None:
+        self._c = c
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return _StreamCall(
+            self._c, request, None, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+        )
+
+
+class _StreamStream(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpec) -> None:
+        self._c = c
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        tape = _Tape(iter(request_iterator))
+        return _StreamCall(
+            self._c, None, tape, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+        )
+
+
+class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpec) -> None:
+        self._c = c
+
+    def _invoke(
+        self, request_iterator: Iterator[Any], timeout: float | None, kw: dict[str, Any], with_call: bool
+    ) -> Any:
+        c = self._c
+        lb = c.lb
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tape = _Tape(iter(request_iterator))
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            member = lb.pick_member(
+                c.key(kw.get("metadata"), None), deadline or lb._deadline(None), frozenset(tried)
+            )
+            tried.add(member.address)
+            mc = member.callable(c.spec)
+            st = member.stats
+            t0 = st.start()
+            try:
+                if with_call:
+                    result = mc.with_call(tape.reader(), timeout=_timeout_left(deadline), **kw)
+                else:
+                    result = mc(tape.reader(), timeout=_timeout_left(deadline), **kw)
+            except grpc.RpcError as err:
+                st.finish(t0, not lb.is_failure(err.code()))
+                if (
+                    attempt >= lb.retry_policy.max_attempts
+                    or not tape.replayable
+                    or (deadline is not None and time.monotonic() >= deadline)
+                    or not c.retryable(err.code(), err.details())
+                ):
+                    raise
+                lb.calls_retried += 1
+                c.first_backoff()
+                continue
+            st.finish(t0, True)
+            lb.budget.on_success()
+            return result
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return self._invoke(
+            request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), False
+        )
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return self._invoke(
+            request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), True
+        )
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A grpc.Future on one picked endpoint (no retries: the future is grpc's own)."""
+        c = self._c
+        lb = c.lb
+        deadline = None if timeout is None else time.monotonic() + timeout
+        member = lb.pick_member(c.key(metadata, None), deadline or lb._deadline(None))
+        st = member.stats
+        t0 = st.start()
+        fut = member.callable(c.spec).future(
+            request_iterator,
+            timeout=_timeout_left(deadline),
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
+        return fut
+
+
+class BalancedChannel(grpc.Channel):  # type: ignore[misc]
+    """A grpc.Channel whose every call goes to an endpoint the balancer picks for it.
+
+    Closing it does nothing: the balancer owns the real channels.
+    """
+
+    def __init__(self, lb: Balancer, key: KeyFn | None = None) -> None:
+        self._lb = lb
+        self._key = key
+
+    def _spec(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> CallSpec:
+        return CallSpec(self._lb, kind, method, ser, deser, registered, self._key)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _UnaryUnary(
+            self._spec("unary_unary", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _UnaryStream(
+            self._spec("unary_stream", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _StreamUnary(
+            self._spec("stream_unary", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return _StreamStream(
+            self._spec("stream_stream", method, request_serializer, response_deserializer, _registered_method)
+        )
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        """Not supported: connectivity is per endpoint; use the balancer's events."""
+        raise NotImplementedError(
+            "a BalancedChannel has no single connectivity state; use Balancer.add_listener"
+        )
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        """Not supported (see :meth:`subscribe`)."""
+        raise NotImplementedError("a BalancedChannel has no single connectivity state")
+
+    def close(self) -> None:
+        """Nothing to do: the balancer closes its channels."""
+
+    def __enter__(self) -> BalancedChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False

@@ -1,0 +1,344 @@
+"""The balancer's sans-I/O core: endpoint membership, readiness, health, ejection, panic, slow start.
+
+No sockets, threads or ``await`` here. Drivers (``lbkit.Balancer``, ``lbkit.aio.Balancer``) feed it
+endpoint sets, channel connectivity, health reports and the time; it answers with pool plans and
+publishes a new immutable picker (one attribute assignment) after every change.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.events import Event, EventKind
+from lbkit.health.outlier import OutlierDetection, OutlierDetector
+from lbkit.health.slow_start import SlowStart
+from lbkit.selectors.base import EmptyPicker, Picker, Selector
+from lbkit.stats import EndpointStats, Stats
+
+__all__ = ["BalancerCore", "EndpointState", "PoolPlan"]
+
+log = logging.getLogger("lbkit")
+
+EventListener = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """What the driver must do to its channel pool after an endpoint-set update."""
+
+    open: tuple[Endpoint, ...]
+    """Endpoints to open a channel to."""
+    close: tuple[str, ...]
+    """Addresses whose channel to drain and close (calls in flight finish first)."""
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """What the core knows of one endpoint."""
+
+    endpoint: Endpoint
+    ready: bool = False
+    """The channel is READY."""
+    healthy: bool = True
+    """The active health check says SERVING (True when health checks are off)."""
+    health_known: bool = True
+    """The active health check has answered at least once (True when health checks are off)."""
+    usable_since: float | None = None
+    """When it last became eligible (ready, healthy, not ejected): the start of its slow start."""
+
+    @property
+    def state(self) -> str:
+        """One word for metrics: ready, connecting, unhealthy (ejection is the core's to say)."""
+        if not self.ready:
+            return "connecting"
+        if not (self.healthy and self.health_known):
+            return "unhealthy"
+        return "ready"
+
+
+class BalancerCore:
+    """Membership and picker publication for one balancer. Thread-safe; every method is quick.
+
+    ``picker`` is the current immutable picker; read it per call, never hold it.
+    """
+
+    def __init__(
+        self,
+        selector: Selector,
+        *,
+        service: str = "",
+        outlier_detection: OutlierDetection | None = None,
+        slow_start: SlowStart | None = None,
+        panic_threshold: float = 50.0,
+        health_checked: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.selector = selector
+        self.service = service
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.stats = stats if stats is not None else Stats(clock=clock)
+        self.panic_threshold = panic_threshold
+        self.health_checked = health_checked
+        self.slow_start = slow_start
+        self.outlier: OutlierDetector | None = None
+        if outlier_detection is not None:
+            self.outlier = OutlierDetector(outlier_detection, self.stats, clock=clock, rng=self.rng)
+            if outlier_detection.consecutive_failures:
+                self.stats.streak_threshold = outlier_detection.consecutive_failures
+                self.stats.on_failure_streak = self._on_failure_streak
+        self.picker: Picker = EmptyPicker(self._no_pick_reason_text([], 0))
+        self.panic = False
+        self.endpoint_set = EndpointSet()
+        self.members: dict[str, EndpointState] = {}
+        self.listeners: list[EventListener] = []
+        self.on_picker: list[Callable[[], None]] = []
+        """Called (outside the lock) after each new picker: drivers wake calls waiting for one."""
+        self.on_deadline: list[Callable[[], None]] = []
+        """Called (outside the lock) when :meth:`next_deadline` may have moved earlier."""
+        self.rebuilds = 0
+        self._lock = threading.RLock()
+        self._pending: list[Event] = []
+        self._ramping = False
+        self._picker_changed = False
+
+    # ----------------------------------------------------------------- inputs
+
+    def set_endpoints(self, new: EndpointSet) -> PoolPlan:
+        """Take a new endpoint set from discovery; return what to open and close."""
+        with self._lock:
+            diff = self.endpoint_set.diff(new)
+            self.endpoint_set = new
+            now = self.clock()
+            for e in diff.added:
+                self.members[e.address] = EndpointState(e, healthy=True, health_known=not self.health_checked)
+                self.stats[e.address]
+                self._emit(EventKind.ADDED, e.address, "discovered", now)
+            for e in diff.changed:
+                self.members[e.address].endpoint = e
+            for e in diff.removed:
+                del self.members[e.address]
+                if self.outlier is not None:
+                    self.outlier.forget(e.address)
+                self._emit(EventKind.REMOVED, e.address, "gone from discovery", now)
+            if diff:
+                self._rebuild(now)
+        self._flush()
+        return PoolPlan(diff.added, tuple(e.address for e in diff.removed))
+
+    def set_ready(self, address: str, ready: bool, reason: str = "") -> None:
+        """Record the connectivity of an endpoint's channel (READY or not)."""
+        with self._lock:
+            m = self.members.get(address)
+            if m is None or m.ready == ready:
+                return
+            m.ready = ready
+            now = self.clock()
+            kind = EventKind.READY if ready else EventKind.NOT_READY
+            self._emit(kind, address, reason or ("channel READY" if ready else "channel not READY"), now)
+            self._rebuild(now)
+        self._flush()
+
+    def set_health(self, address: str, serving: bool, reason: str = "") -> None:
+        """Record an active health-check answer for an endpoint."""
+        with self._lock:
+            m = self.members.get(address)
+            if m is None or (m.health_known and m.healthy == serving):
+                return
+            first = not m.health_known
+            m.health_known = True
+            m.healthy = serving
+            now = self.clock()
+            if serving and first:
+                pass  # first answer SERVING: no state change worth an event
+            else:
+                kind = EventKind.HEALTHY if serving else EventKind.UNHEALTHY
+                self._emit(kind, address, reason or ("SERVING" if serving else "NOT_SERVING"), now)
+            self._rebuild(now)
+        self._flush()
+
+    def tick(self) -> float | None:
+        """Run due timers (outlier intervals, un-ejections, slow-start ramps); return the next deadline."""
+        with self._lock:
+            now = self.clock()
+            changed = False
+            if self.outlier is not None:
+                deadline = self.outlier.next_deadline()
+                if deadline is not None and deadline <= now:
+                    events = self.outlier.tick(tuple(self.members))
+                    self._pending.extend(events)
+                    changed = bool(events)
+            if changed or self._ramping:
+                self._rebuild(now)
+            nxt = self.next_deadline()
+        self._flush()
+        return nxt
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work to do (``clock`` time), or None."""
+        with self._lock:
+            deadlines = []
+            if self.outlier is not None:
+                d = self.outlier.next_deadline()
+                if d is not None:
+                    deadlines.append(d)
+            if self._ramping:
+                deadlines.append(self.clock() + self._ramp_step())
+            return min(deadlines) if deadlines else None
+
+    def forget(self, address: str) -> None:
+        """Drop the stats of an endpoint whose channel has been closed (unless it came back)."""
+        with self._lock:
+            if address not in self.members:
+                self.stats.discard(address)
+
+    # ----------------------------------------------------------------- queries
+
+    def is_ejected(self, address: str) -> bool:
+        """Whether outlier detection has ejected ``address``."""
+        return self.outlier is not None and self.outlier.is_ejected(address)
+
+    def endpoint_states(self) -> dict[str, str]:
+        """Each endpoint's state: ready, connecting, unhealthy or ejected."""
+        with self._lock:
+            return {
+                a: "ejected" if self.is_ejected(a) and m.state == "ready" else m.state
+                for a, m in self.members.items()
+            }
+
+    def no_pick_reason(self) -> str:
+        """Why nothing can be picked now, naming the service and the states of its endpoints."""
+        with self._lock:
+            return self._no_pick_reason_text(list(self.endpoint_states().values()), len(self.members))
+
+    def _no_pick_reason_text(self, states: list[str], total: int) -> str:
+        name = self.service or "service"
+        if total == 0:
+            return f"{name}: no endpoints known"
+        counts: dict[str, int] = {}
+        for s in states:
+            counts[s] = counts.get(s, 0) + 1
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        return f"{name}: none of {total} endpoints ready ({detail})"
+
+    # ----------------------------------------------------------------- internals
+
+    def _on_failure_streak(self, entry: EndpointStats) -> None:
+        with self._lock:
+            if self.outlier is None or entry.address not in self.members:
+                return
+            event = self.outlier.on_failure_streak(entry, tuple(self.members))
+            if event is None:
+                return
+            self._pending.append(event)
+            self._rebuild(self.clock())
+        self._flush()
+        for hook in self.on_deadline:
+            hook()
+
+    def _eligible(self, m: EndpointState) -> bool:
+        return m.ready and m.healthy and m.health_known and not self.is_ejected(m.endpoint.address)
+
+    def _rebuild(self, now: float) -> None:
+        members = self.members.values()
+        connected = [m for m in members if m.ready]
+        healthy = [m for m in connected if self._eligible(m)]
+        for m in members:
+            if self._eligible(m):
+                if m.usable_since is None:
+                    m.usable_since = now
+            else:
+                m.usable_since = None
+        panic = (
+            bool(connected)
+            and self.panic_threshold > 0
+            and (len(healthy) * 100.0 < self.panic_threshold * len(connected))
+        )
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                self._emit(
+                    EventKind.PANIC_START,
+                    "",
+                    f"{len(healthy)} of {len(connected)} connected endpoints healthy, below the panic "
+                    f"threshold {self.panic_threshold:g}%: balancing over all connected endpoints",
+                    now,
+                )
+            else:
+                self._emit(EventKind.PANIC_END, "", f"{len(healthy)} of {len(connected)} healthy", now)
+        chosen = connected if panic else healthy
+        self._ramping = False
+        if self.slow_start is not None:
+            for m in members:
+                entry = self.stats[m.endpoint.address]
+                factor = 1.0
+                if m.usable_since is not None and not panic:
+                    factor = self.slow_start.factor(now - m.usable_since)
+                entry.weight_factor = factor
+                if factor < 1.0:
+                    self._ramping = True
+        if chosen:
+            self.picker = self.selector.build([m.endpoint for m in chosen], self.stats)
+        else:
+            states = [
+                "ejected" if self.is_ejected(a) and m.state == "ready" else m.state
+                for a, m in self.members.items()
+            ]
+            self.picker = EmptyPicker(self._no_pick_reason_text(states, len(self.members)))
+        self.rebuilds += 1
+        self._picker_changed = True
+
+    def _ramp_step(self) -> float:
+        assert self.slow_start is not None
+        return max(self.slow_start.window / 20.0, 0.05)
+
+    def _emit(self, kind: EventKind, address: str, reason: str, now: float) -> None:
+        self._pending.append(Event(kind, address, reason, now))
+
+    def _flush(self) -> None:
+        """Deliver events and picker notifications outside the lock."""
+        with self._lock:
+            events, self._pending = self._pending, []
+            changed = self._picker_changed
+            self._picker_changed = False
+        for event in events:
+            _log_event(self.service, event)
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:  # a listener must not break the balancer
+                    log.exception("lbkit event listener failed on %s", event)
+        if changed:
+            for hook in self.on_picker:
+                hook()
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every state change from now on."""
+        self.listeners.append(listener)
+
+    def endpoints(self) -> Iterable[Endpoint]:
+        """The endpoints discovery reported last."""
+        return self.endpoint_set.endpoints
+
+
+_LEVELS = {
+    EventKind.UNHEALTHY: logging.WARNING,
+    EventKind.EJECTED: logging.WARNING,
+    EventKind.PANIC_START: logging.WARNING,
+    EventKind.DISCOVERY_ERROR: logging.WARNING,
+}
+
+
+def _log_event(service: str, event: Event) -> None:
+    level = _LEVELS.get(event.kind, logging.INFO)
+    if log.isEnabledFor(level):
+        where = f" {event.address}" if event.address else ""
+        log.log(level, "%s%s %s: %s", service or "lbkit", where, event.kind.value, event.reason)

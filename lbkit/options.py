@@ -1,0 +1,113 @@
+"""Options shared by the sync and asyncio balancers, validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from lbkit._config import check_float, config
+from lbkit.errors import ConfigError
+from lbkit.health.outlier import OutlierDetection
+from lbkit.health.slow_start import SlowStart
+from lbkit.retry import RetryPolicy
+from lbkit.selectors.base import Selector
+
+if TYPE_CHECKING:
+    from lbkit.health.active import HealthCheck
+
+__all__ = ["BalancerOptions", "resolve_selector"]
+
+
+def resolve_selector(selector: Selector | str) -> Selector:
+    """A selector instance from an instance or a policy name (``"round_robin"``, ...)."""
+    if isinstance(selector, Selector):
+        return selector
+    if isinstance(selector, str):
+        from lbkit.selectors import by_name
+
+        return by_name(selector)
+    raise ConfigError(f"selector must be a Selector or a policy name, got {selector!r}")
+
+
+@config
+class BalancerOptions:
+    """Every option of ``lbkit.Balancer`` and ``lbkit.aio.Balancer``, validated on construction."""
+
+    selector: Selector | str = "round_robin"
+    retry: RetryPolicy | None = None
+    """None: the default RetryPolicy(). To turn retries off: RetryPolicy(max_attempts=1)."""
+    health_check: HealthCheck | None = None
+    """Active grpc.health.v1 checks; None: off."""
+    outlier_detection: OutlierDetection | None = None
+    """Passive outlier ejection; None: the default OutlierDetection() (5 consecutive failures)."""
+    slow_start: SlowStart | None = None
+    panic_threshold: float = 50.0
+    """Percent of connected endpoints that must be healthy; below it, balance over all of them (0: off)."""
+    key_header: str = "lb-key"
+    """Metadata header whose value is a call's consistent-hash key."""
+    wait_timeout: float = 10.0
+    """Seconds a call without a deadline waits for a ready endpoint before failing UNAVAILABLE."""
+    drain_timeout: float = 30.0
+    """Seconds a removed endpoint's channel waits for its calls in flight before it closes."""
+    channel_options: Sequence[tuple[str, Any]] = ()
+    credentials: grpc.ChannelCredentials | None = None
+    """Channel credentials (e.g. ``grpc.ssl_channel_credentials(...)``); None: insecure."""
+    service: str | None = None
+    """The name in errors, logs and metric labels; None: the discovery's service name."""
+
+    def __post_init__(self) -> None:
+        o = "Balancer"
+        object.__setattr__(self, "selector", resolve_selector(self.selector))
+        if self.retry is None:
+            object.__setattr__(self, "retry", RetryPolicy())
+        elif not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"{o}: retry must be a RetryPolicy, got {self.retry!r}")
+        if self.outlier_detection is None:
+            object.__setattr__(self, "outlier_detection", OutlierDetection())
+        if self.health_check is not None:
+            from lbkit.health.active import HealthCheck
+
+            if not isinstance(self.health_check, HealthCheck):
+                raise ConfigError(
+                    f"{o}: health_check must be a HealthCheck or None, got {self.health_check!r}"
+                )
+        for name, kind in (
+            ("outlier_detection", OutlierDetection),
+            ("slow_start", SlowStart),
+        ):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ConfigError(f"{o}: {name} must be a {kind.__name__} or None, got {value!r}")
+        check_float(o, "panic_threshold", self.panic_threshold, minimum=0.0, maximum=100.0)
+        if (
+            not isinstance(self.key_header, str)
+            or not self.key_header
+            or self.key_header != self.key_header.lower()
+        ):
+            raise ConfigError(f"{o}: key_header must be a non-empty lower-case str, got {self.key_header!r}")
+        check_float(o, "wait_timeout", self.wait_timeout, minimum=0.0)
+        check_float(o, "drain_timeout", self.drain_timeout, minimum=0.0)
+        opts = self.channel_options
+        if isinstance(opts, (str, bytes)) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in opts
+        ):
+            raise ConfigError(f"{o}: channel_options must be a sequence of (name, value) pairs, got {opts!r}")
+        object.__setattr__(self, "channel_options", tuple(opts))
+        if self.credentials is not None and not isinstance(self.credentials, grpc.ChannelCredentials):
+            raise ConfigError(f"{o}: credentials must be grpc.ChannelCredentials, got {self.credentials!r}")
+        if self.service is not None and (not isinstance(self.service, str) or not self.service):
+            raise ConfigError(f"{o}: service must be a non-empty str, got {self.service!r}")
+
+    @property
+    def policy(self) -> Selector:
+        """The selector, resolved."""
+        assert isinstance(self.selector, Selector)
+        return self.selector
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy, resolved."""
+        assert self.retry is not None
+        return self.retry
