@@ -1,0 +1,399 @@
+"""Faults under load: a server killed, failing every call, hanging or slow; lbkit against native round robin.
+
+Four model servers (2 ms per call) run in a child process. A paced client sends a steady few hundred
+unary calls per second; a fault is injected into server 1 and later lifted. For each fault the table
+shows the calls the client saw fail, the calls that reached the bad server after the fault (counted by
+the servers), how long until the balancer stopped sending to it (from lbkit's events; for native round
+robin, the last call that failed), and how long after recovery until it served again. The slow-server
+table shows, per selector, the share of calls the 200 ms server got and the p99 against the same
+selector's all-healthy p99.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from benchmarks._common import Progress, Result, module_main, percentile
+from benchmarks.e2e import _RR_CONFIG, SELECTORS, balancer_class, lbkit_available
+from lbkit.discovery.static import StaticDiscovery
+from lbkit.testing.proto import model_service_pb2 as pb2
+from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
+from lbkit.testing.server_process import ServerProcess
+
+__all__ = ["PacedLoad", "Record", "main", "run"]
+
+BAD = 1
+"""Index of the server the faults hit."""
+FAST_MS = 2.0
+SLOW_MS = 200.0
+DEADLINE = 0.5
+"""Seconds each call may take."""
+
+_REQUEST = pb2.PredictRequest(features=[1.0, 2.0])
+_FAULTS: dict[str, tuple[str, str]] = {
+    "killed": ("stop {i}", "start {i}"),
+    "fails every call": ("fail {i} 1.0", "fail {i} 0"),
+    "hangs": ("hang {i} on", "hang {i} off"),
+    "health NOT_SERVING": ("serving {i} off", "serving {i} on"),
+}
+_GONE = {"ejected", "not_ready", "unhealthy", "removed"}
+_BACK = {"returned", "ready", "healthy"}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One call: start and end (monotonic seconds), whether it succeeded, who answered, its status code."""
+
+    start: float
+    end: float
+    ok: bool
+    server: str
+    code: str
+
+
+class PacedLoad:
+    """``rate`` calls per second on a fixed schedule from ``workers`` threads, until :meth:`stop`."""
+
+    def __init__(
+        self,
+        call: Callable[[], tuple[bool, str, str]],
+        *,
+        rate: float,
+        workers: int,
+        max_calls: int = 200_000,
+    ) -> None:
+        self._call = call
+        self._rate = rate
+        self._max = max_calls
+        self._stop = threading.Event()
+        self._slots = itertools.count()
+        self._records: list[list[Record]] = [[] for _ in range(workers)]
+        self._threads = [threading.Thread(target=self._work, args=(w,), daemon=True) for w in range(workers)]
+        self._t0 = 0.0
+
+    def start(self) -> PacedLoad:
+        """Start sending."""
+        self._t0 = time.monotonic()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _work(self, slot: int) -> None:
+        mine, call, clock = self._records[slot], self._call, time.monotonic
+        while not self._stop.is_set():
+            k = next(self._slots)
+            if k >= self._max:
+                return
+            wait = self._t0 + k / self._rate - clock()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            t = clock()
+            ok, server, code = call()
+            mine.append(Record(t, clock(), ok, server, code))
+
+    def stop(self) -> list[Record]:
+        """Stop, wait for calls in flight, and return every call's record in start order."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(DEADLINE * 4 + 5.0)
+        return sorted((r for part in self._records for r in part), key=lambda r: r.start)
+
+
+def _caller(stub: Any) -> Callable[[], tuple[bool, str, str]]:
+    predict = stub.Predict
+
+    def call() -> tuple[bool, str, str]:
+        try:
+            reply = predict(_REQUEST, timeout=DEADLINE)
+        except grpc.RpcError as exc:
+            trailers = dict(exc.trailing_metadata() or ())
+            return False, str(trailers.get("lb-served-by", "")), str(exc.code().name)
+        return True, str(reply.served_by), "OK"
+
+    return call
+
+
+class Events:
+    """lbkit events, stamped with this module's monotonic clock."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str, str]] = []
+
+    def __call__(self, event: Any) -> None:
+        kind = getattr(event.kind, "value", str(event.kind))
+        self.seen.append((time.monotonic(), str(kind), str(event.address)))
+
+    def first(self, address: str, kinds: set[str], after: float) -> float | None:
+        """When the first event of ``kinds`` for ``address`` came at or after ``after``."""
+        return next((t for t, k, a in self.seen if a == address and k in kinds and t >= after), None)
+
+
+def _lbkit_options(quick: bool) -> dict[str, Any]:
+    """Outlier detection with short ejections (so return is measured in seconds) and health checks if any."""
+    import lbkit
+
+    options: dict[str, Any] = {}
+    outlier = getattr(lbkit, "OutlierDetection", None)
+    if outlier is not None:
+        options["outlier_detection"] = outlier(
+            consecutive_failures=5,
+            interval=0.5,
+            base_ejection_time=1.0 if quick else 2.0,
+            max_ejection_time=5.0,
+        )
+    health = getattr(lbkit, "HealthCheck", None)
+    if health is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            options["health_check"] = health(interval=0.5)
+    return options
+
+
+@contextlib.contextmanager
+def _client(kind: str, selector: str, addresses: list[str], events: Events, quick: bool) -> Iterator[Any]:
+    """A sync stub: lbkit with ``selector`` (and fast outlier detection), or native round robin."""
+    if kind == "lbkit":
+        cls = balancer_class(False)
+        with cls(
+            StaticDiscovery(addresses), selector=selector, on_event=events, **_lbkit_options(quick)
+        ) as lb:
+            lb.wait_ready(timeout=10.0)
+            yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
+        return
+    target = "ipv4:" + ",".join(addresses)
+    with grpc.insecure_channel(target, options=[("grpc.service_config", _RR_CONFIG)]) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10.0)
+        yield pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _warm(stub: Any, calls: int = 40) -> None:
+    call = _caller(stub)
+    for _ in range(calls):
+        call()
+
+
+def fault_run(
+    servers: ServerProcess,
+    kind: str,
+    fault: str,
+    *,
+    rate: float,
+    phases: tuple[float, float, float],
+    quick: bool,
+) -> dict[str, Any]:
+    """One fault under load: ``phases`` are seconds before the fault, during it, and after it is lifted."""
+    on, off = (cmd.format(i=BAD) for cmd in _FAULTS[fault])
+    bad = servers.addresses[BAD]
+    events = Events()
+    with _client(kind, "round_robin", servers.addresses, events, quick) as stub:
+        _warm(stub)
+        load = PacedLoad(_caller(stub), rate=rate, workers=64).start()
+        try:
+            time.sleep(phases[0])
+            before = servers.calls()
+            t_fault = time.monotonic()
+            servers.command(on)
+            time.sleep(phases[1])
+            during = servers.calls()
+            t_recover = time.monotonic()
+            servers.command(off)
+            time.sleep(phases[2])
+        finally:
+            records = load.stop()
+    failed = [r for r in records if not r.ok]
+    failed_after = [r for r in failed if r.start >= t_fault]
+    gone = events.first(bad, _GONE, t_fault)
+    if gone is None and kind == "native" and failed_after:
+        last = max(r.end for r in failed_after)
+        gone = None if last >= t_recover - 0.25 else last  # failing to the end: never ejected
+    first_cut = gone if gone is not None else t_recover
+    before_ejection = sum(1 for r in records if r.server == bad and t_fault <= r.start < first_cut)
+    back = next((r.end for r in records if r.ok and r.server == bad and r.start >= t_recover), None)
+    counted = fault not in ("killed",)
+    return {
+        "client": "lbkit round_robin" if kind == "lbkit" else "native round_robin",
+        "fault": fault,
+        "calls": len(records),
+        "failed": len(failed),
+        "failed_codes": sorted({r.code for r in failed}),
+        "to_bad_after_fault": during[BAD] - before[BAD] if counted else None,
+        "to_bad_before_ejection": before_ejection if counted else None,
+        "ejected_after_s": None if gone is None else round(gone - t_fault, 3),
+        "back_after_s": None if back is None else round(back - t_recover, 3),
+        "fault_s": round(t_recover - t_fault, 3),
+        "events": [(round(t - t_fault, 3), k, a) for t, k, a in events.seen if a == bad],
+    }
+
+
+def slow_run(
+    servers: ServerProcess, kind: str, selector: str, *, slow: bool, rate: float, duration: float
+) -> dict[str, Any]:
+    """Steady load with server 1 at 200 ms per call (or all at 2 ms); the bad server's share and the p99."""
+    servers.command(f"slow {BAD} {SLOW_MS if slow else FAST_MS}")
+    try:
+        with _client(kind, selector, servers.addresses, Events(), True) as stub:
+            _warm(stub)
+            servers.command("reset")
+            load = PacedLoad(_caller(stub), rate=rate, workers=64).start()
+            time.sleep(duration)
+            records = load.stop()
+            counts = servers.calls()
+    finally:
+        servers.command(f"slow {BAD} {FAST_MS}")
+    latencies = [r.end - r.start for r in records]
+    total = sum(counts)
+    return {
+        "share": counts[BAD] / total if total else 0.0,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "failed": sum(not r.ok for r in records),
+        "calls": len(records),
+        "latencies_ms": sorted(round(x * 1e3, 3) for x in latencies),
+    }
+
+
+def _s(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def run(quick: bool = False) -> Result:
+    """Run every fault scenario and the slow-server comparison."""
+    missing = lbkit_available()
+    rate = 300.0
+    phases = (0.5, 1.5, 2.5) if quick else (1.0, 5.0, 4.0)
+    slow_duration = 1.0 if quick else 5.0
+    kinds = ["native"] + ([] if missing else ["lbkit"])
+    faults = list(_FAULTS)
+    selectors = ["round_robin", "least_connections", "peak_ewma"] if quick else list(SELECTORS)
+    slow_variants = [("native", "round_robin")] + ([] if missing else [("lbkit", s) for s in selectors])
+    progress = Progress("faults", len(kinds) * len(faults) + 2 * len(slow_variants))
+    fault_rows: list[list[Any]] = []
+    fault_data: list[dict[str, Any]] = []
+    slow_data: dict[str, dict[str, Any]] = {}
+    with ServerProcess(count=4, delay_ms=FAST_MS) as servers:
+        for fault in faults:
+            for kind in kinds:
+                progress.step(f"{fault} {kind}")
+                if kind == "native" and (
+                    fault == "health NOT_SERVING" or (quick and fault != "fails every call")
+                ):
+                    continue  # native round robin has no health checks; a quick run keeps one baseline
+                r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
+                fault_data.append(r)
+                to_bad = "n/a" if r["to_bad_after_fault"] is None else str(r["to_bad_after_fault"])
+                first = "n/a" if r["to_bad_before_ejection"] is None else str(r["to_bad_before_ejection"])
+                fault_rows.append(
+                    [
+                        r["fault"],
+                        r["client"],
+                        r["calls"],
+                        r["failed"],
+                        ", ".join(r["failed_codes"]),
+                        first,
+                        to_bad,
+                        _s(r["ejected_after_s"]),
+                        _s(r["back_after_s"]),
+                    ]
+                )
+        for kind, selector in slow_variants:
+            name = f"{kind} {selector}"
+            progress.step(f"slow server, {name}, all healthy")
+            healthy = slow_run(servers, kind, selector, slow=False, rate=rate, duration=slow_duration)
+            progress.step(f"slow server, {name}, one slow")
+            slowed = slow_run(servers, kind, selector, slow=True, rate=rate, duration=slow_duration)
+            slow_data[name] = {"healthy": healthy, "slow": slowed}
+    progress.close()
+
+    rr_share = slow_data.get("lbkit round_robin", slow_data["native round_robin"])["slow"]["share"]
+    slow_rows: list[list[Any]] = []
+    for name, d in slow_data.items():
+        share, p99, p99_healthy = d["slow"]["share"], d["slow"]["p99_ms"], d["healthy"]["p99_ms"]
+        ratio = p99 / p99_healthy if p99_healthy else float("nan")
+        goal = ""
+        if name == "lbkit peak_ewma":
+            goal = "pass" if share <= 0.01 and ratio <= 1.5 else "FAIL"
+            goal += " (share <= 1 %, p99 <= 1.5x healthy)"
+        elif name == "lbkit least_connections":
+            goal = "pass" if share <= rr_share / 2 else "FAIL"
+            goal += f" (share <= {rr_share / 2:.1%}, half of round robin's)"
+        elif name.endswith("round_robin"):
+            goal = "expected ~25 %"
+        slow_rows.append(
+            [
+                name,
+                f"{share:.1%}",
+                f"{d['healthy']['p99_ms']:.1f}",
+                f"{p99:.1f}",
+                f"{ratio:.2f}x",
+                d["slow"]["failed"],
+                goal,
+            ]
+        )
+    notes = [
+        f"Paced load of {rate:g} calls/s (64 threads at most in flight), {DEADLINE:g} s deadline per call,"
+        f" servers at {FAST_MS:g} ms per call; the fault hits server {BAD} of 4.",
+        f"Fault phases: {phases[0]:g} s healthy, {phases[1]:g} s faulty, {phases[2]:g} s after recovery.",
+        "lbkit runs round_robin with its default retries, outlier detection of 5 consecutive failures with"
+        " short ejections (1 s, at most 2 s, so the return is timed in seconds) and active health checks"
+        " every 0.5 s.",
+        "'before ejection' counts calls answered by the bad server (its trailing metadata) from the fault to"
+        " the first ejection; 'during fault' counts, at the server, every call it got while faulty, including"
+        " the probes after each ejection ends.",
+        "'ejected after' is the first ejected/not-ready/unhealthy event for the bad server (lbkit) or the"
+        " last failed call (native; 'never' if it failed calls to the end); 'back after' is the first call"
+        " it served after recovery.",
+        "Calls to a killed server cannot be counted by the server: n/a.",
+    ]
+    if missing:
+        notes.insert(0, f"lbkit rows skipped: {missing}.")
+    return {
+        "title": "Faults under load: ejection, return and slow servers",
+        "tables": [
+            {
+                "caption": "One server of four faulty under steady load",
+                "columns": [
+                    "fault",
+                    "client",
+                    "calls",
+                    "failed (client)",
+                    "codes",
+                    "to bad server before ejection",
+                    "to bad server during fault",
+                    "ejected after s",
+                    "back after s",
+                ],
+                "rows": fault_rows,
+            },
+            {
+                "caption": f"One server of four at {SLOW_MS:g} ms per call (others {FAST_MS:g} ms)",
+                "columns": [
+                    "client",
+                    "share to slow server",
+                    "p99 ms all healthy",
+                    "p99 ms one slow",
+                    "p99 vs healthy",
+                    "failed",
+                    "goal",
+                ],
+                "rows": slow_rows,
+            },
+        ],
+        "notes": notes,
+        "data": {"rate": rate, "phases_s": phases, "faults": fault_data, "slow": slow_data},
+    }
+
+
+def main() -> None:
+    """``python -m benchmarks.faults [--quick]``."""
+    module_main("faults", run)
+
+
+if __name__ == "__main__":
+    main()
