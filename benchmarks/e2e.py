@@ -229,6 +229,7 @@ def run(quick: bool = False) -> Result:
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     tables: list[dict[str, Any]] = []
     verdicts: list[bool] = []
+    broken: dict[str, str] = {}
     with ServerProcess(count=4) as servers:
         addresses = servers.addresses
         for mode, kind, variants in cells:
@@ -238,13 +239,24 @@ def run(quick: bool = False) -> Result:
                 shift = rep % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     progress.step(f"{cell} {variant.name}")
-                    loads[variant.name].append(
-                        measure(variant, mode, kind, addresses, duration=duration, warmup=warmup)
-                    )
+                    if variant.name in broken:
+                        continue
+                    try:
+                        load = measure(variant, mode, kind, addresses, duration=duration, warmup=warmup)
+                    except Exception as exc:
+                        if variant.kind != "lbkit":
+                            raise
+                        broken[variant.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        continue
+                    loads[variant.name].append(load)
             raw[cell] = {name: [x.summary() for x in xs] for name, xs in loads.items()}
             rows: list[list[Any]] = []
             for variant in variants:
                 xs = loads[variant.name]
+                if variant.name in broken:
+                    verdicts.append(False)
+                    rows.append([variant.name, "error", "", "", "", "", "", "", "FAIL (see notes)"])
+                    continue
                 qps, cpu = median([x.qps for x in xs]), median([x.cpu_us for x in xs])
                 p50, p99 = median([x.p(50) for x in xs]), median([x.p(99) for x in xs])
                 errors = sum(x.errors for x in xs)
@@ -285,6 +297,7 @@ def run(quick: bool = False) -> Result:
         "Every server shares one process (one GIL), so at high concurrency QPS is bounded by the servers;"
         " client CPU per call is the figure that isolates the client.",
     ]
+    notes[:0] = [f"{name} failed: {why}" for name, why in broken.items()]
     if missing:
         notes.insert(0, f"lbkit rows skipped: {missing}.")
     elif verdicts:

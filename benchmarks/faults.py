@@ -259,6 +259,12 @@ def slow_run(
     }
 
 
+def _restore(servers: ServerProcess) -> None:
+    """Lift every fault from the bad server (after a run that failed midway)."""
+    for _, off in _FAULTS.values():
+        servers.command(off.format(i=BAD))
+
+
 def _s(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
@@ -277,6 +283,7 @@ def run(quick: bool = False) -> Result:
     fault_rows: list[list[Any]] = []
     fault_data: list[dict[str, Any]] = []
     slow_data: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
     with ServerProcess(count=4, delay_ms=FAST_MS) as servers:
         for fault in faults:
             for kind in kinds:
@@ -285,7 +292,15 @@ def run(quick: bool = False) -> Result:
                     fault == "health NOT_SERVING" or (quick and fault != "fails every call")
                 ):
                     continue  # native round robin has no health checks; a quick run keeps one baseline
-                r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
+                try:
+                    r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
+                except Exception as exc:
+                    if kind != "lbkit":
+                        raise
+                    errors.append(f"{fault}, lbkit: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+                    fault_rows.append([fault, "lbkit round_robin", "error", "", "", "", "", "", ""])
+                    _restore(servers)
+                    continue
                 fault_data.append(r)
                 to_bad = "n/a" if r["to_bad_after_fault"] is None else str(r["to_bad_after_fault"])
                 first = "n/a" if r["to_bad_before_ejection"] is None else str(r["to_bad_before_ejection"])
@@ -305,9 +320,15 @@ def run(quick: bool = False) -> Result:
         for kind, selector in slow_variants:
             name = f"{kind} {selector}"
             progress.step(f"slow server, {name}, all healthy")
-            healthy = slow_run(servers, kind, selector, slow=False, rate=rate, duration=slow_duration)
-            progress.step(f"slow server, {name}, one slow")
-            slowed = slow_run(servers, kind, selector, slow=True, rate=rate, duration=slow_duration)
+            try:
+                healthy = slow_run(servers, kind, selector, slow=False, rate=rate, duration=slow_duration)
+                progress.step(f"slow server, {name}, one slow")
+                slowed = slow_run(servers, kind, selector, slow=True, rate=rate, duration=slow_duration)
+            except Exception as exc:
+                if kind != "lbkit":
+                    raise
+                errors.append(f"slow server, {name}: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+                continue
             slow_data[name] = {"healthy": healthy, "slow": slowed}
     progress.close()
 
@@ -351,6 +372,7 @@ def run(quick: bool = False) -> Result:
         " it served after recovery.",
         "Calls to a killed server cannot be counted by the server: n/a.",
     ]
+    notes[:0] = errors
     if missing:
         notes.insert(0, f"lbkit rows skipped: {missing}.")
     return {

@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and its report names each module.
+
+No figure is asserted: the machine is shared and noisy. The suite's quick run is bounded by the modules'
+own time limits; the subprocess timeout here is the backstop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 170.0
+
+
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
+    out, results, plots = tmp_path / "bench.md", tmp_path / "results.json", tmp_path / "img"
+    argv = ["--quick", "--out", str(out), "--json", str(results), "--plots", str(plots)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = out.read_text()
+    data = json.loads(results.read_text())
+    assert report.startswith("# lbkit benchmarks")
+    assert data["machine"]["cores"] in report and data["machine"]["grpcio"] in report
+    modules = data["modules"]
+    assert "e2e" in modules and "faults" in modules
+    for name, result in modules.items():
+        assert "error" not in result, name
+        if "skipped" in result:
+            assert f"## {name}\n\nSkipped" in report
+        else:
+            assert f"## {result['title']}\n" in report
+            assert result["tables"], name
+    # The e2e tables put native round robin, the baseline, in every cell.
+    e2e_tables = modules["e2e"]["tables"]
+    assert e2e_tables and all(any(row[0] == "native round_robin" for row in t["rows"]) for t in e2e_tables)
+    # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
+    assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
+    assert "latency_cdf_slow_server.png" in report
