@@ -1,0 +1,138 @@
+"""AsyncHealthWatcher against real grpc servers on 127.0.0.1: the twin of test_active_health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from test_active_health import (
+    CHANNEL_OPTIONS,
+    FAST,
+    NOT_SERVING,
+    SERVING,
+    CheckOnlyServicer,
+    Reports,
+    Server,
+    servers,
+)
+
+from lbkit.health.active import HealthCheck
+from lbkit.health.active_aio import AsyncHealthWatcher
+
+__all__ = ["servers"]  # the fixture, shared with the sync tests
+
+
+@pytest.fixture
+async def watch() -> AsyncIterator[Callable[..., tuple[AsyncHealthWatcher, Reports]]]:
+    """Start an AsyncHealthWatcher on a fresh aio channel; stopped and closed after the test."""
+    made: list[tuple[AsyncHealthWatcher, grpc.aio.Channel]] = []
+
+    def make(address: str, config: HealthCheck = FAST) -> tuple[AsyncHealthWatcher, Reports]:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        reports = Reports()
+        watcher = AsyncHealthWatcher(config, channel, address, reports)
+        made.append((watcher, channel))
+        watcher.start()
+        return watcher, reports
+
+    yield make
+    for watcher, channel in made:
+        await watcher.stop()
+        await channel.close()
+
+
+async def test_watch_reports_flips_quickly_and_only_flips(servers: Any, watch: Any) -> None:
+    server = servers()
+    _, reports = watch(server.address)
+    assert await reports.await_count(1) == [(True, "SERVING")]
+    started = time.monotonic()
+    server.set("", NOT_SERVING)
+    assert (await reports.await_count(2))[1] == (False, "NOT_SERVING")
+    assert time.monotonic() - started < 0.2
+    server.set("", NOT_SERVING)
+    server.set("", SERVING)
+    assert await reports.await_count(3) == [(True, "SERVING"), (False, "NOT_SERVING"), (True, "SERVING")]
+    assert reports.addresses == {server.address}
+
+
+async def test_named_service_unknown_then_known(servers: Any, watch: Any) -> None:
+    server = servers()
+    _, reports = watch(server.address, HealthCheck(service="lbkit.Model", backoff_base=0.05))
+    assert await reports.await_count(1) == [(False, "SERVICE_UNKNOWN")]
+    server.set("lbkit.Model", SERVING)
+    assert (await reports.await_count(2))[1] == (True, "SERVING")
+
+
+@pytest.mark.parametrize(("unimplemented", "serving"), [("healthy", True), ("unhealthy", False)])
+async def test_server_without_health_service(
+    servers: Any, watch: Any, unimplemented: str, serving: bool
+) -> None:
+    server = servers(health_service=False)
+    _, reports = watch(server.address, HealthCheck(interval=0.05, unimplemented=unimplemented))
+    assert await reports.await_count(1) == [(serving, "health service unimplemented")]
+
+
+async def test_polls_check_when_watch_is_unimplemented(servers: Any, watch: Any) -> None:
+    servicer = CheckOnlyServicer()
+    server = servers(servicer=servicer)
+    _, reports = watch(server.address)
+    assert await reports.await_count(1) == [(True, "SERVING")]
+    servicer.statuses[""] = NOT_SERVING
+    assert (await reports.await_count(2))[1] == (False, "NOT_SERVING")
+    servicer.statuses[""] = SERVING
+    assert (await reports.await_count(3))[2] == (True, "SERVING")
+    assert servicer.checks >= 3
+
+
+async def test_check_not_found_means_service_unknown(servers: Any, watch: Any) -> None:
+    server = servers(servicer=CheckOnlyServicer())
+    _, reports = watch(server.address, HealthCheck(service="nope", interval=0.05))
+    assert await reports.await_count(1) == [(False, "SERVICE_UNKNOWN")]
+
+
+async def test_reconnects_after_server_restart(servers: Any, watch: Any) -> None:
+    first = servers()
+    _, reports = watch(first.address)
+    assert await reports.await_count(1) == [(True, "SERVING")]
+    await asyncio.to_thread(first.stop)
+    second = Server(port=first.port)
+    second.set("", NOT_SERVING)
+    second.start()
+    try:
+        assert await reports.await_count(2) == [(True, "SERVING"), (False, "NOT_SERVING")]
+        second.set("", SERVING)
+        assert (await reports.await_count(3))[2] == (True, "SERVING")
+    finally:
+        await asyncio.to_thread(second.stop)
+
+
+async def test_stop_returns_promptly_and_reports_nothing_after(servers: Any, watch: Any) -> None:
+    server = servers()
+    watcher, reports = watch(server.address)
+    await reports.await_count(1)
+    started = time.monotonic()
+    await watcher.stop()
+    assert time.monotonic() - started < 0.5
+    assert not watcher.running
+    server.set("", NOT_SERVING)
+    await asyncio.sleep(0.05)  # give a stray report the chance to show up
+    assert reports.items == [(True, "SERVING")]
+
+
+async def test_stop_returns_promptly_while_waiting_for_a_dead_server(servers: Any, watch: Any) -> None:
+    server = servers()
+    address = server.address
+    server.stop()
+    watcher, reports = watch(address)
+    await asyncio.sleep(0.05)
+    assert watcher.running
+    started = time.monotonic()
+    await watcher.stop()
+    assert time.monotonic() - started < 0.5
+    assert not watcher.running
+    assert reports.items == []
