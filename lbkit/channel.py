@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import never_reached_server
@@ -68,7 +68,7 @@ class CallSpec:
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
-        if code in policy.retryable_codes or never_reached_server(code, details):  # type: ignore[operator]
+        if code in policy.retryable_codes or never_reached_server(code, details):
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -88,7 +88,7 @@ class CallSpec:
             return False
 
         return Retrying(
-            stop=stop_after_attempt(attempts_left) | _past_deadline,
+            stop=stop_any(stop_after_attempt(attempts_left), _past_deadline),
             wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
             retry=retry_if_exception(_retry),
             reraise=True,
@@ -636,5 +636,5 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
     def __enter__(self) -> BalancedChannel:
         return self
 
-    def __exit__(self, *exc: object) -> bool:
-        return False
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -249,7 +249,7 @@ class BalancerCore:
 
     def _rebuild(self, now: float) -> None:
         members = self.members.values()
-        connected = [m for m in members if m.ready]
+        connected = [m for m in members if m.ready and m.health_known]
         healthy = [m for m in connected if self._eligible(m)]
         for m in members:
             if self._eligible(m):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import never_reached_server
@@ -68,7 +68,7 @@ class _Spec:
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
-        if code in policy.retryable_codes or never_reached_server(code, details):  # type: ignore[operator]
+        if code in policy.retryable_codes or never_reached_server(code, details):
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -254,7 +254,7 @@ class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         await self._backoff()
         policy = c.lb.retry_policy
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts - self._attempts) | _past_deadline,
+            stop=stop_any(stop_after_attempt(policy.max_attempts - self._attempts), _past_deadline),
             wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
             retry=retry_if_exception(_retry_on),
             reraise=True,

@@ -1,0 +1,183 @@
+"""lbkit.aio.Balancer with real grpc servers on 127.0.0.1: the asyncio twin of test_balancer_sync."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+import lbkit
+import lbkit.aio
+from lbkit.testing import ModelServer
+from tests.integration.conftest import pb2, pb2_grpc, served_counts
+
+REQ = pb2.PredictRequest(features=[1.0, 2.0])
+
+
+async def wait_for(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def in_flight(lb: lbkit.aio.Balancer) -> int:
+    return sum(e.in_flight for e in lb.stats)
+
+
+async def test_round_robin_spreads_evenly(make_servers):
+    servers = make_servers(3)
+    async with lbkit.aio.Balancer([s.address for s in servers], selector="round_robin") as lb:
+        await lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        seen = Counter([(await stub.Predict(REQ, timeout=5)).served_by for _ in range(300)])
+    assert sorted(seen.values()) == [100, 100, 100]
+
+
+@pytest.mark.parametrize("selector", ["least_connections", "peak_ewma", "weighted"])
+async def test_every_selector_spreads_concurrent_calls(make_servers, selector):
+    servers = make_servers(3, delay=0.002)
+    async with lbkit.aio.Balancer([s.address for s in servers], selector=selector) as lb:
+        await lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(10):
+            await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(30)))
+    counts = served_counts(servers)
+    assert sum(counts) == 300 and min(counts) >= 40, counts
+
+
+async def test_hash_key_pins_user_to_one_server(make_servers):
+    servers = make_servers(4)
+    async with lbkit.aio.Balancer([s.address for s in servers], selector="consistent_hash") as lb:
+        await lb.wait_ready(count=4)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        owners: dict[str, set[str]] = {}
+        for i in range(40):
+            user = f"user-{i % 10}"
+            reply = await stub.Predict(REQ, metadata=[("lb-key", user)], timeout=5)
+            owners.setdefault(user, set()).add(reply.served_by)
+    assert all(len(v) == 1 for v in owners.values()), owners
+
+
+async def test_call_object_surface(make_servers):
+    servers = make_servers(1)
+    async with lbkit.aio.Balancer([s.address for s in servers]) as lb:
+        await lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        call = stub.Predict(REQ, metadata=[("x-user", "u1")], timeout=5)
+        reply = await call
+        assert reply.served_by == servers[0].address
+        assert await call.code() is grpc.StatusCode.OK
+        assert await call.details() in ("", None)
+        assert ("lb-served-by", servers[0].address) in tuple(await call.trailing_metadata())
+        assert call.done()
+        assert await call == reply  # awaiting twice gives the same reply
+
+
+async def test_in_flight_returns_to_zero_after_every_kind_of_call(make_servers):
+    servers = make_servers(2, tokens=50, delay=0.002)
+    async with lbkit.aio.Balancer([s.address for s in servers]) as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        await stub.Predict(REQ, timeout=5)
+        tokens = [t.token async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=3), timeout=5)]
+        assert tokens == ["tok0", "tok1", "tok2"]
+        stream = stub.StreamPredict(REQ, timeout=5)
+        assert (await stream.read()).token == "tok0"
+        stream.cancel()
+        stream = stub.StreamPredict(REQ, timeout=5)
+        await stream.read()
+        del stream
+        gc.collect()
+        bidi = stub.UpdateFeatures(timeout=5)
+        for i in range(3):
+            await bidi.write(pb2.FeatureUpdate(entity_id="e", sequence=i))
+        await bidi.done_writing()
+        assert [a.sequence async for a in bidi] == [0, 1, 2]
+        call = stub.Predict(pb2.PredictRequest(), timeout=5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: in_flight(lb) == 0)
+
+
+async def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
+    servers = make_servers(3)
+    async with lbkit.aio.Balancer([s.address for s in servers], selector="round_robin") as lb:
+        await lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        results: list[object] = []
+        for i in range(20):
+            if i == 5:
+                servers[1].stop(0)
+            results += await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(30)), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == [] and len(results) == 600
+
+
+async def test_no_ready_endpoint_fails_unavailable_at_deadline():
+    dead = ModelServer().start()
+    address = dead.address
+    dead.stop(0)
+    async with lbkit.aio.Balancer([address], service="inference") as lb:
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            await stub.Predict(REQ, timeout=0.5)
+        elapsed = time.monotonic() - start
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "inference" in info.value.details()
+    assert 0.4 <= elapsed < 2.0
+
+
+async def test_removed_endpoint_in_flight_calls_complete(make_servers):
+    slow = make_servers(1, delay=0.4)[0]
+    fast = make_servers(1)[0]
+    discovery = lbkit.StaticDiscovery([slow.address])
+    async with lbkit.aio.Balancer(discovery) as lb:
+        await lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        pending = asyncio.ensure_future(stub.Predict(REQ, timeout=5))
+        await wait_for(lambda: in_flight(lb) == 1)
+        discovery.update([fast.address])
+        reply = await pending
+        assert reply.served_by == slow.address
+        await wait_for(lambda: slow.address not in lb.members)
+        assert (await stub.Predict(REQ, timeout=5)).served_by == fast.address
+
+
+async def test_unavailable_from_a_server_is_retried_elsewhere(make_servers):
+    bad = make_servers(1, fail_rate=1.0)[0]
+    good = make_servers(1)[0]
+    async with lbkit.aio.Balancer([bad.address, good.address], selector="round_robin") as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        replies = [(await stub.Predict(REQ, timeout=5)).served_by for _ in range(4)]
+        tokens = [t async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5)]
+    assert set(replies) == {good.address}
+    assert {t.served_by for t in tokens} == {good.address}
+
+
+async def test_application_errors_are_not_retried(make_servers):
+    servers = make_servers(2, fail_rate=1.0, fail_code=grpc.StatusCode.NOT_FOUND)
+    async with lbkit.aio.Balancer([s.address for s in servers]) as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Predict(REQ, timeout=5)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    assert sum(served_counts(servers)) == 1
+
+
+async def test_pick_returns_a_ready_aio_channel(make_servers):
+    servers = make_servers(2)
+    async with lbkit.aio.Balancer([s.address for s in servers]) as lb:
+        channel = await lb.pick(timeout=5)
+        reply = await pb2_grpc.ModelServiceStub(channel).Predict(REQ, timeout=5)
+    assert reply.served_by in {s.address for s in servers}

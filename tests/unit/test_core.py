@@ -1,0 +1,210 @@
+"""The sans-I/O balancer core: membership, readiness, health, ejection, panic, slow start (fake clock)."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+
+from lbkit.core import BalancerCore
+from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.errors import NoEndpointsError
+from lbkit.events import EventKind
+from lbkit.health.outlier import OutlierDetection
+from lbkit.health.slow_start import SlowStart
+from lbkit.selectors.base import Picker, Selector
+from lbkit.stats import Stats
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recording(Selector):
+    """Builds a picker that returns the first endpoint, and remembers each build."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.builds: list[tuple[str, ...]] = []
+
+    def _build(self, endpoints: tuple[Endpoint, ...], stats: Stats) -> Picker:
+        self.builds.append(tuple(e.address for e in endpoints))
+
+        class First:
+            def __init__(self) -> None:
+                self.endpoints = endpoints
+
+            def pick(self, key: object = None) -> Endpoint:
+                return endpoints[0]
+
+        return First()
+
+
+ADDRS = [f"10.0.0.{i}:50051" for i in range(1, 5)]
+
+
+def make(**kw: object) -> tuple[BalancerCore, Recording, Clock, list]:
+    clock = Clock()
+    sel = Recording()
+    core = BalancerCore(sel, service="svc", clock=clock, rng=random.Random(1), **kw)  # type: ignore[arg-type]
+    events: list = []
+    core.add_listener(events.append)
+    return core, sel, clock, events
+
+
+def picked(core: BalancerCore) -> set[str]:
+    return {e.address for e in core.picker.endpoints}
+
+
+def test_endpoints_enter_the_picker_only_when_ready():
+    core, sel, _, events = make()
+    plan = core.set_endpoints(EndpointSet(ADDRS[:2]))
+    assert [e.address for e in plan.open] == ADDRS[:2] and plan.close == ()
+    with pytest.raises(NoEndpointsError) as info:
+        core.picker.pick()
+    assert "svc" in str(info.value) and "2 connecting" in str(info.value)
+    core.set_ready(ADDRS[0], True)
+    assert picked(core) == {ADDRS[0]}
+    core.set_ready(ADDRS[1], True)
+    core.set_ready(ADDRS[0], False)
+    assert picked(core) == {ADDRS[1]}
+    assert [e.kind for e in events].count(EventKind.READY) == 2
+
+
+def test_removal_plans_a_close_and_drops_from_picker():
+    core, _, _, events = make()
+    core.set_endpoints(EndpointSet(ADDRS[:3]))
+    for a in ADDRS[:3]:
+        core.set_ready(a, True)
+    plan = core.set_endpoints(EndpointSet(ADDRS[1:4]))
+    assert plan.close == (ADDRS[0],)
+    assert [e.address for e in plan.open] == [ADDRS[3]]
+    assert picked(core) == set(ADDRS[1:3])
+    assert any(e.kind is EventKind.REMOVED and e.address == ADDRS[0] for e in events)
+
+
+def test_empty_set_from_discovery_empties_picker_with_reason():
+    core, _, _, _ = make()
+    core.set_endpoints(EndpointSet(ADDRS[:1]))
+    core.set_ready(ADDRS[0], True)
+    core.set_endpoints(EndpointSet())
+    with pytest.raises(NoEndpointsError, match="no endpoints known"):
+        core.picker.pick()
+
+
+def test_weight_change_rebuilds_without_reopening():
+    core, sel, _, _ = make()
+    core.set_endpoints(EndpointSet([Endpoint(ADDRS[0], weight=1)]))
+    core.set_ready(ADDRS[0], True)
+    n = len(sel.builds)
+    plan = core.set_endpoints(EndpointSet([Endpoint(ADDRS[0], weight=5)]))
+    assert plan.open == () and plan.close == ()
+    assert len(sel.builds) == n + 1
+    assert core.picker.endpoints[0].weight == 5
+
+
+def test_health_checked_endpoint_waits_for_first_answer_and_leaves_on_not_serving():
+    core, _, _, events = make(health_checked=True)
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    core.set_ready(ADDRS[0], True)
+    core.set_ready(ADDRS[1], True)
+    assert picked(core) == set()  # no health answer yet
+    core.set_health(ADDRS[0], True)
+    core.set_health(ADDRS[1], True)
+    assert picked(core) == set(ADDRS[:2])
+    core.set_health(ADDRS[1], False, "NOT_SERVING")
+    assert picked(core) == {ADDRS[0]}
+    assert any(e.kind is EventKind.UNHEALTHY and e.address == ADDRS[1] for e in events)
+    core.set_health(ADDRS[1], True)
+    assert picked(core) == set(ADDRS[:2])
+
+
+def test_panic_mode_balances_over_all_connected_when_too_few_healthy():
+    core, _, _, events = make(health_checked=True, panic_threshold=50.0)
+    core.set_endpoints(EndpointSet(ADDRS))
+    for a in ADDRS:
+        core.set_ready(a, True)
+        core.set_health(a, True)
+    core.set_health(ADDRS[0], False)
+    core.set_health(ADDRS[1], False)
+    assert picked(core) == set(ADDRS[2:]) and not core.panic  # 2 of 4 healthy: at the threshold
+    core.set_health(ADDRS[2], False)
+    assert core.panic and picked(core) == set(ADDRS)
+    assert any(e.kind is EventKind.PANIC_START for e in events)
+    core.set_health(ADDRS[2], True)
+    assert not core.panic and picked(core) == set(ADDRS[2:])
+    assert any(e.kind is EventKind.PANIC_END for e in events)
+
+
+def test_panic_threshold_zero_never_panics():
+    core, _, _, _ = make(health_checked=True, panic_threshold=0.0)
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    for a in ADDRS[:2]:
+        core.set_ready(a, True)
+        core.set_health(a, False)
+    assert not core.panic and picked(core) == set()
+
+
+def test_failure_streak_ejects_and_time_returns_it():
+    od = OutlierDetection(consecutive_failures=3, base_ejection_time=30.0, jitter=0.0, max_ejection_percent=50.0)
+    core, _, clock, events = make(outlier_detection=od)
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    for a in ADDRS[:2]:
+        core.set_ready(a, True)
+    entry = core.stats[ADDRS[0]]
+    for _ in range(3):
+        entry.finish(entry.start(), ok=False)
+    assert picked(core) == {ADDRS[1]}
+    assert core.endpoint_states()[ADDRS[0]] == "ejected"
+    assert any(e.kind is EventKind.EJECTED and e.address == ADDRS[0] for e in events)
+    deadline = core.next_deadline()
+    assert deadline is not None and deadline <= clock.now + 30.0
+    clock.now += 30.0
+    core.tick()
+    assert picked(core) == set(ADDRS[:2])
+    assert any(e.kind is EventKind.RETURNED for e in events)
+
+
+def test_outlier_failure_codes_follow_config():
+    core, _, _, _ = make(outlier_detection=OutlierDetection())
+    assert core.outlier is not None
+    assert core.outlier.is_failure(grpc.StatusCode.UNAVAILABLE)
+    assert not core.outlier.is_failure(grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_slow_start_ramps_weight_factor_and_rebuilds_until_full():
+    core, sel, clock, _ = make(slow_start=SlowStart(window=10.0, min_weight_percent=10.0))
+    core.set_endpoints(EndpointSet(ADDRS[:1]))
+    core.set_ready(ADDRS[0], True)
+    entry = core.stats[ADDRS[0]]
+    assert entry.weight_factor == pytest.approx(0.1)
+    clock.now += 5.0
+    core.tick()
+    assert entry.weight_factor == pytest.approx(0.5)
+    assert core.next_deadline() is not None
+    clock.now += 5.0
+    core.tick()
+    assert entry.weight_factor == 1.0
+    assert core.next_deadline() is None
+    builds = len(sel.builds)
+    clock.now += 5.0
+    core.tick()
+    assert len(sel.builds) == builds  # no rebuilds once the ramp is over
+
+
+def test_listener_exceptions_do_not_break_the_core():
+    core, _, _, _ = make()
+
+    def bad(_event: object) -> None:
+        raise RuntimeError("boom")
+
+    core.add_listener(bad)
+    core.set_endpoints(EndpointSet(ADDRS[:1]))
+    core.set_ready(ADDRS[0], True)
+    assert picked(core) == {ADDRS[0]}
