@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lbkit.errors import ConfigError
-from lbkit.health.active import Backoff, HealthCheck, HealthWatcher, interpret
+from lbkit.health.active import Backoff, HealthCheck, HealthTracker, HealthWatcher, interpret
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -152,6 +152,36 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
         assert 0.8 * nominal <= delay <= min(5.0, 1.2 * nominal)
     backoff.reset()
     assert backoff.next() <= 1.2
+
+
+def test_tracker_keeps_last_status_through_errors_and_backs_off() -> None:
+    reports = Reports()
+    tracker = HealthTracker(HealthCheck(backoff_base=1.0, backoff_max=8.0), "a:1", reports)
+    tracker.on_message(SERVING)
+    first = tracker.on_watch_end(grpc.StatusCode.UNAVAILABLE)
+    second = tracker.on_watch_end(grpc.StatusCode.UNAVAILABLE)
+    assert 0.8 <= first <= 1.2 and 1.6 <= second <= 2.4
+    tracker.on_message(SERVING)  # an answer resets the backoff
+    assert tracker.on_watch_end(None) <= 1.2
+    assert tracker.on_watch_end(grpc.StatusCode.UNIMPLEMENTED) == 0.0 and tracker.polling
+    assert tracker.on_check(None, grpc.StatusCode.DEADLINE_EXCEEDED) == tracker.config.interval
+    assert reports.items == [(True, "SERVING")]
+    tracker.on_check(None, grpc.StatusCode.NOT_FOUND)
+    assert reports.items[-1] == (False, "SERVICE_UNKNOWN")
+
+
+def test_tracker_survives_a_failing_callback_and_goes_quiet_when_disabled(caplog: Any) -> None:
+    def boom(address: str, serving: bool, reason: str) -> None:
+        raise RuntimeError("callback broke")
+
+    tracker = HealthTracker(HealthCheck(), "a:1", boom)
+    tracker.on_message(SERVING)
+    assert "callback failed for a:1" in caplog.text
+    reports = Reports()
+    quiet = HealthTracker(HealthCheck(), "a:1", reports)
+    quiet.enabled = False
+    quiet.on_message(NOT_SERVING)
+    assert reports.items == []
 
 
 def test_health_check_options_are_validated() -> None:

@@ -10,7 +10,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from test_active_health import (
+
+from lbkit.health.active import HealthCheck
+from lbkit.health.active_aio import AsyncHealthWatcher
+from tests.integration.test_active_health import (
     CHANNEL_OPTIONS,
     FAST,
     NOT_SERVING,
@@ -20,9 +23,6 @@ from test_active_health import (
     Server,
     servers,
 )
-
-from lbkit.health.active import HealthCheck
-from lbkit.health.active_aio import AsyncHealthWatcher
 
 __all__ = ["servers"]  # the fixture, shared with the sync tests
 
