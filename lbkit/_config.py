@@ -6,14 +6,15 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lbkit.errors import ConfigError
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     from typing import dataclass_transform
-except ImportError:  # pragma: no cover - Python 3.10
+else:  # pragma: no cover
     from typing_extensions import dataclass_transform
 
 __all__ = ["check_choice", "check_float", "check_int", "config"]

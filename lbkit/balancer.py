@@ -16,7 +16,7 @@ from lbkit.discovery.base import Discovery
 from lbkit.discovery.static import StaticDiscovery
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError, NoEndpointsError, NoReadyEndpointError
-from lbkit.events import Event, EventKind
+from lbkit.events import Event
 from lbkit.health.active import HealthCheck
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart

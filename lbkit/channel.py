@@ -12,7 +12,7 @@ import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import never_reached_server
+from lbkit.retry import StopAtDeadline, never_reached_server
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -77,9 +77,6 @@ class CallSpec:
         """A tenacity loop for the remaining attempts (built only once a call has failed)."""
         policy = self.lb.retry_policy
 
-        def _past_deadline(_: Any) -> bool:
-            return deadline is not None and time.monotonic() >= deadline
-
         def _retry(exc: BaseException) -> bool:
             if isinstance(exc, ValueError):  # the channel closed under us: the call never left
                 return True
@@ -88,7 +85,7 @@ class CallSpec:
             return False
 
         return Retrying(
-            stop=stop_any(stop_after_attempt(attempts_left), _past_deadline),
+            stop=stop_any(stop_after_attempt(attempts_left), StopAtDeadline(deadline)),
             wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
             retry=retry_if_exception(_retry),
             reraise=True,
@@ -385,7 +382,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         return self._inner.trailing_metadata()
 
     def code(self) -> grpc.StatusCode:
-        return self._inner.code()  # type: ignore[no-any-return]
+        return self._inner.code()
 
     def details(self) -> str:
         return self._inner.details()  # type: ignore[no-any-return]

@@ -25,7 +25,7 @@ class DiscoveryError(LbkitError):
     """Discovery could not produce an endpoint set; the cause is chained."""
 
 
-class NoEndpointsError(LbkitError, grpc.RpcError):
+class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]
     """Nothing to pick from: no endpoints are known.
 
     It is also a `grpc.RpcError` with code UNAVAILABLE, so callers that handle

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 import grpc
+from tenacity import RetryCallState
+from tenacity.stop import stop_base
 
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
 
-__all__ = ["RetryBudget", "RetryPolicy", "never_reached_server"]
+__all__ = ["RetryBudget", "RetryPolicy", "StopAtDeadline", "never_reached_server"]
 
 # Details gRPC gives for a call that failed before any byte reached a server.
 _NOT_SENT_MARKERS = (
@@ -111,3 +114,13 @@ class RetryBudget:
             return True
         self.refused += 1
         return False
+
+
+class StopAtDeadline(stop_base):
+    """A tenacity stop condition: the call's deadline (``time.monotonic``; None: never) has passed."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline

@@ -14,7 +14,7 @@ from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import never_reached_server
+from lbkit.retry import StopAtDeadline, never_reached_server
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ class _CallBase:
         inner = await self._settled()
         if inner is None:
             return grpc.StatusCode.UNAVAILABLE
-        return await inner.code()  # type: ignore[no-any-return]
+        return await inner.code()
 
     async def details(self) -> str:
         inner = await self._settled()
@@ -248,13 +248,12 @@ class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
                 and self._can_retry(exc)
             )
 
-        def _past_deadline(_: Any) -> bool:
-            return self._deadline is not None and time.monotonic() >= self._deadline
-
         await self._backoff()
         policy = c.lb.retry_policy
         async for attempt in AsyncRetrying(
-            stop=stop_any(stop_after_attempt(policy.max_attempts - self._attempts), _past_deadline),
+            stop=stop_any(
+                stop_after_attempt(policy.max_attempts - self._attempts), StopAtDeadline(self._deadline)
+            ),
             wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
             retry=retry_if_exception(_retry_on),
             reraise=True,

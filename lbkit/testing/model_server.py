@@ -43,7 +43,7 @@ class Behavior:
     model_version: str = "v1"
 
 
-class ModelServicer(pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
+class ModelServicer(pb2_grpc.ModelServiceServicer):
     """The ModelService implementation behind :class:`ModelServer`."""
 
     def __init__(self, name: str, behavior: Behavior) -> None:
@@ -159,7 +159,7 @@ class ModelServer:
             raise RuntimeError(f"could not bind {bind}")
         self._port = port
         self.servicer = ModelServicer(self.address, self.behavior)
-        pb2_grpc.add_ModelServiceServicer_to_server(self.servicer, server)
+        pb2_grpc.add_ModelServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         if self.health_service:
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -116,7 +116,9 @@ async def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
         for i in range(20):
             if i == 5:
                 servers[1].stop(0)
-            results += await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(30)), return_exceptions=True)
+            results += await asyncio.gather(
+                *(stub.Predict(REQ, timeout=5) for _ in range(30)), return_exceptions=True
+            )
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures == [] and len(results) == 600
 

@@ -152,7 +152,9 @@ def test_panic_threshold_zero_never_panics():
 
 
 def test_failure_streak_ejects_and_time_returns_it():
-    od = OutlierDetection(consecutive_failures=3, base_ejection_time=30.0, jitter=0.0, max_ejection_percent=50.0)
+    od = OutlierDetection(
+        consecutive_failures=3, base_ejection_time=30.0, jitter=0.0, max_ejection_percent=50.0
+    )
     core, _, clock, events = make(outlier_detection=od)
     core.set_endpoints(EndpointSet(ADDRS[:2]))
     for a in ADDRS[:2]:
