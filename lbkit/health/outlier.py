@@ -276,7 +276,7 @@ class OutlierDetector:
     def evaluate(self, addresses: Collection[str]) -> list[Event]:
         """Run one interval's sweep over the current endpoints ``addresses``; the events, in order.
 
-        Returns endpoints whose ejection time passed, takes each endpoint's interval counts, runs
+        Brings back endpoints whose ejection time passed, takes each endpoint's interval counts, runs
         success-rate then failure-percentage ejection, and lowers the multiplier of every endpoint
         that stayed in. The next sweep is due ``interval`` seconds from now.
         """
