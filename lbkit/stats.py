@@ -10,14 +10,35 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from lbkit._config import check_float
 
-__all__ = ["DEFAULT_DECAY", "EndpointStats", "Stats"]
+__all__ = ["DEFAULT_DECAY", "LATENCY_BUCKETS", "EndpointStats", "Stats"]
 
 DEFAULT_DECAY = 10.0
 """Seconds of the peak-EWMA decay window, as in Finagle and Linkerd."""
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Upper bounds (seconds, inclusive) of the call-latency histogram's buckets; one more holds the rest."""
 
 
 class EndpointStats:
@@ -33,6 +54,8 @@ class EndpointStats:
         "in_flight",
         "interval_failures",
         "interval_successes",
+        "latency_buckets",
+        "latency_sum",
         "successes",
         "weight_factor",
     )
@@ -54,6 +77,11 @@ class EndpointStats:
         """Failures since the outlier detector last took the interval's counts."""
         self.weight_factor = 1.0
         """Share of its full weight the endpoint gets now, in (0, 1]; below 1 during slow start."""
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        """Finished calls by latency: entry i counts those in (LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]],
+        the last those above every bound (not cumulative)."""
+        self.latency_sum = 0.0
+        """Seconds of latency over the calls counted in ``latency_buckets``."""
         self._cost = 0.0
         self._stamp = group.clock()
 
@@ -83,7 +111,10 @@ class EndpointStats:
                 self.consecutive_failures += 1
                 streak = self.consecutive_failures == group.streak_threshold
             if observe_latency:
-                self._observe(max(now - started, 0.0), now)
+                rtt = now - started if now > started else 0.0
+                self._observe(rtt, now)
+                self.latency_buckets[bisect_left(LATENCY_BUCKETS, rtt)] += 1
+                self.latency_sum += rtt
         if streak and group.on_failure_streak is not None:
             group.on_failure_streak(self)
 
@@ -108,6 +139,14 @@ class EndpointStats:
         if now is None:
             now = self._group.clock()
         return self._cost * math.exp(-max(now - self._stamp, 0.0) / self._group.decay)
+
+    def latency_histogram(self) -> tuple[tuple[int, ...], float]:
+        """A consistent copy of (``latency_buckets``, ``latency_sum``): calls finished with a latency.
+
+        ``observe`` samples (not calls) are left out, as are calls finished with ``observe_latency=False``.
+        """
+        with self._group.lock:
+            return tuple(self.latency_buckets), self.latency_sum
 
     def take_interval(self) -> tuple[int, int]:
         """Return and reset (successes, failures) since the last call, for the outlier detector."""
