@@ -123,6 +123,10 @@ class _HTTPServer(ThreadingHTTPServer):
             self.connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client or a stop cutting the line is no error
+            super().handle_error(request, client_address)
+
     def drop_connections(self) -> None:
         """Cut every open (keep-alive or blocked) connection, as a stopping agent does."""
         with self.connections_lock:
