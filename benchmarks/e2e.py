@@ -3,9 +3,9 @@
 Four local model servers run in a child process (:mod:`lbkit.testing.server_process`), so the client
 process's CPU time is the client's alone. Each cell is a client mode (sync threads or ``grpc.aio``) at a
 concurrency, a call kind (unary ``Predict`` or an 8-token ``StreamPredict``) and a variant (plain channel,
-native round robin, or lbkit with one selector). Variants of a cell run interleaved, rotating their order
-each repetition, and each figure is the median over repetitions; the ratios against native round robin
-are medians of per-repetition ratios, so slow drift of the machine cancels out.
+native round robin, or lbkit with one selector). All variants of a cell are open at once and measured in
+short windows, interleaved in rotating order; the ratios against native round robin are medians of
+per-round ratios, so the machine's drift and bursts of other load cancel out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from typing import Any
 
 import grpc
 
-from benchmarks._common import Load, Progress, Result, median, module_main, run_async_load, run_sync_load
+from benchmarks._common import (
+    Load,
+    Progress,
+    Result,
+    median,
+    module_main,
+    percentile,
+    run_async_load,
+    run_sync_load,
+)
 from lbkit.discovery.static import StaticDiscovery
 from lbkit.testing.proto import model_service_pb2 as pb2
 from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
@@ -178,23 +187,68 @@ def _aio_call(stub: Any, kind: str, keyed: bool) -> Callable[[int], Awaitable[ob
     return call
 
 
-def measure(
-    variant: Variant, mode: Mode, kind: str, addresses: list[str], *, duration: float, warmup: float
-) -> Load:
-    """Open ``variant``, warm it up, and measure one window of ``duration`` seconds."""
+def _broken(variant: Variant, exc: Exception) -> str:
+    if variant.kind != "lbkit":
+        raise exc
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _order(variants: list[Variant], round_: int) -> list[Variant]:
+    shift = round_ % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def measure_cell(
+    variants: list[Variant],
+    mode: Mode,
+    kind: str,
+    addresses: list[str],
+    *,
+    rounds: int,
+    window: float,
+    warmup: float,
+) -> tuple[dict[str, list[Load]], dict[str, str]]:
+    """Open and warm up every variant, then measure ``rounds`` windows of each, interleaved in rotating order.
+
+    Returns the windows by variant name and, for lbkit variants that could not be opened, why.
+    """
+    loads: dict[str, list[Load]] = {v.name: [] for v in variants}
+    broken: dict[str, str] = {}
+    c = mode.concurrency
     if not mode.aio:
-        with open_sync(variant, addresses) as stub:
-            call = _sync_call(stub, kind, variant.keyed)
-            run_sync_load(call, concurrency=mode.concurrency, duration=warmup, max_calls=5000)
-            return run_sync_load(call, concurrency=mode.concurrency, duration=duration)
+        with contextlib.ExitStack() as stack:
+            calls: dict[str, Callable[[int], object]] = {}
+            for v in variants:
+                try:
+                    calls[v.name] = _sync_call(stack.enter_context(open_sync(v, addresses)), kind, v.keyed)
+                except Exception as exc:
+                    broken[v.name] = _broken(v, exc)
+                    continue
+                run_sync_load(calls[v.name], concurrency=c, duration=warmup, max_calls=5000)
+            live = [v for v in variants if v.name in calls]
+            for r in range(rounds):
+                for v in _order(live, r):
+                    loads[v.name].append(run_sync_load(calls[v.name], concurrency=c, duration=window))
+        return loads, broken
 
-    async def go() -> Load:
-        async with open_aio(variant, addresses) as stub:
-            call = _aio_call(stub, kind, variant.keyed)
-            await run_async_load(call, concurrency=mode.concurrency, duration=warmup, max_calls=5000)
-            return await run_async_load(call, concurrency=mode.concurrency, duration=duration)
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            calls: dict[str, Callable[[int], Awaitable[object]]] = {}
+            for v in variants:
+                try:
+                    stub = await stack.enter_async_context(open_aio(v, addresses))
+                except Exception as exc:
+                    broken[v.name] = _broken(v, exc)
+                    continue
+                calls[v.name] = _aio_call(stub, kind, v.keyed)
+                await run_async_load(calls[v.name], concurrency=c, duration=warmup, max_calls=5000)
+            live = [v for v in variants if v.name in calls]
+            for r in range(rounds):
+                for v in _order(live, r):
+                    loads[v.name].append(await run_async_load(calls[v.name], concurrency=c, duration=window))
 
-    return asyncio.run(go())
+    asyncio.run(go())
+    return loads, broken
 
 
 def _plan(quick: bool, with_lbkit: bool) -> list[tuple[Mode, str, list[Variant]]]:
@@ -222,33 +276,22 @@ def _ratio(a: float, b: float) -> float:
 
 def run(quick: bool = False) -> Result:
     """Measure every cell; return tables of QPS, p50, p99 and client CPU per call, with ratios to native."""
-    reps, duration, warmup = (2, 0.4, 0.15) if quick else (5, 1.0, 0.5)
+    rounds, window, warmup = (4, 0.1, 0.1) if quick else (20, 0.25, 0.5)
     missing = lbkit_available()
     cells = _plan(quick, not missing)
-    progress = Progress("e2e", sum(len(v) for _, _, v in cells) * reps)
+    progress = Progress("e2e", len(cells))
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     tables: list[dict[str, Any]] = []
     verdicts: list[bool] = []
-    broken: dict[str, str] = {}
+    failures: list[str] = []
     with ServerProcess(count=4) as servers:
-        addresses = servers.addresses
         for mode, kind, variants in cells:
             cell = f"{kind} {mode.name}"
-            loads: dict[str, list[Load]] = {v.name: [] for v in variants}
-            for rep in range(reps):
-                shift = rep % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
-                    progress.step(f"{cell} {variant.name}")
-                    if variant.name in broken:
-                        continue
-                    try:
-                        load = measure(variant, mode, kind, addresses, duration=duration, warmup=warmup)
-                    except Exception as exc:
-                        if variant.kind != "lbkit":
-                            raise
-                        broken[variant.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                        continue
-                    loads[variant.name].append(load)
+            loads, broken = measure_cell(
+                variants, mode, kind, servers.addresses, rounds=rounds, window=window, warmup=warmup
+            )
+            progress.step(cell)
+            failures += [f"{cell}, {name} failed: {why}" for name, why in broken.items()]
             raw[cell] = {name: [x.summary() for x in xs] for name, xs in loads.items()}
             rows: list[list[Any]] = []
             for variant in variants:
@@ -258,7 +301,8 @@ def run(quick: bool = False) -> Result:
                     rows.append([variant.name, "error", "", "", "", "", "", "", "FAIL (see notes)"])
                     continue
                 qps, cpu = median([x.qps for x in xs]), median([x.cpu_us for x in xs])
-                p50, p99 = median([x.p(50) for x in xs]), median([x.p(99) for x in xs])
+                pooled = [t for x in xs for t in x.latencies]
+                p50, p99 = percentile(pooled, 50) * 1e3, percentile(pooled, 99) * 1e3
                 errors = sum(x.errors for x in xs)
                 row: list[Any] = [
                     variant.name,
@@ -289,15 +333,16 @@ def run(quick: bool = False) -> Result:
     notes = [
         "4 model servers on 127.0.0.1 in one child process; the client's CPU (time.process_time over the"
         " measured window) is the client process's alone.",
-        f"{reps} repetitions of {duration:g} s per cell after {warmup:g} s of warm-up, variants interleaved"
-        " in rotating order; figures are medians over repetitions, ratios medians of per-repetition ratios.",
+        f"Each variant of a cell is opened and warmed up ({warmup:g} s), then measured in {rounds} windows of"
+        f" {window:g} s, interleaved with the other variants' in rotating order. QPS and CPU are medians over"
+        " windows, p50/p99 over all calls, ratios medians of per-round ratios against the native baseline.",
         "Consistent-hash calls carry an lb-key header; their baseline is native round robin sending the same"
         " header.",
         "Stream calls are StreamPredict with 8 tokens; latency is the whole stream's.",
         "Every server shares one process (one GIL), so at high concurrency QPS is bounded by the servers;"
         " client CPU per call is the figure that isolates the client.",
     ]
-    notes[:0] = [f"{name} failed: {why}" for name, why in broken.items()]
+    notes[:0] = failures
     if missing:
         notes.insert(0, f"lbkit rows skipped: {missing}.")
     elif verdicts:
@@ -307,8 +352,8 @@ def run(quick: bool = False) -> Result:
         "tables": tables,
         "notes": notes,
         "data": {
-            "reps": reps,
-            "duration_s": duration,
+            "rounds": rounds,
+            "window_s": window,
             "cells": raw,
             "goals": {"cpu": CPU_GOAL, "qps": QPS_GOAL},
         },
