@@ -34,6 +34,7 @@ __all__ = [
     "ConsulPayloadError",
     "ConsulQuery",
     "ConsulWatchCore",
+    "EndpointCache",
     "format_duration",
     "parse_consul_address",
     "parse_health_entries",
@@ -253,7 +254,7 @@ class ConsulOptions:
 
     address: str | None = None
     """The agent's HTTP address: ``host:port``, ``http://host:port`` or ``https://host:port``."""
-    token: str | None = field(default=None, repr=False)
+    token: str | None = None
     """ACL token, sent as the ``X-Consul-Token`` header; never logged."""
     ca_file: str | None = None
     cert_file: str | None = None
@@ -342,21 +343,23 @@ class _SkipEntry(Exception):
     pass
 
 
-def _entry_name(entry: Mapping[str, Any]) -> str:
+def _entry_name(entry: dict[str, Any]) -> str:
     service = entry.get("Service")
     node = entry.get("Node")
-    sid = service.get("ID") if isinstance(service, Mapping) else None
-    nid = node.get("Node") if isinstance(node, Mapping) else None
+    sid = service.get("ID") if isinstance(service, dict) else None
+    nid = node.get("Node") if isinstance(node, dict) else None
     return f"service id {sid if sid else '?'!s} on node {nid if nid else '?'!s}"
 
 
-def _status_of(entry: Mapping[str, Any]) -> str:
+def _status_of(entry: dict[str, Any]) -> str:
     """Consul's aggregated status: critical beats warning beats passing; no checks is passing."""
     checks = entry.get("Checks")
     status = "passing"
-    if isinstance(checks, list):
+    if type(checks) is list:
         for check in checks:
-            value = check.get("Status") if isinstance(check, Mapping) else None
+            value = check.get("Status") if type(check) is dict else None
+            if value == "passing":
+                continue
             if value in ("critical", "maintenance"):
                 return "critical"
             if value == "warning":
@@ -364,20 +367,18 @@ def _status_of(entry: Mapping[str, Any]) -> str:
     return status
 
 
-def _str_map(value: object) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+def _str_items(value: object) -> list[tuple[str, str]]:
+    if type(value) is not dict or not value:
+        return []
+    return [(k, v) for k, v in value.items() if type(k) is str and type(v) is str]
 
 
 def _weight(weights: object, key: str) -> int | None:
     """The weight under ``key``; None when missing or not a usable int."""
-    if not isinstance(weights, Mapping):
+    if type(weights) is not dict:
         return None
     value = weights.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value
+    return value if type(value) is int else None
 
 
 def _format_address(host: str, port: int) -> str:
@@ -386,24 +387,34 @@ def _format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+_EndpointKey = tuple[str, int, str, tuple[str, ...], tuple[tuple[str, str], ...]]
+EndpointCache = dict[_EndpointKey, Endpoint]
+"""Endpoints of the previous parse by their fields, so an unchanged instance is not built again."""
+
+
 def _entry_endpoint(
-    entry: Mapping[str, Any], *, health: str, zone_key: str, node_meta_prefix: str
+    entry: dict[str, Any],
+    *,
+    health: str,
+    zone_key: str,
+    node_meta_prefix: str,
+    cache: EndpointCache,
+    fresh: EndpointCache,
 ) -> Endpoint | None:
     service = entry.get("Service")
-    if not isinstance(service, Mapping):
+    if type(service) is not dict:
         raise _SkipEntry("no Service object")
     node = entry.get("Node")
-    node = node if isinstance(node, Mapping) else {}
+    if type(node) is not dict:
+        node = {}
     status = _status_of(entry)
-    if health == "passing" and status != "passing":
-        return None
-    if health == "warning" and status == "critical":
+    if status != "passing" and (health == "passing" or (health == "warning" and status == "critical")):
         return None
     host = service.get("Address") or node.get("Address")
-    if not isinstance(host, str) or not host:
+    if type(host) is not str or not host:
         raise _SkipEntry("no address (Service.Address and Node.Address are empty)")
     port = service.get("Port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+    if type(port) is not int or not 0 < port < 65536:
         raise _SkipEntry(f"missing or bad port {port!r}")
     weights = service.get("Weights")
     # Consul defaults weights to {"Passing": 1, "Warning": 1} and rejects Passing < 1 at registration,
@@ -416,22 +427,35 @@ def _entry_endpoint(
             return None
     if weight is None or weight < 1:
         weight = 1
-    service_meta = _str_map(service.get("Meta"))
-    node_meta = _str_map(node.get("Meta"))
-    metadata = {f"{node_meta_prefix}{k}": v for k, v in node_meta.items()}
-    metadata.update(service_meta)
-    zone = service_meta.get(zone_key) or node_meta.get(zone_key) or ""
+    service_meta = _str_items(service.get("Meta"))
+    node_meta = _str_items(node.get("Meta"))
+    zone = ""
+    for items in (service_meta, node_meta):
+        for k, v in items:
+            if k == zone_key and v:
+                zone = v
+                break
+        if zone:
+            break
     if not zone:
         locality = service.get("Locality")
-        if isinstance(locality, Mapping) and isinstance(locality.get("Zone"), str):
+        if type(locality) is dict and type(locality.get("Zone")) is str:
             zone = locality["Zone"]
     raw_tags = service.get("Tags")
-    tags = frozenset(t for t in raw_tags if isinstance(t, str)) if isinstance(raw_tags, list) else frozenset()
+    tags = tuple(t for t in raw_tags if type(t) is str) if type(raw_tags) is list else ()
+    meta_items = tuple((f"{node_meta_prefix}{k}", v) for k, v in node_meta) + tuple(service_meta)
     address = _format_address(host, port)
-    try:
-        return Endpoint(address, weight=weight, zone=zone, tags=tags, metadata=metadata)
-    except ConfigError as exc:
-        raise _SkipEntry(f"malformed address {address!r}: {exc}") from None
+    key = (address, weight, zone, tags, meta_items)
+    endpoint = cache.get(key)
+    if endpoint is None:
+        try:
+            endpoint = Endpoint(
+                address, weight=weight, zone=zone, tags=frozenset(tags), metadata=dict(meta_items)
+            )
+        except ConfigError as exc:
+            raise _SkipEntry(f"malformed address {address!r}: {exc}") from None
+    fresh[key] = endpoint
+    return endpoint
 
 
 def parse_health_entries(
@@ -442,6 +466,7 @@ def parse_health_entries(
     zone_key: str = "zone",
     node_meta_prefix: str = "node.",
     log: logging.Logger = logger,
+    cache: EndpointCache | None = None,
 ) -> list[Endpoint]:
     """Map a ``/v1/health/service`` payload (decoded JSON) to endpoints, in Consul's order.
 
@@ -450,18 +475,26 @@ def parse_health_entries(
     ``node_meta_prefix`` overlaid by the service's; the zone is ``Meta[zone_key]`` of the service, then of
     the node, then ``Service.Locality.Zone``. Entries without a usable address or port, and repeats of
     an address, are skipped with a warning naming them. Raise :class:`ConsulPayloadError` when the
-    payload is not a JSON list of objects.
+    payload is not a JSON list of objects. With ``cache`` (endpoints of the previous parse), unchanged
+    instances reuse their Endpoint, and the cache is replaced by this parse's endpoints.
     """
-    if not isinstance(payload, list):
+    if type(payload) is not list:
         raise ConsulPayloadError(f"expected a JSON list of health entries, got {type(payload).__name__}")
+    previous: EndpointCache = cache if cache is not None else {}
+    fresh: EndpointCache = {}
     endpoints: list[Endpoint] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}
     for position, entry in enumerate(payload):
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise ConsulPayloadError(f"health entry {position} is a {type(entry).__name__}, not an object")
         try:
             endpoint = _entry_endpoint(
-                entry, health=health, zone_key=zone_key, node_meta_prefix=node_meta_prefix
+                entry,
+                health=health,
+                zone_key=zone_key,
+                node_meta_prefix=node_meta_prefix,
+                cache=previous,
+                fresh=fresh,
             )
         except _SkipEntry as exc:
             log.warning(
@@ -477,11 +510,14 @@ def parse_health_entries(
                 position,
                 _entry_name(entry),
                 endpoint.address,
-                seen[endpoint.address],
+                _entry_name(payload[seen[endpoint.address]]),
             )
             continue
-        seen[endpoint.address] = _entry_name(entry)
+        seen[endpoint.address] = position
         endpoints.append(endpoint)
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return endpoints
 
 
@@ -556,6 +592,7 @@ class ConsulWatchCore:
         self._backoff = tenacity.wait_exponential_jitter(
             multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
         )
+        self._cache: EndpointCache = {}
         self._path = f"/v1/health/service/{urllib.parse.quote(service, safe='')}"
         self._static_params = self._build_static_params()
 
@@ -612,6 +649,7 @@ class ConsulWatchCore:
                 zone_key=self.options.zone_key,
                 node_meta_prefix=self.options.node_meta_prefix,
                 log=self._log,
+                cache=self._cache,
             )
         except (ValueError, ConsulPayloadError) as exc:  # json.JSONDecodeError is a ValueError
             self._fail("payload", f"unusable payload: {exc}")

@@ -493,3 +493,12 @@ def test_payload_entries_are_not_mutated() -> None:
     before = copy.deepcopy(payload)
     parse(payload)
     assert payload == before
+
+
+def test_unchanged_instances_reuse_their_endpoint_objects() -> None:
+    cache: dict[Any, Endpoint] = {}
+    first = parse([entry("a", "10.0.0.1"), entry("b", "10.0.0.2")], cache=cache)
+    second = parse([entry("a", "10.0.0.1"), entry("b", "10.0.0.2", meta={"zone": "z9"})], cache=cache)
+    assert second[0] is first[0]
+    assert second[1] is not first[1] and second[1].zone == "z9"
+    assert len(cache) == 2  # only the last parse's endpoints are kept
