@@ -97,11 +97,18 @@ class AbortableSession(requests.Session):
             self._shutdown(sock)
 
 
-def sync_client(connection: ConsulConnection, *, session: requests.Session | None = None) -> Any:
-    """A ``consul.Consul`` for ``connection`` (the token goes in explicitly, never from the environment)."""
+def sync_client(
+    connection: ConsulConnection, *, timeout: float = 10.0, session: requests.Session | None = None
+) -> Any:
+    """A ``consul.Consul`` for ``connection`` (the token goes in explicitly, never from the environment).
+
+    ``timeout`` is the seconds allowed to connect and answer; py-consul adds a blocking query's wait and
+    its jitter (wait/16) to it.
+    """
     import consul
 
     client = consul.Consul(
+        connections_timeout=timeout,
         host=connection.host,
         port=connection.port,
         scheme=connection.scheme,
@@ -187,7 +194,7 @@ class ConsulDiscovery(Discovery):
         about a second of it, even while a blocking query is pending."""
         core = self._core()
         session = AbortableSession()
-        client = sync_client(self.connection, session=session)
+        client = sync_client(self.connection, timeout=self.options.request_timeout, session=session)
         finished = threading.Event()
 
         def abort_on_stop() -> None:

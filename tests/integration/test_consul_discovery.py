@@ -18,7 +18,7 @@ import pytest
 
 from lbkit.discovery.consul_watch import ConsulDiscovery
 from lbkit.endpoint import EndpointSet
-from lbkit.testing.consul_server import ConsulServer
+from lbkit.testing.consul_server import ConsulServer, RecordedRequest
 
 TOKEN = "3d1f0c7e-acl-secret-value"
 FAST = 0.15  # seconds: "within tens of ms", with room for a loaded 2-core machine
@@ -105,7 +105,9 @@ async def awatching(discovery: ConsulDiscovery) -> AsyncIterator[Recorder]:
 
 def register(client: Any, sid: str, port: int, *, ttl: bool = False, **kwargs: Any) -> None:
     check = {"CheckID": f"service:{sid}", "Name": "ttl", "TTL": "30s"} if ttl else None
-    client.agent.service.register(SERVICE, service_id=sid, address="127.0.0.1", port=port, check=check, **kwargs)
+    client.agent.service.register(
+        SERVICE, service_id=sid, address="127.0.0.1", port=port, check=check, **kwargs
+    )
     if ttl:
         client.agent.check.ttl_pass(f"service:{sid}")
 
@@ -116,8 +118,10 @@ def discovery(server: ConsulServer, **kwargs: Any) -> ConsulDiscovery:
     return ConsulDiscovery(SERVICE, address=server.address, env={}, **options)
 
 
-def health_gets(server: ConsulServer, service: str = SERVICE) -> list[Any]:
-    return [r for r in list(server.requests) if r[0] == "GET" and r[1] == f"/v1/health/service/{service}"]
+def health_gets(server: ConsulServer, service: str = SERVICE) -> list[RecordedRequest]:
+    return [
+        r for r in list(server.requests) if r.method == "GET" and r.path == f"/v1/health/service/{service}"
+    ]
 
 
 # --- sync ------------------------------------------------------------------------------------------
@@ -132,7 +136,15 @@ def test_register_ttl_fail_and_deregister_reach_the_watcher_fast(server: ConsulS
         time.sleep(0.05)  # let the watcher block on the index
 
         t0 = time.monotonic()
-        register(client, "a", 7001, ttl=True, tags=["v1"], meta={"zone": "z1"}, weights={"Passing": 3, "Warning": 1})
+        register(
+            client,
+            "a",
+            7001,
+            ttl=True,
+            tags=["v1"],
+            meta={"zone": "z1"},
+            weights={"Passing": 3, "Warning": 1},
+        )
         seen = rec.wait_for(lambda s: "127.0.0.1:7001" in s.by_address)
         assert seen - t0 < FAST and seen > first
         endpoint = rec.sets[-1].by_address["127.0.0.1:7001"]
@@ -162,7 +174,7 @@ def test_no_publish_before_wait_without_a_change(server: ConsulServer) -> None:
         time.sleep(1.0)  # about three waits run out without a change
         assert len(health_gets(server)) - before >= 2  # queries returned and were re-sent ...
         assert len(rec.sets) == 1  # ... yet nothing was published again
-    blocking = [r for r in health_gets(server) if "index" in str(r[2])]
+    blocking = [r for r in health_gets(server) if "index" in r.query]
     assert blocking, "the watcher never sent a blocking query"
 
 
@@ -204,6 +216,21 @@ def test_errors_and_garbage_keep_the_last_set(server: ConsulServer, fault: str) 
         assert not d.status.stale
 
 
+def test_a_slow_consul_times_out_keeps_the_last_set_then_recovers(server: ConsulServer) -> None:
+    register(server.client(), "a", 7001)
+    d = discovery(server, wait=0.2, request_timeout=0.2)
+    with watching(d) as rec:
+        rec.wait_for(lambda s: len(s) == 1)
+        server.set_delay(0.6)  # longer than request_timeout + wait + wait/16
+        wait_until(lambda: d.status.consecutive_errors >= 2, timeout=5.0)
+        assert "Timeout" in d.status.last_error or "timed out" in d.status.last_error
+        assert all(len(s) == 1 for s in rec.sets)
+        server.set_delay(0.0)
+        register(server.client(), "b", 7002)
+        rec.wait_for(lambda s: len(s) == 2, timeout=5.0)
+        assert not d.status.stale
+
+
 def test_a_vanished_service_empties_the_set(server: ConsulServer) -> None:
     client = server.client()
     register(client, "a", 7001)
@@ -240,10 +267,12 @@ def test_acl_token_is_sent_as_a_header_and_never_logged(caplog: pytest.LogCaptur
         with caplog.at_level(logging.DEBUG), watching(d) as rec:
             rec.wait_for(lambda s: len(s) == 1)
         gets = health_gets(server)
-        assert gets and all(dict(r[3]).get("X-Consul-Token") == TOKEN for r in gets)
-        assert all(TOKEN not in str(r[2]) for r in gets)  # never in the query string
+        assert gets and all(r.headers.get("X-Consul-Token") == TOKEN for r in gets)
+        assert all(TOKEN not in str(r.query) for r in gets)  # never in the query string
 
-        bad = ConsulDiscovery(SERVICE, address=server.address, token="wrong-" + TOKEN, backoff_initial=0.05, env={})
+        bad = ConsulDiscovery(
+            SERVICE, address=server.address, token="wrong-" + TOKEN, backoff_initial=0.05, env={}
+        )
         with caplog.at_level(logging.DEBUG), watching(bad) as rec:
             wait_until(lambda: bad.status.errors >= 2)
             assert rec.sets == []
@@ -260,7 +289,7 @@ def test_stop_returns_promptly_while_a_blocking_query_is_pending(server: ConsulS
     thread = threading.Thread(target=d.run, args=(rec, stop))
     thread.start()
     rec.wait_for(lambda s: True)
-    wait_until(lambda: any("index" in str(r[2]) for r in health_gets(server)))
+    wait_until(lambda: any("index" in r.query for r in health_gets(server)))
     time.sleep(0.05)
     t0 = time.monotonic()
     stop.set()
@@ -324,36 +353,47 @@ async def test_async_garbage_keeps_the_last_set(server: ConsulServer) -> None:
         assert all(len(s) == 1 for s in rec.sets)
 
 
-async def test_async_cancel_while_blocking_closes_the_session(server: ConsulServer) -> None:
-    loop = asyncio.get_running_loop()
-    problems: list[str] = []
-    loop.set_exception_handler(lambda _loop, context: problems.append(str(context.get("message"))))
+async def test_async_cancel_while_blocking_closes_the_session(
+    server: ConsulServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lbkit.discovery.consul_watch as consul_watch
+
+    clients: list[Any] = []
+    make_client = consul_watch.async_client
+
+    def recording_client(connection: Any) -> Any:
+        clients.append(make_client(connection))
+        return clients[-1]
+
+    monkeypatch.setattr(consul_watch, "async_client", recording_client)
     d = discovery(server, wait=60.0, token=TOKEN)
     rec = Recorder()
     task = asyncio.create_task(d.arun(rec))
     await rec.await_for(lambda s: True)
     for _ in range(200):
-        if any("index" in str(r[2]) for r in health_gets(server)):
+        if any("index" in r.query for r in health_gets(server)):
             break
         await asyncio.sleep(0.005)
+    await asyncio.sleep(0.02)
+    session = clients[0].http._session
+    assert not session.closed
     t0 = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - t0 < 1.0
-    import gc
-
-    gc.collect()
-    await asyncio.sleep(0)
-    assert not [p for p in problems if "nclosed" in p], problems
-    assert all(dict(r[3]).get("X-Consul-Token") == TOKEN for r in health_gets(server))
+    assert session.closed
+    assert d.status.errors == 0
+    assert all(r.headers.get("X-Consul-Token") == TOKEN for r in health_gets(server))
 
 
 # --- a real agent ----------------------------------------------------------------------------------
 
 
 @pytest.mark.consul_agent
-@pytest.mark.skipif(not os.environ.get("CONSUL_HTTP_ADDR"), reason="needs a real Consul agent at CONSUL_HTTP_ADDR")
+@pytest.mark.skipif(
+    not os.environ.get("CONSUL_HTTP_ADDR"), reason="needs a real Consul agent at CONSUL_HTTP_ADDR"
+)
 def test_real_agent_register_and_deregister_reach_the_watcher() -> None:
     import consul
 

@@ -25,7 +25,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture
 def server() -> Iterator[ConsulServer]:
-    timings = ConsulTimings(min_check_interval=0.05, check_reap_interval=0.1, check_deregister_interval_min=0.1)
+    timings = ConsulTimings(
+        min_check_interval=0.05, check_reap_interval=0.1, check_deregister_interval_min=0.1
+    )
     with ConsulServer(timings=timings) as s:
         yield s
 
@@ -97,7 +99,11 @@ def test_grpc_check_of_a_named_service(server: ConsulServer, grpc_health_server:
     servicer.set("", SERVING)
     servicer.set("model.v1", NOT_SERVING)
     with Registration(
-        SERVICE, address, check=GrpcCheck(service="model.v1", interval=0.05), consul_address=server.address, env={}
+        SERVICE,
+        address,
+        check=GrpcCheck(service="model.v1", interval=0.05),
+        consul_address=server.address,
+        env={},
     ) as reg:
         definition = reg.definition["Checks"][0]
         assert definition["GRPC"] == f"{address}/model.v1" and definition["GRPCUseTLS"] is False
@@ -141,13 +147,20 @@ def test_acl_token_is_sent_with_every_call() -> None:
     token = "b2c1-registration-secret"
     with ConsulServer(acl_token=token) as server:
         with Registration(
-            SERVICE, "127.0.0.1:7001", check=TtlCheck(ttl=5.0), consul_address=server.address, token=token, env={}
+            SERVICE,
+            "127.0.0.1:7001",
+            check=TtlCheck(ttl=5.0),
+            consul_address=server.address,
+            token=token,
+            env={},
         ):
             assert passing_addresses(server) == {"127.0.0.1:7001"}
         puts = [r for r in server.requests if r.method == "PUT"]
         assert len(puts) >= 3 and all(r.headers.get("X-Consul-Token") == token for r in puts)
         with pytest.raises(Exception, match="403"):
-            Registration(SERVICE, "127.0.0.1:7002", consul_address=server.address, token="wrong", env={}).register()
+            Registration(
+                SERVICE, "127.0.0.1:7002", consul_address=server.address, token="wrong", env={}
+            ).register()
 
 
 @pytest.mark.parametrize(
