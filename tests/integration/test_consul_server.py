@@ -191,6 +191,26 @@ def test_deregister_removes_service_and_checks(agent: Agent, name: str) -> None:
     assert status == 404 and "Unknown service ID" in body
 
 
+def test_replace_existing_checks(agent: Agent, name: str) -> None:
+    c = agent.client
+    first = [
+        consul.Check.ttl("30s") | {"CheckID": f"{name}-a"},
+        consul.Check.ttl("30s") | {"CheckID": f"{name}-b"},
+    ]
+    c.agent.service.register(name, check=first[0], extra_checks=first[1:])
+    c.agent.service.register(name, check=first[0])  # without the flag, the other check stays
+    assert {f"{name}-a", f"{name}-b"} <= set(c.agent.checks())
+    c.agent.service.register(name, check=first[0], replace_existing_checks=True)
+    assert f"{name}-a" in c.agent.checks() and f"{name}-b" not in c.agent.checks()
+
+
+def test_durations_are_written_as_go_writes_them(agent: Agent, name: str) -> None:
+    c = agent.client
+    c.agent.service.register(name, check=consul.Check.tcp("127.0.0.1", agent.port, "90s", timeout="1500ms"))
+    definition = c.agent.checks()[f"service:{name}"]["Definition"]
+    assert (definition["Interval"], definition["Timeout"]) == ("1m30s", "1.5s")
+
+
 # ---- health filters ----------------------------------------------------------------------------
 
 
@@ -446,6 +466,24 @@ def test_blocking_query_ignores_other_services(agent: Agent, name: str) -> None:
     c.agent.service.deregister(name + "-other")
 
 
+def test_agent_service_hash_blocking(agent: Agent, name: str) -> None:
+    c = agent.client
+    c.agent.service.register(name, port=1)
+    status, headers, body = agent.call("GET", f"/v1/agent/service/{name}")
+    digest = headers["X-Consul-ContentHash"]
+    assert status == 200 and json.loads(body)["ContentHash"] == digest
+    assert "X-Consul-Index" not in headers  # agent-local endpoints have no Raft index
+    started = time.monotonic()
+    status, headers, _ = agent.call("GET", f"/v1/agent/service/{name}?hash={digest}&wait=300ms")
+    assert time.monotonic() - started >= 0.3 and headers["X-Consul-ContentHash"] == digest
+    with futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(agent.call, "GET", f"/v1/agent/service/{name}?hash={digest}&wait=10s")
+        time.sleep(0.2)
+        c.agent.service.register(name, port=2)
+        _, headers, body = pending.result(timeout=5)
+    assert headers["X-Consul-ContentHash"] != digest and json.loads(body)["Port"] == 2
+
+
 async def test_aio_client_blocking_query(agent: Agent, name: str) -> None:
     await asyncio.to_thread(agent.client.agent.service.register, name, port=1)
     aio = consul.aio.Consul(host=agent.host, port=agent.port, token=agent.token)
@@ -494,6 +532,8 @@ def test_read_headers(agent: Agent, name: str) -> None:
     assert int(headers["X-Consul-Index"]) >= 1
     assert headers["X-Consul-KnownLeader"] == "true" and headers["X-Consul-LastContact"] == "0"
     assert headers["Content-Type"] == "application/json"
+    status, headers, _ = agent.call("GET", "/v1/agent/services")
+    assert status == 200 and "X-Consul-Index" not in headers
 
 
 def test_self_and_status(agent: Agent) -> None:
