@@ -502,3 +502,11 @@ def test_unchanged_instances_reuse_their_endpoint_objects() -> None:
     assert second[0] is first[0]
     assert second[1] is not first[1] and second[1].zone == "z9"
     assert len(cache) == 2  # only the last parse's endpoints are kept
+
+
+def test_process_environment_is_read_when_no_env_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://consul.service:9443")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", TOKEN)
+    d = ConsulDiscovery("model")
+    assert d.connection.address == "https://consul.service:9443" and d.connection.token == TOKEN
+    assert ConsulDiscovery("model", address="127.0.0.1:8600", token="mine").connection.token == "mine"
