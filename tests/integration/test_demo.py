@@ -1,0 +1,179 @@
+"""``lbkit demo`` end to end, as a user runs it: it must finish, report, and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lbkit.__main__ import main
+from lbkit.demo import DemoOptions
+from lbkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("slow", "failing", "leaving", "steady")
+
+
+def _demo(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbkit", "demo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _started(stdout: str) -> tuple[int, list[int]]:
+    """The model servers' process id and every port the demo listened on, from its banner."""
+    pid = int(re.search(r"process (\d+)", stdout).group(1))  # type: ignore[union-attr]
+    banner = stdout.split("selectors:")[0]
+    ports = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", banner)})
+    return pid, ports
+
+
+def _assert_all_stopped(pid: int, ports: list[int]) -> None:
+    assert len(ports) == 5, ports  # the Consul server and four model servers
+    deadline = time.monotonic() + 5.0
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), f"model server process {pid} is still there"
+    for port in ports:
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.settimeout(1.0)
+            s.connect(("127.0.0.1", port))
+
+
+def _tables(stdout: str, selectors: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
+    """Per selector, the table row (split into cells) of each role, and the fault lines under ``_faults``."""
+    out: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in stdout.splitlines():
+        head = line.split(":", 1)[0]
+        if head in selectors and " calls in " in line:
+            current = out.setdefault(head, {"_faults": []})
+            continue
+        if current is None:
+            continue
+        if not line.strip():
+            current = None
+            continue
+        cells = line.split()
+        if cells[0].startswith("127.0.0.1:") and len(cells) > 1 and cells[1] in ROLES:
+            current[cells[1]] = cells
+        elif cells[0] == "at":
+            current["_faults"].append(line)
+    return out
+
+
+def test_demo_runs_each_selector_reports_and_stops_everything(tmp_path: Path) -> None:
+    selectors = ("round_robin", "peak_ewma")
+    started = time.monotonic()
+    result = _demo("--duration", "2", "--selectors", ",".join(selectors), "--no-plot", cwd=tmp_path)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert took < 30.0
+    tables = _tables(result.stdout, selectors)
+    assert set(tables) == set(selectors), result.stdout
+    for name, table in tables.items():
+        for role in ROLES:
+            row = table[role]
+            calls, failed, ejections = int(row[3]), int(row[-2]), int(row[-1])
+            assert calls > 0, f"{name}: no calls on the {role} server\n{result.stdout}"
+            if role == "failing":
+                assert ejections >= 1 and failed >= 5, f"{name}: failing server not ejected: {row}"
+            else:
+                assert ejections == 0 and failed == 0, f"{name}: {role} server: {row}"
+        faults = "\n".join(table["_faults"])
+        assert re.search(r"\(failing\) starts failing every call: ejected after \d+ ms", faults), faults
+        assert re.search(r"\(leaving\) deregistered from Consul: removed after \d+ ms", faults), faults
+        # retries move the failing server's calls elsewhere: the client sees few failures, if any
+        client = next(line for line in result.stdout.splitlines() if line.strip().startswith("all (client)"))
+        assert int(client.split()[-2]) <= 5, client
+    assert "Summary" in result.stdout
+    assert "plot: skipped" in result.stdout
+    assert not list(tmp_path.iterdir())
+    _assert_all_stopped(*_started(result.stdout))
+
+
+def test_demo_writes_a_png_plot(tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    result = _demo("--duration", "1.5", "--selectors", "least_connections", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    png = out / "lbkit-demo.png"
+    assert f"plot: {png}" in result.stdout
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    _assert_all_stopped(*_started(result.stdout))
+
+
+def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lbkit",
+            "demo",
+            "--duration",
+            "20",
+            "--selectors",
+            "round_robin",
+            "--no-plot",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,  # its own process group, so Ctrl-C can be sent as a terminal does
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 30.0
+        while "selectors:" not in banner and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner += line
+        assert "selectors:" in banner, banner
+        time.sleep(1.0)  # the load is running
+        os.killpg(proc.pid, signal.SIGINT)  # to the whole group: the demo and its model server process
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=15.0)
+        assert time.monotonic() - sent < 10.0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "stopped:" in stderr
+    assert "KeyboardInterrupt" not in stderr, stderr  # neither the demo nor its child printed a traceback
+    _assert_all_stopped(*_started(banner + stdout))
+
+
+def test_bad_options_are_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--selectors", "round_robin,fastest"])
+    assert exc.value.code == 2
+    assert "'fastest'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="duration"):
+        DemoOptions(duration=0.5)
+    with pytest.raises(ConfigError, match="ftp"):
+        DemoOptions(consul="ftp://127.0.0.1:8500")
+
+
+def test_bench_outside_a_checkout_says_how_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
