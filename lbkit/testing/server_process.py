@@ -6,6 +6,7 @@ It starts ``count`` :class:`~lbkit.testing.model_server.ModelServer` s on 127.0.
 
 ===================  ===========================================================
 ``stop I``           stop server I (calls in flight fail)
+``kill I``           SIGKILL server I's process, as in a crash (``--processes`` only)
 ``start I``          start server I again, on the same port
 ``slow I MS``        server I takes MS milliseconds per call (per token when streaming)
 ``fail I RATE``      server I fails that share of calls (0..1) with UNAVAILABLE
@@ -28,6 +29,7 @@ and ``close()``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import subprocess
@@ -68,8 +70,10 @@ def _on_off(text: str) -> bool:
 class _Servers:
     """The servers of this process and the commands that steer them."""
 
-    def __init__(self, behaviors: list[Behavior]) -> None:
-        self.servers = [ModelServer(behavior=b, max_workers=64) for b in behaviors]
+    def __init__(self, behaviors: list[Behavior], ports: list[int]) -> None:
+        self.servers = [
+            ModelServer(port=p, behavior=b, max_workers=64) for b, p in zip(behaviors, ports, strict=True)
+        ]
         self._base = [0] * len(self.servers)
         self._stopped: set[int] = set()
 
@@ -102,6 +106,8 @@ class _Servers:
                     server.servicer.calls.clear()
             self._base = [0] * len(self.servers)
             return ""
+        if verb == "kill":
+            raise ValueError("kill needs --processes (one process per server); stop stops a server in place")
         if verb in ("stop", "start") and len(args) == 1:
             index, server = self._server(args[0])
             if verb == "stop" and index not in self._stopped:
@@ -135,19 +141,31 @@ class _Servers:
 
 
 class _Forwarder:
-    """Commands for one-process-per-server mode: each server is a child running this module with count 1."""
+    """Commands for one-process-per-server mode: each server is a child running this module with count 1.
 
-    def __init__(self, behaviors: list[Behavior]) -> None:
-        self.children = [
-            ServerProcess(count=1, delay_ms=b.delay * 1e3, fail={0: b.fail_rate} if b.fail_rate else None)
-            for b in behaviors
-        ]
+    ``kill I`` SIGKILLs server I's process (a crash: calls in flight see a reset connection); ``start I``
+    starts a new one on the same port, with the behaviour it was started with.
+    """
+
+    def __init__(self, behaviors: list[Behavior], ports: list[int]) -> None:
+        self.behaviors = behaviors
+        self.ports = ports
+        self.children = [self._child(i) for i in range(len(behaviors))]
+        self.killed: dict[int, int] = {}
+        """Calls each killed server had counted before it died, by index."""
+        self.base = [0] * len(behaviors)
+
+    def _child(self, index: int) -> ServerProcess:
+        b = self.behaviors[index]
+        fail = {0: b.fail_rate} if b.fail_rate else None
+        return ServerProcess(count=1, delay_ms=b.delay * 1e3, fail=fail, ports=[self.ports[index]])
 
     def start_all(self) -> list[str]:
         addresses: list[str] = []
-        for child in self.children:
+        for index, child in enumerate(self.children):
             child.start()
             addresses.extend(child.addresses)
+            self.ports[index] = int(child.addresses[0].rpartition(":")[2])
         return addresses
 
     def stop_all(self) -> None:
@@ -157,17 +175,37 @@ class _Forwarder:
     def execute(self, words: list[str]) -> str:
         verb, args = words[0], words[1:]
         if verb == "calls" and not args:
-            return ",".join(str(child.calls()[0]) for child in self.children)
+            counts = [
+                base + (self.killed[i] if i in self.killed else child.calls()[0])
+                for i, (child, base) in enumerate(zip(self.children, self.base, strict=True))
+            ]
+            return ",".join(map(str, counts))
         if verb == "reset" and not args:
-            for child in self.children:
-                child.command("reset")
+            for i, child in enumerate(self.children):
+                if i not in self.killed:
+                    child.command("reset")
+                else:
+                    self.killed[i] = 0
+            self.base = [0] * len(self.children)
             return ""
         if not args:
             raise ValueError(f"unknown command {' '.join(words)!r}")
         index = int(args[0])
         if not 0 <= index < len(self.children):
             raise ValueError(f"no server {index} (servers are 0..{len(self.children) - 1})")
-        return self.children[index].command(" ".join([verb, "0", *args[1:]]))
+        child = self.children[index]
+        if verb == "kill" and len(args) == 1:
+            if index not in self.killed:
+                self.killed[index] = child.calls()[0]
+                child.kill()
+            return f"127.0.0.1:{self.ports[index]}"
+        if index in self.killed:
+            if verb != "start" or len(args) != 1:
+                raise ValueError(f"server {index} is killed; start it first")
+            self.base[index] += self.killed.pop(index)
+            self.children[index] = child = self._child(index).start()
+            return child.addresses[0]
+        return child.command(" ".join([verb, "0", *args[1:]]))
 
 
 def _watch_parent(parent: int) -> None:
@@ -185,10 +223,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="per-call delay of every server")
     parser.add_argument("--slow", nargs="*", default=[], metavar="I:MS", help="per-call delay of server I")
     parser.add_argument("--fail", nargs="*", default=[], metavar="I:RATE", help="failure share of server I")
-    parser.add_argument("--processes", action="store_true", help="one process per server")
+    parser.add_argument("--processes", action="store_true", help="one process per server (allows kill)")
+    parser.add_argument("--ports", default="", help="comma-separated ports to bind (default: ephemeral)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
+    try:
+        ports = [int(p) for p in args.ports.split(",")] if args.ports else [0] * args.count
+    except ValueError:
+        parser.error(f"--ports must be comma-separated ints, got {args.ports!r}")
+    if len(ports) != args.count:
+        parser.error(f"--ports names {len(ports)} ports for {args.count} servers")
     behaviors = [Behavior(delay=max(args.delay_ms, 0.0) / 1e3) for _ in range(args.count)]
     for index, ms in _parse_pairs(args.slow, "--slow", args.count):
         behaviors[index].delay = max(ms, 0.0) / 1e3
@@ -196,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         behaviors[index].fail_rate = min(max(rate, 0.0), 1.0)
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    servers: _Servers | _Forwarder = _Forwarder(behaviors) if args.processes else _Servers(behaviors)
+    servers = _Forwarder(behaviors, ports) if args.processes else _Servers(behaviors, ports)
     try:
         print("READY " + ",".join(servers.start_all()), flush=True)
         for line in sys.stdin:
@@ -230,6 +275,7 @@ class ServerProcess:
         slow: dict[int, float] | None = None,
         fail: dict[int, float] | None = None,
         processes: bool = False,
+        ports: Sequence[int] | None = None,
         start_timeout: float = 20.0,
         command_timeout: float = 10.0,
     ) -> None:
@@ -241,6 +287,8 @@ class ServerProcess:
             self._argv += ["--fail", *(f"{i}:{rate}" for i, rate in fail.items())]
         if processes:
             self._argv.append("--processes")
+        if ports:
+            self._argv += ["--ports", ",".join(map(str, ports))]
         self._start_timeout = start_timeout
         self._command_timeout = command_timeout
         self._proc: subprocess.Popen[str] | None = None
@@ -275,8 +323,11 @@ class ServerProcess:
         return self
 
     def _read(self, stdout: IO[str]) -> None:
-        for line in stdout:
-            self._lines.put(line.rstrip("\n"))
+        try:
+            for line in stdout:
+                self._lines.put(line.rstrip("\n"))
+        except (OSError, ValueError):  # closed under us by kill() or close()
+            pass
         self._lines.put(None)
 
     def _next_line(self, timeout: float) -> str:
@@ -307,6 +358,17 @@ class ServerProcess:
     def calls(self) -> list[int]:
         """Calls each server received since start (or the last ``reset``)."""
         return [int(n) for n in self.command("calls").split(",")]
+
+    def kill(self) -> None:
+        """SIGKILL the child (its servers die as in a crash) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait(timeout=10.0)
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
 
     def close(self) -> None:
         """Stop the child and reap it; kill it if it does not exit within a few seconds."""

@@ -182,3 +182,33 @@ def test_one_process_per_server_forwards_commands() -> None:
         sp.command("fail 1 0")
         assert _predict(sp.addresses[1]).served_by == sp.addresses[1]
         assert sp.calls() == [1, 2]
+
+
+def test_kill_crashes_one_server_and_start_brings_it_back_on_its_port() -> None:
+    with ServerProcess(count=2, processes=True) as sp:
+        address = sp.addresses[1]
+        _predict(address)
+        assert sp.command("kill 1") == address
+        with pytest.raises(grpc.RpcError) as info:
+            _predict(address, timeout=1.0)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert _predict(sp.addresses[0]).served_by == sp.addresses[0]  # the other one lives on
+        with pytest.raises(RuntimeError, match="killed"):
+            sp.command("slow 1 10")
+        assert sp.calls() == [1, 1]  # the dead server's count is kept
+        assert sp.command("start 1") == address
+        assert _predict(address).served_by == address
+        assert sp.calls() == [1, 2]
+
+
+def test_kill_needs_one_process_per_server(servers: ServerProcess) -> None:
+    with pytest.raises(RuntimeError, match="--processes"):
+        servers.command("kill 0")
+
+
+def test_ports_binds_the_given_port() -> None:
+    with ServerProcess(count=1) as first:
+        port = int(first.addresses[0].rpartition(":")[2])
+    with ServerProcess(count=1, ports=[port]) as sp:
+        assert sp.addresses == [f"127.0.0.1:{port}"]
+        assert _predict(sp.addresses[0]).served_by == sp.addresses[0]
