@@ -237,10 +237,9 @@ class _Sink:
                         cumulative += n
                         buckets.append((le, cumulative))
                     family.add_metric(labels, buckets, total)
-            else:
-                add = family.add_metric  # type: ignore[attr-defined]
+            elif isinstance(family, (CounterMetricFamily, GaugeMetricFamily)):
                 for labels, value in self.values[spec.name].items():
-                    add(labels, value)
+                    family.add_metric(labels, value)
             yield family
 
 
@@ -299,10 +298,10 @@ class BalancerCollector:
     def collect(self) -> Iterator[Metric]:
         """Every family, with this balancer's samples as of now."""
         sink = _Sink()
-        self.gather(sink)
+        self._gather(sink)
         return sink.families()
 
-    def gather(self, sink: _Sink) -> None:
+    def _gather(self, sink: _Sink) -> None:
         """Add this balancer's samples to ``sink``."""
         lb = self._lb()
         if lb is None or _closed(lb):
@@ -401,7 +400,7 @@ class _RegistryCollector:
             collectors = sorted(self._members.values(), key=lambda c: c.service)
         sink = _Sink()
         for c in collectors:
-            c.gather(sink)
+            c._gather(sink)
         return sink.families()
 
 
