@@ -1,0 +1,106 @@
+"""Weighted balancing over a pool of fast and slow GPU servers, then the same pool with PeakEwma.
+
+Four model servers register in Consul (the embedded, Consul-compatible lbkit.testing server): two
+"fast" GPUs with service weight 8 and two "slow" ones with weight 4, the slow ones taking three times
+as long per call. ConsulDiscovery reads the weights (``Service.Weights.Passing``) into each endpoint:
+
+1. ``Weighted`` sends calls in proportion to the weights: 2 of every 3 to the fast GPUs, whatever
+   their real speed.
+2. ``PeakEwma`` ignores the weights and learns the speeds from each call's latency: the fast GPUs
+   get more than their weight share, and calls finish sooner.
+
+Run: python examples/gpu_pool.py
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import lbkit
+import lbkit.consul
+from lbkit.testing import Behavior, ModelServer
+from lbkit.testing.consul_server import ConsulServer
+from lbkit.testing.proto import model_service_pb2 as pb2
+from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
+
+FAST_DELAY = 0.005
+SLOW_DELAY = 0.025
+CALLS = 600
+CONCURRENCY = 6
+
+
+def run_load(lb: lbkit.Balancer) -> tuple[Counter[str], float]:
+    """CALLS calls from CONCURRENCY threads; calls per server and the mean latency in ms."""
+    stub = pb2_grpc.ModelServiceStub(lb.channel())
+
+    def worker(n: int) -> tuple[Counter[str], float]:
+        served: Counter[str] = Counter()
+        spent = 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            reply = stub.Predict(pb2.PredictRequest(features=[1.0]), timeout=5.0)
+            spent += time.perf_counter() - start
+            served[reply.served_by] += 1
+        return served, spent
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        results = list(pool.map(worker, [CALLS // CONCURRENCY] * CONCURRENCY))
+    served = sum((r[0] for r in results), Counter())
+    return served, 1e3 * sum(r[1] for r in results) / sum(served.values())
+
+
+def report(title: str, served: Counter[str], mean_ms: float, kind: dict[str, str]) -> float:
+    total = sum(served.values())
+    fast = sum(n for address, n in served.items() if kind[address] == "fast") / total
+    print(f"{title}: fast GPUs got {fast:.0%} of {total} calls, mean latency {mean_ms:.1f} ms")
+    for address in sorted(served, key=lambda a: (kind[a], a)):
+        print(f"  {kind[address]:4s} {address}  {served[address]:4d} calls")
+    return fast
+
+
+def main() -> None:
+    with ConsulServer() as consul:
+        servers = [ModelServer(behavior=Behavior(delay=FAST_DELAY)).start() for _ in range(2)]
+        servers += [ModelServer(behavior=Behavior(delay=SLOW_DELAY)).start() for _ in range(2)]
+        kind = {s.address: "fast" if s.behavior.delay == FAST_DELAY else "slow" for s in servers}
+        registrations = [
+            lbkit.consul.register(
+                "gpu-pool",
+                s.address,
+                weight=8 if kind[s.address] == "fast" else 4,
+                consul_address=consul.address,
+            )
+            for s in servers
+        ]
+        try:
+            discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
+            with lbkit.Balancer(discovery, selector="weighted") as lb:
+                lb.wait_ready(count=len(servers))
+                weights = sorted(e.weight for e in lb.core.endpoints())
+                print(f"weights from Consul: {weights}")
+                weighted_fast = report("Weighted", *run_load(lb), kind)
+
+            discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
+            with lbkit.Balancer(discovery, selector=lbkit.PeakEwma()) as lb:
+                lb.wait_ready(count=len(servers))
+                ewma_fast = report("PeakEwma", *run_load(lb), kind)
+        finally:
+            for r in registrations:
+                r.close()
+            for s in servers:
+                s.stop(0)
+
+    if not 0.6 <= weighted_fast <= 0.73:
+        raise SystemExit(f"Weighted gave the fast GPUs {weighted_fast:.0%}, expected about 67% (8:4)")
+    if ewma_fast <= weighted_fast:
+        raise SystemExit("PeakEwma did not send more calls to the fast GPUs than their weight share")
+    print(
+        f"Weighted followed the Consul weights (8:4 -> {weighted_fast:.0%} fast); "
+        f"PeakEwma learned the speeds ({ewma_fast:.0%} fast)"
+    )
+
+
+if __name__ == "__main__":
+    main()
