@@ -113,9 +113,7 @@ def _maglev_table(ordered: list[Endpoint], size: int) -> list[int]:
         h1, h2 = _hash64(endpoint.address.encode(), 0, True, False)
         offsets.append(h1 % size)
         skips.append(h2 % (size - 1) + 1)
-    weights = [e.weight for e in ordered]
-    g = math.gcd(*weights)
-    order = smooth_order([w // g for w in weights], size)
+    order = _turns([e.weight for e in ordered], size)
     taken = bytearray(size)
     owner = [0] * size
     position = offsets[:]
@@ -151,6 +149,32 @@ def _maglev_table(ordered: list[Endpoint], size: int) -> list[int]:
         free.remove(slot)
         owner[slot] = i
     return owner
+
+
+def _turns(weights: list[int], length: int) -> list[int]:
+    """At least ``length`` turns, in rounds: per round each endpoint takes ``weight / max weight`` turns.
+
+    Endpoints of equal weight move together, heaviest first, so a round costs one step per distinct
+    weight; sets with many distinct, very uneven weights use the smooth sequence instead.
+    """
+    top = max(weights)
+    groups: dict[int, list[int]] = {}
+    for index, weight in enumerate(weights):
+        groups.setdefault(weight, []).append(index)
+    if len(groups) == 1:
+        return list(range(len(weights))) * (length // len(weights) + 1)
+    rounds = length * top // sum(weights) + 2
+    if rounds * len(groups) > 4 * length:
+        return smooth_order(weights, length)
+    by_weight = sorted(groups.items(), reverse=True)
+    order: list[int] = []
+    r = 0
+    while len(order) < length:
+        for weight, members in by_weight:
+            if (r + 1) * weight // top > r * weight // top:
+                order.extend(members)
+        r += 1
+    return order
 
 
 class _RingPicker:

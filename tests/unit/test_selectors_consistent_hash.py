@@ -11,8 +11,7 @@ import pytest
 from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
 from lbkit.selectors import ConsistentHash
-from lbkit.selectors.consistent_hash import _maglev_table
-from lbkit.selectors.weighted import smooth_order
+from lbkit.selectors.consistent_hash import _maglev_table, _turns
 from lbkit.stats import Stats
 
 ALGORITHMS = ["ring", "maglev"]
@@ -98,7 +97,14 @@ def test_bounded_load_keeps_owner_within_bound(algorithm: str) -> None:
 
 
 def test_maglev_fill_matches_the_paper() -> None:
-    for n, size, weights in [(5, 101, None), (7, 1009, None), (4, 1009, [1, 3, 2, 2]), (3, 7, None)]:
+    cases = [
+        (5, 101, None),
+        (7, 1009, None),
+        (4, 1009, [1, 3, 2, 2]),
+        (3, 7, None),
+        (6, 4099, [9, 1, 1, 2, 2, 5]),
+    ]
+    for n, size, weights in cases:
         eps = [Endpoint(f"10.0.0.{i + 1}:50051", weight=weights[i] if weights else 1) for i in range(n)]
         assert _maglev_table(eps, size) == reference_maglev(eps, size)
 
@@ -113,7 +119,7 @@ def reference_maglev(eps: list[Endpoint], size: int) -> list[int]:
         perms.append([(offset + j * skip) % size for j in range(size)])
     table = [-1] * size
     nxt = [0] * len(eps)
-    for i in itertools.islice(itertools.cycle(smooth_order([e.weight for e in eps], size)), size):
+    for i in itertools.islice(_turns([e.weight for e in eps], size), size):
         while table[perms[i][nxt[i]]] >= 0:
             nxt[i] += 1
         table[perms[i][nxt[i]]] = i
@@ -123,6 +129,15 @@ def reference_maglev(eps: list[Endpoint], size: int) -> list[int]:
 def test_maglev_shares_differ_by_at_most_one_slot() -> None:
     counts = Counter(_maglev_table(endpoints(100), 65537))
     assert max(counts.values()) - min(counts.values()) <= 1
+
+
+@pytest.mark.parametrize("weights", [[1, 2, 3, 10], [5, 5, 1], [1000, 1, 1], list(range(1, 400))])
+def test_maglev_turns_follow_weights(weights: list[int]) -> None:
+    turns = _turns(weights, 65537)
+    counts = Counter(turns[:65537])
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        assert abs(counts[i] - 65537 * w / total) <= len(set(weights)) + 1
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
