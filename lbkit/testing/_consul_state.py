@@ -8,6 +8,7 @@ through :attr:`ConsulState.changed`.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 import threading
@@ -320,8 +321,11 @@ def parse_service(raw: object) -> ServiceSpec:
         if check.status and check.status not in STATUSES:
             raise ApiError(400, "Status for checks must 'passing', 'warning', 'critical'")
     # As Consul's agent does: an IP address gets lan/wan tagged addresses of its family.
-    if address.replace(".", "").isdigit() or ":" in address:
-        family = "ipv6" if ":" in address else "ipv4"
+    try:
+        family = f"ipv{ipaddress.ip_address(address).version}"
+    except ValueError:
+        family = ""
+    if family:
         for scope in ("lan", "wan"):
             spec.tagged_addresses.setdefault(f"{scope}_{family}", {"Address": address, "Port": port})
     return spec

@@ -163,6 +163,9 @@ def test_weights_and_checks_in_health_entries(agent: Agent, name: str) -> None:
     assert svc_check["CheckID"] == f"service:{name}-1" and svc_check["Name"] == f"Service '{name}' check"
     assert svc_check["Status"] == "critical" and svc_check["Type"] == "ttl"
     assert svc_check["ServiceName"] == name
+    c.agent.service.register(name, service_id=f"{name}-2", port=2, check=check | {"Status": "passing"})
+    assert check_status(c, f"service:{name}-2") == "passing"
+    assert _ids(c.health.service(name, passing=True)[1]) == {f"{name}-2"}
 
 
 def test_reregistration_updates_in_place_and_keeps_check_status(agent: Agent, name: str) -> None:
