@@ -388,7 +388,8 @@ def _format_address(host: str, port: int) -> str:
 
 
 _EndpointKey = tuple[str, int, str, tuple[str, ...], tuple[tuple[str, str], ...]]
-EndpointCache = dict[_EndpointKey, Endpoint]
+_QuickKey = tuple[object, int, object, int, str]
+EndpointCache = dict[_EndpointKey | _QuickKey, Endpoint]
 """Endpoints of the previous parse by their fields, so an unchanged instance is not built again."""
 
 
@@ -410,6 +411,16 @@ def _entry_endpoint(
     status = _status_of(entry)
     if status != "passing" and (health == "passing" or (health == "warning" and status == "critical")):
         return None
+    # Consul bumps an instance's ModifyIndex (and its node's) on every change of its registration, so
+    # an unchanged (ID, ModifyIndex, node, node ModifyIndex, status) is an unchanged endpoint.
+    s_modify, n_modify = service.get("ModifyIndex"), node.get("ModifyIndex")
+    quick: _QuickKey | None = None
+    if type(s_modify) is int and type(n_modify) is int:
+        quick = (service.get("ID"), s_modify, node.get("Node"), n_modify, status)
+        endpoint = cache.get(quick)
+        if endpoint is not None:
+            fresh[quick] = endpoint
+            return endpoint
     host = service.get("Address") or node.get("Address")
     if type(host) is not str or not host:
         raise _SkipEntry("no address (Service.Address and Node.Address are empty)")
@@ -455,6 +466,8 @@ def _entry_endpoint(
         except ConfigError as exc:
             raise _SkipEntry(f"malformed address {address!r}: {exc}") from None
     fresh[key] = endpoint
+    if quick is not None:
+        fresh[quick] = endpoint
     return endpoint
 
 

@@ -510,3 +510,22 @@ def test_process_environment_is_read_when_no_env_is_given(monkeypatch: pytest.Mo
     d = ConsulDiscovery("model")
     assert d.connection.address == "https://consul.service:9443" and d.connection.token == TOKEN
     assert ConsulDiscovery("model", address="127.0.0.1:8600", token="mine").connection.token == "mine"
+
+
+def test_modify_indexes_and_status_decide_reuse_when_present() -> None:
+    def indexed(service_index: int, status: str = "passing", port: int = 1) -> dict[str, Any]:
+        e = entry("a", "10.0.0.1", port, status=status, weights={"Passing": 4, "Warning": 2})
+        e["Service"]["ModifyIndex"] = service_index
+        e["Node"]["ModifyIndex"] = 3
+        return e
+
+    cache: dict[Any, Endpoint] = {}
+    (first,) = parse([indexed(10)], cache=cache)
+    (same,) = parse([indexed(10)], cache=cache)
+    assert same is first
+    (moved,) = parse([indexed(11, port=2)], cache=cache)  # a re-registration bumps ModifyIndex
+    assert moved.address == "10.0.0.1:2"
+    assert moved.weight == 4
+    (warned,) = parse([indexed(11, "warning", port=2)], cache=cache, health="warning")
+    assert warned.weight == 2  # same ModifyIndex, new status: rebuilt with the Warning weight
+    assert parse([indexed(11, "critical", port=2)], cache=cache) == []
