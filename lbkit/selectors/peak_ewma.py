@@ -9,6 +9,7 @@ An endpoint with no latency sample yet costs 0 while idle, so it gets probed, an
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import ClassVar
 
 from lbkit._config import check_int, config
@@ -23,7 +24,8 @@ PENALTY = 1e9
 
 _random = random.random
 
-Row = tuple[Endpoint, EndpointStats]
+Row = tuple[Endpoint, EndpointStats, Callable[[float], float]]
+"""An endpoint, its stats, and their bound ``latency`` method."""
 
 
 class _PeakEwmaPicker:
@@ -31,7 +33,10 @@ class _PeakEwmaPicker:
 
     def __init__(self, endpoints: tuple[Endpoint, ...], stats: Stats, choices: int) -> None:
         self._endpoints = endpoints
-        self._rows: tuple[Row, ...] = tuple((e, stats[e.address]) for e in endpoints)
+        entries = [stats[e.address] for e in endpoints]
+        self._rows: tuple[Row, ...] = tuple(
+            (e, s, s.latency) for e, s in zip(endpoints, entries, strict=True)
+        )
         self._n = len(endpoints)
         self._clock = stats.clock
         self._choices = min(choices, self._n)
@@ -51,11 +56,11 @@ class _PeakEwmaPicker:
             j = int(_random() * (n - 1))
             if j >= i:
                 j += 1
-            a, sa = rows[i]
-            b, sb = rows[j]
-            rtt = sa.latency(now)
+            a, sa, la = rows[i]
+            b, sb, lb = rows[j]
+            rtt = la(now)
             ca = rtt * (sa.in_flight + 1) if rtt > 0.0 else PENALTY * sa.in_flight
-            rtt = sb.latency(now)
+            rtt = lb(now)
             cb = rtt * (sb.in_flight + 1) if rtt > 0.0 else PENALTY * sb.in_flight
             # Compare cost / weight_factor without dividing.
             return a if ca * sb.weight_factor <= cb * sa.weight_factor else b
@@ -71,8 +76,8 @@ class _PeakEwmaPicker:
             if i in seen:
                 continue
             seen.append(i)
-            endpoint, s = rows[i]
-            rtt = s.latency(now)
+            endpoint, s, latency = rows[i]
+            rtt = latency(now)
             cost = (rtt * (s.in_flight + 1) if rtt > 0.0 else PENALTY * s.in_flight) / (
                 s.weight_factor or 1e-9
             )
