@@ -39,7 +39,7 @@ DEADLINE = 0.5
 
 _REQUEST = pb2.PredictRequest(features=[1.0, 2.0])
 _FAULTS: dict[str, tuple[str, str]] = {
-    "killed": ("stop {i}", "start {i}"),
+    "killed": ("kill {i}", "start {i}"),
     "fails every call": ("fail {i} 1.0", "fail {i} 0"),
     "hangs": ("hang {i} on", "hang {i} off"),
     "health NOT_SERVING": ("serving {i} off", "serving {i} on"),
@@ -131,14 +131,16 @@ class CountPoller:
             if self._stop.wait(self._interval):
                 return
 
-    def between(self, index: int, start: float, end: float) -> int:
-        """Calls server ``index`` got from the last sample at or before ``start`` to the first at or after
-        ``end`` (so never fewer than it really got)."""
+    def between(self, index: int, start: float, end: float) -> tuple[int, int]:
+        """Bounds on the calls server ``index`` got from ``start`` to ``end``: counted between the samples
+        just inside the span, and between those just outside it."""
+        first, last = self.samples[0][1][index], self.samples[-1][1][index]
         before = [c[index] for t, c in self.samples if t <= start]
         after = [c[index] for t, c in self.samples if t >= end]
-        low = before[-1] if before else self.samples[0][1][index]
-        high = after[0] if after else self.samples[-1][1][index]
-        return high - low
+        inside = [c[index] for t, c in self.samples if start <= t <= end]
+        outer = (after[0] if after else last) - (before[-1] if before else first)
+        inner = inside[-1] - inside[0] if inside else 0
+        return inner, outer
 
 
 def _caller(stub: Any) -> Callable[[], tuple[bool, str, str]]:
@@ -170,6 +172,11 @@ class Events:
         return next((t for t, k, a in self.seen if a == address and k in kinds and t >= after), None)
 
 
+def _ejection(quick: bool) -> tuple[float, float]:
+    """Base and longest ejection, in seconds: short, so the return after recovery is timed in seconds."""
+    return (0.5, 1.0) if quick else (1.0, 2.0)
+
+
 def _lbkit_options(quick: bool) -> dict[str, Any]:
     """Outlier detection with short ejections (so return is measured in seconds) and health checks if any."""
     import lbkit
@@ -180,8 +187,8 @@ def _lbkit_options(quick: bool) -> dict[str, Any]:
         options["outlier_detection"] = outlier(
             consecutive_failures=5,
             interval=0.5,
-            base_ejection_time=1.0 if quick else 2.0,
-            max_ejection_time=5.0,
+            base_ejection_time=_ejection(quick)[0],
+            max_ejection_time=_ejection(quick)[1],
         )
     health = getattr(lbkit, "HealthCheck", None)
     if health is not None:
@@ -303,9 +310,60 @@ def _fault_goal(r: dict[str, Any]) -> str:
     ok = r["failed"] == 0 and r["ejected_after_s"] is not None
     text = "0 failed, ejected"
     if r["fault"] == "fails every call":
-        ok = ok and (r["to_bad_before_ejection"] or 0) <= 5
+        ok = ok and (r["to_bad_before_ejection"] or (0, 0))[1] <= 5
         text += ", <= 5 calls before ejection"
     return f"{'pass' if ok else 'FAIL'} ({text})"
+
+
+def _fault_rows(
+    servers: ServerProcess,
+    fault: str,
+    kinds: list[str],
+    quick: bool,
+    rate: float,
+    phases: tuple[float, float, float],
+    progress: Progress,
+    fault_rows: list[list[Any]],
+    fault_data: list[dict[str, Any]],
+    errors: list[str],
+) -> None:
+    """Run ``fault`` with each client kind; append its table rows, data and errors."""
+    for kind in kinds:
+        progress.step(f"{fault} {kind}")
+        if kind == "native" and (fault == "health NOT_SERVING" or (quick and fault != "fails every call")):
+            continue  # native round robin has no health checks; a quick run keeps one baseline
+        try:
+            r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
+        except Exception as exc:
+            if kind != "lbkit":
+                raise
+            errors.append(f"{fault}, lbkit: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+            fault_rows.append([fault, "lbkit round_robin", "error", "", "", "", "", "", "", "FAIL"])
+            _restore(servers)
+            continue
+        fault_data.append(r)
+        to_bad, first = _bounds(r["to_bad_after_fault"]), _bounds(r["to_bad_before_ejection"])
+        fault_rows.append(
+            [
+                r["fault"],
+                r["client"],
+                r["calls"],
+                r["failed"],
+                ", ".join(r["failed_codes"]),
+                first,
+                to_bad,
+                _s(r["ejected_after_s"]),
+                _s(r["back_after_s"]),
+                _fault_goal(r) if kind == "lbkit" else "baseline",
+            ]
+        )
+
+
+def _bounds(value: tuple[int, int] | None) -> str:
+    if value is None:
+        return "n/a"
+    low, high = value
+    return str(high) if low == high else f"{low}-{high}"
 
 
 def _s(value: float | None) -> str:
@@ -316,8 +374,8 @@ def run(quick: bool = False) -> Result:
     """Run every fault scenario and the slow-server comparison."""
     missing = lbkit_available()
     rate = 300.0
-    phases = (0.5, 1.5, 2.5) if quick else (1.0, 5.0, 4.0)
-    slow_duration = 1.0 if quick else 5.0
+    phases = (0.3, 1.0, 1.5) if quick else (1.0, 5.0, 4.0)
+    slow_duration = 0.8 if quick else 5.0
     kinds = ["native"] + ([] if missing else ["lbkit"])
     faults = list(_FAULTS)
     selectors = ["round_robin", "least_connections", "peak_ewma"] if quick else list(SELECTORS)
@@ -327,47 +385,25 @@ def run(quick: bool = False) -> Result:
     fault_data: list[dict[str, Any]] = []
     slow_data: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
-    with ServerProcess(count=4, delay_ms=FAST_MS) as servers:
+    with ServerProcess(count=4, delay_ms=FAST_MS) as shared:
         for fault in faults:
-            for kind in kinds:
-                progress.step(f"{fault} {kind}")
-                if kind == "native" and (
-                    fault == "health NOT_SERVING" or (quick and fault != "fails every call")
-                ):
-                    continue  # native round robin has no health checks; a quick run keeps one baseline
-                try:
-                    r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
-                except Exception as exc:
-                    if kind != "lbkit":
-                        raise
-                    errors.append(f"{fault}, lbkit: {type(exc).__name__}: {exc}".splitlines()[0][:200])
-                    fault_rows.append([fault, "lbkit round_robin", "error", "", "", "", "", "", "", "FAIL"])
-                    _restore(servers)
-                    continue
-                fault_data.append(r)
-                to_bad = "n/a" if r["to_bad_after_fault"] is None else str(r["to_bad_after_fault"])
-                first = "n/a" if r["to_bad_before_ejection"] is None else str(r["to_bad_before_ejection"])
-                fault_rows.append(
-                    [
-                        r["fault"],
-                        r["client"],
-                        r["calls"],
-                        r["failed"],
-                        ", ".join(r["failed_codes"]),
-                        first,
-                        to_bad,
-                        _s(r["ejected_after_s"]),
-                        _s(r["back_after_s"]),
-                        _fault_goal(r) if kind == "lbkit" else "baseline",
-                    ]
+            # A kill is a SIGKILL of one server's own process; the other faults share one server process.
+            killable = fault == "killed"
+            servers = ServerProcess(count=4, delay_ms=FAST_MS, processes=True) if killable else shared
+            with contextlib.ExitStack() as stack:
+                if killable:
+                    stack.enter_context(servers)
+                _fault_rows(
+                    servers, fault, kinds, quick, rate, phases, progress, fault_rows, fault_data, errors
                 )
+
         for kind, selector in slow_variants:
             name = f"{kind} {selector}"
             progress.step(f"slow server, {name}, all healthy")
             try:
-                healthy = slow_run(servers, kind, selector, slow=False, rate=rate, duration=slow_duration)
+                healthy = slow_run(shared, kind, selector, slow=False, rate=rate, duration=slow_duration)
                 progress.step(f"slow server, {name}, one slow")
-                slowed = slow_run(servers, kind, selector, slow=True, rate=rate, duration=slow_duration)
+                slowed = slow_run(shared, kind, selector, slow=True, rate=rate, duration=slow_duration)
             except Exception as exc:
                 if kind != "lbkit":
                     raise
@@ -406,15 +442,17 @@ def run(quick: bool = False) -> Result:
         f" servers at {FAST_MS:g} ms per call; the fault hits server {BAD} of 4.",
         f"Fault phases: {phases[0]:g} s healthy, {phases[1]:g} s faulty, {phases[2]:g} s after recovery.",
         "lbkit runs round_robin with its default retries, outlier detection of 5 consecutive failures with"
-        " short ejections (1 s, at most 2 s, so the return is timed in seconds) and active health checks"
-        " every 0.5 s.",
-        "The servers count the calls they get (sampled every 10 ms, rounded outwards): 'before ejection'"
-        " from the fault to the first ejection, 'during fault' all the time it was faulty, including the"
-        " probes after each ejection ends. lbkit retries the failed ones on other servers.",
+        f" short ejections ({_ejection(quick)[0]:g} s, at most {_ejection(quick)[1]:g} s, so the return is"
+        " timed in seconds) and active health checks every 0.5 s.",
+        "The servers count the calls they get, sampled every 10 ms, so counts are shown as a range (the goal"
+        " is judged on its top): 'before ejection' from the fault to the first ejection, 'during fault' all"
+        " the time it was faulty, including probes after each ejection ends. lbkit retries the failed calls"
+        " on other servers.",
         "'ejected after' is the first ejected/not-ready/unhealthy event for the bad server (lbkit) or the"
         " last failed call (native; 'never' if it failed calls to the end); 'back after' is the first call"
         " it served after recovery.",
-        "Calls to a killed server cannot be counted by the server: n/a.",
+        "'killed' SIGKILLs the server's own process (the servers run one process each for this scenario);"
+        " a killed server cannot count its calls: n/a.",
     ]
     notes[:0] = errors
     if missing:
