@@ -86,6 +86,11 @@ class SelectorRun:
                 return row
         raise KeyError(role)
 
+    def ratio(self, role: str, other: str) -> float:
+        """Calls of the server playing ``role`` per call of the one playing ``other``."""
+        theirs = self.server(other).calls
+        return self.server(role).calls / theirs if theirs else 0.0
+
     def share(self, role: str) -> float:
         """Percent of all server-received calls that went to the server playing ``role``."""
         total = sum(row.calls for row in self.servers)
@@ -229,6 +234,7 @@ def render_summary(runs: Sequence[SelectorRun]) -> str:
         "p99 ms",
         "client failed",
         "slow share",
+        "slow/steady",
         "failing: calls after fault",
         "failing: out after",
     ]
@@ -250,14 +256,15 @@ def render_summary(runs: Sequence[SelectorRun]) -> str:
                 _ms(percentile(lat, 99)),
                 str(run.failed),
                 f"{run.share('slow'):.0f} %",
+                f"{run.ratio('slow', 'steady'):.2f}x",
                 str(run.after_fault_calls),
                 out_after,
             ]
         )
     return "\n".join(
         [
-            "Summary (an even share is 25 %; the others' shares rise while the leaving server is out and "
-            "the failing one is ejected):",
+            "Summary: an even share is 25 %, more while the leaving server is out and the failing one is\n"
+            "ejected; slow/steady is the slow server's calls per call of the steady one (1.00x: even)",
             format_table(headers, rows),
         ]
     )

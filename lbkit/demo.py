@@ -74,7 +74,7 @@ _SHOWN = frozenset(
 class DemoOptions:
     """Options of ``lbkit demo`` (times in seconds)."""
 
-    duration: float = 8.0
+    duration: float = 7.0
     """How long each selector runs."""
     selectors: tuple[str, ...] = DEFAULT_SELECTORS
     plot: bool = True
@@ -368,8 +368,8 @@ def _verdict(run: SelectorRun, slow_address: str) -> list[str]:
     fast_p50 = percentile([x for row in fast for x in row.latencies_ms], 50) if fast else 0.0
     slow_p50 = percentile(slow.latencies_ms, 50) if slow.latencies_ms else 0.0
     out.append(
-        f"slow server: {run.share('slow'):.0f} % of calls (p50 {slow_p50:.1f} ms against {fast_p50:.1f} ms "
-        f"on the others)"
+        f"slow server: {run.share('slow'):.0f} % of calls, {run.ratio('slow', 'steady'):.2f}x the steady "
+        f"server's (p50 {slow_p50:.1f} ms against {fast_p50:.1f} ms on the others)"
     )
     failing = run.server("failing")
     fault = next((f for f in run.faults if f.role == "failing"), None)
@@ -507,7 +507,7 @@ def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options."""
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per selector (default 8)")
+    parser.add_argument("--duration", type=float, default=7.0, help="seconds per selector (default 7)")
     parser.add_argument(
         "--selectors",
         default=",".join(DEFAULT_SELECTORS),

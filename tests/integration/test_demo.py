@@ -16,6 +16,7 @@ import pytest
 from lbkit.__main__ import main
 from lbkit.demo import DemoOptions
 from lbkit.errors import ConfigError
+from lbkit.testing.consul_server import ConsulServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("slow", "failing", "leaving", "steady")
@@ -41,7 +42,7 @@ def _started(stdout: str) -> tuple[int, list[int]]:
 
 
 def _assert_all_stopped(pid: int, ports: list[int]) -> None:
-    assert len(ports) == 5, ports  # the Consul server and four model servers
+    assert len(ports) == 5, ports  # the Consul server and four model servers (or their agent's)
     deadline = time.monotonic() + 5.0
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -104,15 +105,24 @@ def test_demo_runs_each_selector_reports_and_stops_everything(tmp_path: Path) ->
     _assert_all_stopped(*_started(result.stdout))
 
 
-def test_demo_writes_a_png_plot(tmp_path: Path) -> None:
+def test_demo_with_an_agent_address_writes_a_png_and_deregisters(tmp_path: Path) -> None:
+    # --consul with a separately running Consul-compatible server, as with a real agent; plot on.
     out = tmp_path / "plots"
-    result = _demo("--duration", "1.5", "--selectors", "least_connections", "--out", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    with ConsulServer() as agent:
+        result = _demo(
+            "--duration", "1.5", "--selectors", "least_connections", "--out", str(out),
+            "--consul", agent.address, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"the Consul agent at {agent.address}" in result.stdout
+        _, instances = agent.client().health.service("lbkit-demo")
+        assert instances == []  # every instance deregistered on the way out
     png = out / "lbkit-demo.png"
     assert f"plot: {png}" in result.stdout
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    _assert_all_stopped(*_started(result.stdout))
+    pid, ports = _started(result.stdout)
+    _assert_all_stopped(pid, ports)
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
