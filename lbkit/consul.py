@@ -22,13 +22,14 @@ from lbkit._config import check_float, check_int, config
 from lbkit.discovery.consul import ConsulConnection, format_duration, resolve_connection
 from lbkit.discovery.consul_watch import async_client, sync_client
 from lbkit.endpoint import parse_address
-from lbkit.errors import ConfigError
+from lbkit.errors import ConfigError, LbkitError
 
 __all__ = [
     "TTL_STATUSES",
     "AsyncRegistration",
     "GrpcCheck",
     "Registration",
+    "RegistrationError",
     "TtlCheck",
     "register",
     "service_definition",
@@ -246,16 +247,18 @@ def _raw(response: Any) -> Any:
     return response
 
 
+class RegistrationError(LbkitError):
+    """The Consul agent refused or could not be reached; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
 def _ok(response: Any, what: str) -> None:
     if response.code != 200:
         text = " ".join(str(response.body).split())[:200]
-        raise _AgentError(response.code, f"{what}: HTTP {response.code}: {text}")
-
-
-class _AgentError(Exception):
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
+        raise RegistrationError(response.code, f"{what}: HTTP {response.code}: {text}")
 
 
 _TTL_PATHS = {"passing": "pass", "warning": "warn", "critical": "fail"}
@@ -281,9 +284,13 @@ class Registration(_Base):
         return self._client
 
     def _put(self, path: str, *, body: str = "", params: list[tuple[str, str]] | None = None) -> None:
-        response = self._agent().http.put(
-            _raw, path, params=params or [], data=body, headers=self.connection.headers()
-        )
+        try:
+            response = self._agent().http.put(
+                _raw, path, params=params or [], data=body, headers=self.connection.headers()
+            )
+        except Exception as exc:
+            text = self.connection.redact(f"{path}: {type(exc).__name__}: {exc}")
+            raise RegistrationError(0, f"{text} (consul at {self.connection.address})") from exc
         _ok(response, path)
 
     def register(self) -> Registration:
@@ -294,7 +301,11 @@ class Registration(_Base):
             "registered %s (%s) with consul at %s", self.service_id, self.address, self.connection.address
         )
         if self.ttl_interval is not None:
-            self._refresh()
+            try:
+                self._refresh()
+            except BaseException:
+                self.deregister()
+                raise
             self._stop.clear()
             self._heartbeat = threading.Thread(
                 target=self._beat, name=f"lbkit-consul-ttl-{self.service_id}", daemon=True
@@ -322,8 +333,8 @@ class Registration(_Base):
             try:
                 try:
                     self._refresh()
-                except _AgentError as exc:
-                    if exc.code != 404:
+                except RegistrationError as exc:
+                    if exc.status != 404:
                         raise
                     # The agent lost the check (it restarted without state): register again.
                     self._put("/v1/agent/service/register", body=self._put_body())
@@ -381,9 +392,12 @@ class Registration(_Base):
 
 def register(name: str, address: str, **kwargs: Any) -> Registration:
     """Register ``name`` at ``address`` (``host:port``) now; use the result as a context manager to
-    deregister on exit. Keyword options are those of :class:`Registration`: ``service_id``, ``tags``,
-    ``meta``, ``weight``, ``warning_weight``, ``check``, ``consul_address``, ``token``, ``ca_file``,
-    ``cert_file``, ``key_file``, ``verify``, ``env``."""
+    deregister on exit. RegistrationError if the agent refuses or cannot be reached.
+
+    Keyword options are those of :class:`Registration`: ``service_id``, ``tags``, ``meta``, ``weight``,
+    ``warning_weight``, ``check``, ``consul_address``, ``token``, ``ca_file``, ``cert_file``,
+    ``key_file``, ``verify``, ``env``.
+    """
     return Registration(name, address, **kwargs).register()
 
 
@@ -399,9 +413,13 @@ class AsyncRegistration(_Base):
     async def _put(self, path: str, *, body: str = "", params: list[tuple[str, str]] | None = None) -> None:
         if self._client is None:
             self._client = async_client(self.connection)
-        response = await self._client.http.put(
-            _raw, path, params=params or [], data=body, headers=self.connection.headers()
-        )
+        try:
+            response = await self._client.http.put(
+                _raw, path, params=params or [], data=body, headers=self.connection.headers()
+            )
+        except Exception as exc:
+            text = self.connection.redact(f"{path}: {type(exc).__name__}: {exc}")
+            raise RegistrationError(0, f"{text} (consul at {self.connection.address})") from exc
         _ok(response, path)
 
     async def register(self) -> AsyncRegistration:
@@ -412,7 +430,11 @@ class AsyncRegistration(_Base):
             "registered %s (%s) with consul at %s", self.service_id, self.address, self.connection.address
         )
         if self.ttl_interval is not None:
-            await self._refresh()
+            try:
+                await self._refresh()
+            except BaseException:
+                await self.deregister()
+                raise
             self._heartbeat = asyncio.create_task(self._beat(), name=f"lbkit-consul-ttl-{self.service_id}")
         return self
 
@@ -434,8 +456,8 @@ class AsyncRegistration(_Base):
             try:
                 try:
                     await self._refresh()
-                except _AgentError as exc:
-                    if exc.code != 404:
+                except RegistrationError as exc:
+                    if exc.status != 404:
                         raise
                     await self._put("/v1/agent/service/register", body=self._put_body())
                     await self._refresh()

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import lbkit.consul
-from lbkit.consul import AsyncRegistration, GrpcCheck, Registration, TtlCheck
+from lbkit.consul import AsyncRegistration, GrpcCheck, Registration, RegistrationError, TtlCheck
 from lbkit.errors import ConfigError
 from lbkit.testing.consul_server import ConsulServer, ConsulTimings
 
@@ -157,10 +157,11 @@ def test_acl_token_is_sent_with_every_call() -> None:
             assert passing_addresses(server) == {"127.0.0.1:7001"}
         puts = [r for r in server.requests if r.method == "PUT"]
         assert len(puts) >= 3 and all(r.headers.get("X-Consul-Token") == token for r in puts)
-        with pytest.raises(Exception, match="403"):
+        with pytest.raises(RegistrationError, match="403") as info:
             Registration(
                 SERVICE, "127.0.0.1:7002", consul_address=server.address, token="wrong", env={}
             ).register()
+        assert info.value.status == 403
 
 
 @pytest.mark.parametrize(
@@ -200,6 +201,14 @@ def test_bad_checks_raise_config_error(factory: Callable[[], object], named: str
     with pytest.raises(ConfigError) as info:
         factory()
     assert named in str(info.value)
+
+
+def test_an_unreachable_agent_raises_registration_error() -> None:
+    with ConsulServer() as gone:
+        address = gone.address
+    with pytest.raises(RegistrationError) as info:
+        lbkit.consul.register(SERVICE, "127.0.0.1:7001", consul_address=address, env={})
+    assert info.value.status == 0 and address in str(info.value)
 
 
 def test_set_status_needs_a_ttl_check() -> None:
