@@ -1,7 +1,7 @@
 """Announce a gRPC server in Consul: register it with a gRPC or TTL health check, deregister on exit.
 
->>> with lbkit.consul.register("inference", "10.0.0.5:50051", check=lbkit.consul.GrpcCheck()):
-...     server.wait_for_termination()
+    with lbkit.consul.register("inference", "10.0.0.5:50051", check=lbkit.consul.GrpcCheck()):
+        server.wait_for_termination()
 
 A TTL check gets a heartbeat thread (or task) that refreshes it every TTL/3; a gRPC check is run by the
 agent itself against ``grpc.health.v1.Health``.
