@@ -67,6 +67,13 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "refused" in text.lower():
+        return "connection refused (is a Consul agent listening there?)"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class Cluster:
     """The demo's servers and their registrations; use as a context manager."""
 
@@ -119,7 +126,12 @@ class Cluster:
                     env=self._env,
                 )
                 self.instances.append(Instance(index, address, role, registration))
-                registration.register()
+                try:
+                    registration.register()
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"could not register {address} with Consul at {self.consul_address}: {_short(exc)}"
+                    ) from exc
         except BaseException:
             self.close()
             raise

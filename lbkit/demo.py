@@ -460,9 +460,15 @@ def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
     runs: list[SelectorRun] = []
     closer = _Closer()
     status = 0
+    started = ""
     try:
-        progress.note("starting the Consul server and 4 model servers...")
+        if cluster.embedded:
+            progress.note("starting the embedded Consul-compatible server and 4 model servers...")
+        else:
+            progress.note(f"starting 4 model servers and registering them with Consul at {opts.consul}...")
         cluster.start()
+        started = f"{len(cluster.instances)} model servers (process {cluster.server_pid})"
+        started += " and the embedded Consul server" if cluster.embedded else " and their registrations"
         out.write(_banner(cluster, opts) + "\n")
         out.flush()
         for position, selector in enumerate(opts.selectors, 1):
@@ -486,18 +492,18 @@ def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
         status = 130
     except Exception as exc:
         progress.done()
-        err.write(f"lbkit demo failed: {type(exc).__name__}: {exc}\n")
+        what = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+        err.write(f"lbkit demo failed: {what}\n")
         status = 1
     finally:
-        stopped = f"{len(cluster.instances)} model servers (process {cluster.server_pid})"
-        consul = "the embedded Consul server" if cluster.embedded else "their registrations"
         try:
             closer.join()
             cluster.close()
         except KeyboardInterrupt:
             cluster.close()
         lbkit_log.removeHandler(handler)
-        progress.note(f"stopped: {stopped} and {consul}")
+        if started:
+            progress.note(f"stopped: {started}")
     out.flush()
     return status
 

@@ -8,14 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from lbkit.__main__ import main
-from lbkit.demo import DemoOptions
+from lbkit._demo_load import PacedLoad, Record
+from lbkit._demo_report import Fault, SelectorRun, render_run, write_plot
+from lbkit.demo import DemoOptions, _detect
 from lbkit.errors import ConfigError
+from lbkit.events import Event, EventKind
 from lbkit.testing.consul_server import ConsulServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +191,64 @@ def test_bench_outside_a_checkout_says_how_to_run_it(
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--quick"]) == 2
     assert "python -m benchmarks" in capsys.readouterr().err
+
+
+# Pure pieces of the demo (no sockets): the load's bounds, fault detection, the plot without matplotlib.
+
+
+def test_paced_load_sends_rate_times_duration_calls_with_bounded_concurrency() -> None:
+    in_flight = [0]
+    peak = [0]
+    lock = threading.Lock()
+
+    def call(n: int) -> tuple[bool, str, str]:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return n % 10 != 0, "a", "OK"
+
+    load = PacedLoad(call, rate=400.0, workers=3, duration=0.25).start()
+    load.join(5.0)
+    assert load.done()
+    assert len(load.records) == 100  # 400/s for 0.25 s, exactly
+    assert load.failed == 10
+    assert peak[0] <= 3
+    # 3 workers at 20 ms a call manage 150/s, not 400/s: the load falls behind rather than piling up
+    assert load.elapsed >= 100 * 0.02 / 3
+
+
+def test_detect_takes_the_first_matching_event_after_the_fault() -> None:
+    start = 100.0
+    events = [
+        Event(EventKind.EJECTED, "a:1", "before the fault", 100.5),
+        Event(EventKind.READY, "a:1", "", 101.2),
+        Event(EventKind.EJECTED, "b:1", "another server", 101.1),
+        Event(EventKind.EJECTED, "a:1", "5 consecutive failures", 101.25),
+        Event(EventKind.REMOVED, "a:1", "gone", 101.5),
+    ]
+    fault = Fault("a:1", "failing", "starts failing", at=1.0)
+    _detect(fault, start, frozenset({EventKind.EJECTED, EventKind.REMOVED}), events, [])
+    assert fault.detected_by == "ejected" and fault.detected_after == pytest.approx(0.25)
+
+    back = Fault("a:1", "leaving", "registered again", at=1.0)
+    _detect(back, start, frozenset(), events, [(101.1, frozenset({"a:1"}))])
+    assert back.detected_by == "picker inclusion" and back.detected_after == pytest.approx(0.1)
+
+    never = Fault("c:1", "failing", "starts failing", at=1.0)
+    _detect(never, start, frozenset({EventKind.EJECTED}), events, [(101.1, frozenset({"c:1"}))])
+    assert never.detected_after is None
+    assert "not acted on" in render_run(
+        SelectorRun("round_robin", 2.0, 10.0, [Record(0.1, 5.0, True, "c:1", "OK")], [], [never])
+    )
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    why = write_plot([], str(tmp_path / "x.png"))
+    assert why is not None and "matplotlib is not installed" in why
+    assert not (tmp_path / "x.png").exists()
