@@ -78,8 +78,8 @@ def main() -> None:
             discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
             with lbkit.Balancer(discovery, selector="weighted") as lb:
                 lb.wait_ready(count=len(servers))
-                weights = sorted(e.weight for e in lb.core.endpoints())
-                print(f"weights from Consul: {weights}")
+                weights = {r.address: r.definition["Weights"]["Passing"] for r in registrations}
+                print(f"registered in Consul with weights {sorted(weights.values())}")
                 weighted_fast = report("Weighted", *run_load(lb), kind)
 
             discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
