@@ -44,7 +44,6 @@ class ServerRow:
 
     address: str
     role: str
-    describe: str
     weight: int
     calls: int
     """Calls the server received (attempts, retries included), counted by the server."""

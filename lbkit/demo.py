@@ -239,7 +239,7 @@ def run_selector(
         tally.sample(lb.stats)
 
     lb.core.on_picker.append(on_picker)
-    slow, failing, leaving = cluster.by_role("slow"), cluster.by_role("failing"), cluster.by_role("leaving")
+    failing, leaving = cluster.by_role("failing"), cluster.by_role("leaving")
     before_fault = [0]
 
     def start_failing() -> None:
@@ -265,6 +265,7 @@ def run_selector(
     ]
     faults: list[tuple[Fault, frozenset[EventKind]]] = []
     request = pb2.PredictRequest(features=[1.0, 2.0, 3.0], model_version="v1")
+    load: PacedLoad | None = None
     try:
         lb.start()
         lb.wait_ready(timeout=20.0, count=len(cluster.instances))
@@ -295,7 +296,7 @@ def run_selector(
                     (Fault(step.instance.address, step.instance.role.name, step.what, at), step.kinds)
                 )
                 progress.note(
-                    f"    +{at:5.2f} s  {step.instance.address} ({step.instance.role.name}) {step.what}"
+                    f"  at {at:5.2f} s  {step.instance.address} ({step.instance.role.name}) {step.what}"
                 )
             while shown < len(events):
                 event = events[shown]
@@ -303,15 +304,17 @@ def run_selector(
                 if event.time >= start and event.kind in _SHOWN:
                     where = f"{event.address} " if event.address else ""
                     progress.note(
-                        f"    +{event.time - start:5.2f} s  {where}{event.kind.value}: {event.reason}"
+                        f"  at {event.time - start:5.2f} s  {where}{event.kind.value}: {event.reason}"
                     )
             tally.sample(lb.stats)
             records = load.records
             recent = [r.latency_ms for r in records[-int(opts.rate) :] if r.ok]
             shown_time = f"{min(elapsed, opts.duration):4.1f}/{opts.duration:g} s"
+            latency = (
+                f"p50 {percentile(recent, 50):4.1f} p99 {percentile(recent, 99):5.1f} ms" if recent else ""
+            )
             progress.update(
-                f"{selector:<17} {shown_time} {len(records):5d} calls {load.failed:3d} failed  "
-                f"p50 {percentile(recent, 50):4.1f} p99 {percentile(recent, 99):5.1f} ms",
+                f"{selector:<17} {shown_time} {len(records):5d} calls {load.failed:3d} failed  {latency}",
                 fraction=elapsed / opts.duration,
             )
             next_step = pending[0].at * opts.duration - elapsed if pending else 1.0
@@ -321,6 +324,8 @@ def run_selector(
         tally.sample(lb.stats)
         calls = cluster.calls()
     finally:
+        if load is not None:
+            load.stop(timeout=CALL_TIMEOUT * 2)
         if closer is not None:
             closer.close(lb)
         else:
@@ -336,7 +341,6 @@ def run_selector(
         ServerRow(
             address=instance.address,
             role=instance.role.name,
-            describe=instance.role.describe,
             weight=instance.role.weight,
             calls=calls[instance.index],
             latencies_ms=[r.latency_ms for r in load.records if r.ok and r.server == instance.address],
@@ -356,11 +360,11 @@ def run_selector(
         if any(f.role == "failing" for f, _ in faults)
         else 0,
     )
-    run.notes.extend(_verdict(run, slow.address))
+    run.notes.extend(_verdict(run))
     return run
 
 
-def _verdict(run: SelectorRun, slow_address: str) -> list[str]:
+def _verdict(run: SelectorRun) -> list[str]:
     """What the selector did with the slow and the failing server, in words."""
     out = []
     slow = run.server("slow")
