@@ -5,6 +5,7 @@ backoff). The loops that do the I/O live in :mod:`lbkit.discovery.consul_watch`.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import logging
@@ -549,6 +550,19 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def _decode(body: str | bytes) -> Any:
+    """``json.loads`` with the cyclic GC paused: decoding a large payload allocates tens of thousands of
+    containers, none of them in a cycle, and collections triggered meanwhile cost about a third more."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return json.loads(body)
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _status_kind(status: int) -> str:
     """``acl`` (401/403) and ``request`` (other 4xx but 429) are configuration errors; the rest outages."""
     if status in (401, 403):
@@ -654,7 +668,7 @@ class ConsulWatchCore:
             return None
         new_index = int(raw_index.strip())
         try:
-            payload = json.loads(body)
+            payload = _decode(body)
             endpoints = parse_health_entries(
                 payload,
                 service=self.service,
