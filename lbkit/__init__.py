@@ -8,9 +8,13 @@ Public names load lazily, so ``import lbkit`` costs little more than ``import gr
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Quiet unless the application configures logging.
+logging.getLogger("lbkit").addHandler(logging.NullHandler())
 
 _LAZY: dict[str, str] = {
     "ConfigError": "lbkit.errors",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -130,6 +131,8 @@ class BalancerBase:
             outlier.is_failure if outlier is not None else _default_is_failure
         )
         self.calls_retried = 0
+        """Retry attempts made: each time a call was tried again on another endpoint."""
+        self._retry_lock = threading.Lock()
         self._closed = False
 
     def _on_core_event(self, event: Event) -> None:
@@ -156,6 +159,16 @@ class BalancerBase:
             if m.closing_at is not None and address not in states:
                 states[address] = "draining"
         return states
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (``aclose``) has been called."""
+        return self._closed
+
+    def note_retry(self) -> None:
+        """Count one retry attempt (a call tried again on another endpoint)."""
+        with self._retry_lock:
+            self.calls_retried += 1
 
     @property
     def panic(self) -> bool:
@@ -254,8 +267,11 @@ class Balancer(BalancerBase):
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.options.wait_timeout if timeout is None else timeout)
 
-    def pick_member(self, key: Key, deadline: float, exclude: frozenset[str] = frozenset()) -> Member:
-        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic)."""
+    def pick_member(self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()) -> Member:
+        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic).
+
+        A ``deadline`` of None waits ``wait_timeout`` from now.
+        """
         picker = self.core.picker
         try:
             endpoint = picker.pick(key)
@@ -266,9 +282,11 @@ class Balancer(BalancerBase):
             pass
         return self._pick_slow(key, deadline, exclude)
 
-    def _pick_slow(self, key: Key, deadline: float, exclude: frozenset[str]) -> Member:
+    def _pick_slow(self, key: Key, deadline: float | None, exclude: frozenset[str]) -> Member:
         if self._closed:
             raise NoEndpointsError(f"{self.service}: the balancer is closed")
+        if deadline is None:
+            deadline = self._deadline(None)
         cond = self._picker_cond
         while True:
             picker = self.core.picker
@@ -350,13 +368,10 @@ class Balancer(BalancerBase):
 
     @staticmethod
     def _reconnect(member: Member) -> None:
-        """Ask an IDLE channel to connect (grpc's public way: a subscription with try_to_connect)."""
-
-        def _noop(_: grpc.ChannelConnectivity) -> None:
-            return None
-
-        member.channel.subscribe(_noop, try_to_connect=True)
-        member.channel.unsubscribe(_noop)
+        """Ask an IDLE channel to connect now rather than at its next call."""
+        # AttributeError: not grpc's own channel class; ValueError: closed meanwhile.
+        with contextlib.suppress(AttributeError, ValueError):
+            member.channel._channel.check_connectivity_state(True)
 
     def _close_member(self, member: Member) -> None:
         if member.health is not None:

@@ -68,7 +68,9 @@ class CallSpec:
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
-        if code in policy.retryable_codes or never_reached_server(code, details):
+        if never_reached_server(code, details):
+            return True  # always safe, and not throttled (gRFC A6 transparent retries)
+        if code in policy.retryable_codes:
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -78,7 +80,7 @@ class CallSpec:
         policy = self.lb.retry_policy
 
         def _retry(exc: BaseException) -> bool:
-            if isinstance(exc, ValueError):  # the channel closed under us: the call never left
+            if isinstance(exc, _ChannelClosed):  # the call never left
                 return True
             if isinstance(exc, grpc.RpcError) and not isinstance(exc, NoEndpointsError):
                 return self.retryable(exc.code(), exc.details())
@@ -94,6 +96,10 @@ class CallSpec:
     def first_backoff(self) -> None:
         """Sleep before the first retry (full jitter)."""
         time.sleep(random.uniform(0.0, self.lb.retry_policy.initial_backoff))
+
+
+class _ChannelClosed(Exception):
+    """The picked endpoint's channel closed (it was drained) before the call could start."""
 
 
 def _timeout_left(deadline: float | None) -> float | None:
@@ -113,9 +119,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     ) -> Any:
         c = self._c
         lb = c.lb
-        member = lb.pick_member(
-            c.key(kw.get("metadata"), request), deadline or lb._deadline(None), frozenset(exclude)
-        )
+        member = lb.pick_member(c.key(kw.get("metadata"), request), deadline, frozenset(exclude))
         exclude.add(member.address)
         mc = member.callable(c.spec)
         st = member.stats
@@ -128,9 +132,11 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         except grpc.RpcError as err:
             st.finish(t0, not lb.is_failure(err.code()))
             raise
-        except ValueError:
+        except ValueError as err:
             st.finish(t0, True, observe_latency=False)
-            raise
+            if "closed" not in str(err):
+                raise
+            raise _ChannelClosed(member.address) from err
         st.finish(t0, True)
         return result
 
@@ -140,7 +146,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = kw.get("metadata")
         # Fast path: one pick, one call, no retry machinery.
-        member = lb.pick_member(c.key(metadata, request), deadline or lb._deadline(None))
+        member = lb.pick_member(c.key(metadata, request), deadline)
         mc = member.callable(c.spec)
         st = member.stats
         t0 = st.start()
@@ -154,8 +160,10 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
             if not c.retryable(err.code(), err.details()):
                 raise
             return self._retry(request, deadline, kw, with_call, {member.address})
-        except ValueError:
+        except ValueError as err:
             st.finish(t0, True, observe_latency=False)
+            if "closed" not in str(err):
+                raise
             return self._retry(request, deadline, kw, with_call, {member.address})
         st.finish(t0, True)
         lb.budget.on_success()
@@ -166,9 +174,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     ) -> Any:
         c = self._c
         c.first_backoff()
-        c.lb.calls_retried += 1
         for attempt in c.retrying(deadline, c.lb.retry_policy.max_attempts - 1):
             with attempt:
+                c.lb.note_retry()
                 result = self._once(request, deadline, kw, with_call, exclude)
         c.lb.budget.on_success()
         return result
@@ -220,7 +228,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         c = self._c
         lb = c.lb
         deadline = None if timeout is None else time.monotonic() + timeout
-        member = lb.pick_member(c.key(metadata, request), deadline or lb._deadline(None))
+        member = lb.pick_member(c.key(metadata, request), deadline)
         st = member.stats
         t0 = st.start()
         fut = member.callable(c.spec).future(
@@ -309,7 +317,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         c = self._c
         lb = c.lb
         key = c.key(self._kw.get("metadata"), self._request)
-        member: Member = lb.pick_member(key, self._deadline or lb._deadline(None), frozenset(self._tried))
+        member: Member = lb.pick_member(key, self._deadline, frozenset(self._tried))
         self._tried.add(member.address)
         self._attempt += 1
         st = member.stats
@@ -343,7 +351,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             except grpc.RpcError as err:
                 if not self._can_retry(err):
                     raise
-                self._c.lb.calls_retried += 1
+                self._c.lb.note_retry()
                 self._c.first_backoff()
                 self._start()
                 continue
@@ -476,9 +484,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         attempt = 0
         while True:
             attempt += 1
-            member = lb.pick_member(
-                c.key(kw.get("metadata"), None), deadline or lb._deadline(None), frozenset(tried)
-            )
+            member = lb.pick_member(c.key(kw.get("metadata"), None), deadline, frozenset(tried))
             tried.add(member.address)
             mc = member.callable(c.spec)
             st = member.stats
@@ -497,7 +503,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
                     or not c.retryable(err.code(), err.details())
                 ):
                     raise
-                lb.calls_retried += 1
+                lb.note_retry()
                 c.first_backoff()
                 continue
             st.finish(t0, True)
@@ -543,7 +549,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         c = self._c
         lb = c.lb
         deadline = None if timeout is None else time.monotonic() + timeout
-        member = lb.pick_member(c.key(metadata, None), deadline or lb._deadline(None))
+        member = lb.pick_member(c.key(metadata, None), deadline)
         st = member.stats
         t0 = st.start()
         fut = member.callable(c.spec).future(

@@ -17,7 +17,17 @@ from lbkit.selectors.base import Selector
 if TYPE_CHECKING:
     from lbkit.health.active import HealthCheck
 
-__all__ = ["BalancerOptions", "resolve_selector"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "BalancerOptions", "resolve_selector"]
+
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # One subchannel per endpoint channel, never shared with other channels of the process, so a
+    # stale connection in backoff (say, to a server that used the same port before) cannot stall it.
+    ("grpc.use_local_subchannel_pool", 1),
+    # Reconnect to a recovered server within seconds rather than grpc's default of up to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+"""Options every endpoint channel gets unless ``channel_options`` sets the same name."""
 
 
 def resolve_selector(selector: Selector | str) -> Selector:
@@ -52,6 +62,7 @@ class BalancerOptions:
     drain_timeout: float = 30.0
     """Seconds a removed endpoint's channel waits for its calls in flight before it closes."""
     channel_options: Sequence[tuple[str, Any]] = ()
+    """grpc channel options for every endpoint channel, over :data:`DEFAULT_CHANNEL_OPTIONS`."""
     credentials: grpc.ChannelCredentials | None = None
     """Channel credentials (e.g. ``grpc.ssl_channel_credentials(...)``); None: insecure."""
     service: str | None = None
@@ -94,7 +105,9 @@ class BalancerOptions:
             isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in opts
         ):
             raise ConfigError(f"{o}: channel_options must be a sequence of (name, value) pairs, got {opts!r}")
-        object.__setattr__(self, "channel_options", tuple(opts))
+        names = {name for name, _ in opts}
+        merged = tuple(opts) + tuple(p for p in DEFAULT_CHANNEL_OPTIONS if p[0] not in names)
+        object.__setattr__(self, "channel_options", merged)
         if self.credentials is not None and not isinstance(self.credentials, grpc.ChannelCredentials):
             raise ConfigError(f"{o}: credentials must be grpc.ChannelCredentials, got {self.credentials!r}")
         if self.service is not None and (not isinstance(self.service, str) or not self.service):

@@ -56,9 +56,11 @@ class RetryPolicy:
     initial_backoff: float = 0.01
     """Seconds before the first retry; doubles each retry, with full jitter."""
     max_backoff: float = 0.5
-    budget_max_tokens: float = 10.0
-    """Retry budget (gRFC A6 retry throttling): a failure costs a token, a success earns
-    ``budget_token_ratio``; retries stop while tokens <= half of this. 0 disables the budget."""
+    budget_max_tokens: float = 100.0
+    """Retry budget (gRFC A6 retry throttling): a retryable failure costs a token, a success earns
+    ``budget_token_ratio``; retries stop while tokens <= half of this (the default lets a burst of 50
+    failures retry, e.g. a server dying under 50 calls). 0 disables the budget. Calls that never
+    reached a server are retried without a token."""
     budget_token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
@@ -89,7 +91,7 @@ class RetryBudget:
 
     __slots__ = ("_lock", "max_tokens", "refused", "token_ratio", "tokens")
 
-    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
+    def __init__(self, max_tokens: float = 100.0, token_ratio: float = 0.1) -> None:
         self.max_tokens = max_tokens
         self.token_ratio = token_ratio
         self.tokens = max_tokens

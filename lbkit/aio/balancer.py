@@ -129,8 +129,15 @@ class Balancer(BalancerBase):
             pass
         return None
 
-    async def apick_member(self, key: Key, deadline: float, exclude: frozenset[str] = frozenset()) -> Member:
-        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic)."""
+    async def apick_member(
+        self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()
+    ) -> Member:
+        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic).
+
+        A ``deadline`` of None waits ``wait_timeout`` from now.
+        """
+        if deadline is None:
+            deadline = self._deadline(None)
         while True:
             member = self.pick_now(key, exclude)
             if member is not None:
@@ -195,7 +202,7 @@ class Balancer(BalancerBase):
                     member.address, state is grpc.ChannelConnectivity.READY, f"channel {state.name}"
                 )
             if state is grpc.ChannelConnectivity.IDLE:
-                state = channel.get_state(try_to_connect=True)
+                channel.get_state(try_to_connect=True)  # kick a connect; keep waiting on what we saw
             await channel.wait_for_state_change(state)
             state = channel.get_state(try_to_connect=False)
 

@@ -68,7 +68,9 @@ class _Spec:
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
-        if code in policy.retryable_codes or never_reached_server(code, details):
+        if never_reached_server(code, details):
+            return True  # always safe, and not throttled (gRFC A6 transparent retries)
+        if code in policy.retryable_codes:
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -143,7 +145,7 @@ class _CallBase:
             try:
                 member = await lb.apick_member(
                     c.key(self._kw.get("metadata"), self._request),
-                    self._deadline or lb._deadline(None),
+                    self._deadline,
                     frozenset(self._tried),
                 )
             except NoEndpointsError as err:
@@ -162,8 +164,9 @@ class _CallBase:
             return False
         return c.retryable(err.code(), err.details())
 
-    async def _backoff(self) -> None:
-        self._c.lb.calls_retried += 1
+    async def _backoff(self, count: bool = True) -> None:
+        if count:
+            self._c.lb.note_retry()
         await asyncio.sleep(random.uniform(0.0, self._c.lb.retry_policy.initial_backoff))
         self._inner = None
 
@@ -248,7 +251,7 @@ class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
                 and self._can_retry(exc)
             )
 
-        await self._backoff()
+        await self._backoff(count=False)
         policy = c.lb.retry_policy
         async for attempt in AsyncRetrying(
             stop=stop_any(
@@ -259,6 +262,7 @@ class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             reraise=True,
         ):
             with attempt:
+                c.lb.note_retry()
                 self._inner = None
                 inner = await self._ensure_inner(True)
                 return await inner

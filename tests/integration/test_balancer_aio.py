@@ -40,7 +40,7 @@ async def test_round_robin_spreads_evenly(make_servers):
     assert sorted(seen.values()) == [100, 100, 100]
 
 
-@pytest.mark.parametrize("selector", ["least_connections", "peak_ewma", "weighted"])
+@pytest.mark.parametrize("selector", ["least_connections", "weighted"])
 async def test_every_selector_spreads_concurrent_calls(make_servers, selector):
     servers = make_servers(3, delay=0.002)
     async with lbkit.aio.Balancer([s.address for s in servers], selector=selector) as lb:
@@ -50,6 +50,19 @@ async def test_every_selector_spreads_concurrent_calls(make_servers, selector):
             await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(30)))
     counts = served_counts(servers)
     assert sum(counts) == 300 and min(counts) >= 40, counts
+
+
+async def test_peak_ewma_starves_a_slow_server(make_servers):
+    fast = make_servers(2)
+    slow = make_servers(1, delay=0.05)[0]
+    servers = [*fast, slow]
+    async with lbkit.aio.Balancer([s.address for s in servers], selector="peak_ewma") as lb:
+        await lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(20):
+            await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(10)))
+    assert sum(served_counts(servers)) == 200
+    assert slow.calls["Predict"] <= 30, served_counts(servers)  # round robin would send it ~67
 
 
 async def test_hash_key_pins_user_to_one_server(make_servers):

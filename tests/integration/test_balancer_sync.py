@@ -40,7 +40,7 @@ def test_round_robin_spreads_evenly(make_servers):
     assert served_counts(servers) == [100, 100, 100]
 
 
-@pytest.mark.parametrize("selector", ["least_connections", "peak_ewma", "weighted"])
+@pytest.mark.parametrize("selector", ["least_connections", "weighted"])
 def test_every_selector_spreads(make_servers, selector):
     servers = make_servers(3)
     with lbkit.Balancer([s.address for s in servers], selector=selector) as lb:
@@ -51,6 +51,40 @@ def test_every_selector_spreads(make_servers, selector):
     counts = served_counts(servers)
     assert sum(counts) == 300
     assert min(counts) >= 40, counts
+
+
+def test_peak_ewma_starves_a_slow_server(make_servers):
+    fast = make_servers(2)
+    slow = make_servers(1, delay=0.05)[0]
+    servers = [*fast, slow]
+    with lbkit.Balancer([s.address for s in servers], selector="peak_ewma") as lb:
+        lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(200):
+            stub.Predict(REQ, timeout=5)
+    assert sum(served_counts(servers)) == 200
+    assert slow.calls["Predict"] <= 10, served_counts(servers)  # round robin would send it ~67
+
+
+def test_least_connections_avoids_a_busy_server(make_servers):
+    fast = make_servers(2)
+    slow = make_servers(1, delay=0.1)[0]
+    servers = [*fast, slow]
+    with lbkit.Balancer([s.address for s in servers], selector="least_connections") as lb:
+        lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+
+        def load() -> None:
+            for _ in range(40):
+                stub.Predict(REQ, timeout=5)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sum(served_counts(servers)) == 240
+    assert slow.calls["Predict"] < 240 / 3 / 2, served_counts(servers)  # under half of round robin's share
 
 
 def test_hash_key_pins_user_to_one_server(make_servers):
@@ -227,7 +261,8 @@ def test_empty_retryable_set_keeps_only_safe_retries(make_servers):
 def test_retry_budget_stops_a_retry_storm(make_servers):
     servers = make_servers(3, fail_rate=1.0)
     outlier = lbkit.OutlierDetection(consecutive_failures=None)
-    with lbkit.Balancer([s.address for s in servers], outlier_detection=outlier) as lb:
+    policy = lbkit.RetryPolicy(budget_max_tokens=10.0)
+    with lbkit.Balancer([s.address for s in servers], outlier_detection=outlier, retry=policy) as lb:
         lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         for _ in range(50):

@@ -63,7 +63,7 @@ def picked(core: BalancerCore) -> set[str]:
 
 
 def test_endpoints_enter_the_picker_only_when_ready():
-    core, sel, _, events = make()
+    core, _, _, events = make()
     plan = core.set_endpoints(EndpointSet(ADDRS[:2]))
     assert [e.address for e in plan.open] == ADDRS[:2] and plan.close == ()
     with pytest.raises(NoEndpointsError) as info:
