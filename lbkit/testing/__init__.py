@@ -1,5 +1,31 @@
-"""Helpers for tests: a real model server, and (in their own modules) a Consul-compatible server."""
+"""Helpers for tests: real model servers and a Consul-compatible HTTP server (loaded lazily)."""
 
-from lbkit.testing.model_server import Behavior, ModelServer
+from __future__ import annotations
 
-__all__ = ["Behavior", "ModelServer"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Behavior", "ConsulServer", "ConsulTimings", "ModelServer", "RecordedRequest", "ServerProcess"]
+
+_LAZY = {
+    "Behavior": "lbkit.testing.model_server",
+    "ModelServer": "lbkit.testing.model_server",
+    "ConsulServer": "lbkit.testing.consul_server",
+    "ConsulTimings": "lbkit.testing.consul_server",
+    "RecordedRequest": "lbkit.testing.consul_server",
+    "ServerProcess": "lbkit.testing.server_process",
+}
+
+if TYPE_CHECKING:
+    from lbkit.testing.consul_server import ConsulServer, ConsulTimings, RecordedRequest
+    from lbkit.testing.model_server import Behavior, ModelServer
+    from lbkit.testing.server_process import ServerProcess
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lbkit.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
