@@ -108,19 +108,20 @@ def _as_series(value: object) -> Series | None:
     return out or None
 
 
-def _find_series(data: object, words: tuple[str, ...], depth: int = 0) -> Series | None:
-    """The first value under a key naming all of ``words`` that reads as series (searching nested data)."""
+def _find_series(data: object, words: tuple[str, ...], depth: int = 0) -> tuple[str, Series] | None:
+    """The first key naming all of ``words`` whose value reads as series, and the series (searching nested
+    data)."""
     if not isinstance(data, Mapping) or depth > 3:
         return None
     for key, value in data.items():
         if all(w in str(key).lower() for w in words):
             series = _as_series(value)
             if series:
-                return series
+                return str(key), series
     for value in data.values():
-        series = _find_series(value, words, depth + 1)
-        if series:
-            return series
+        found = _find_series(value, words, depth + 1)
+        if found:
+            return found
     return None
 
 
@@ -176,19 +177,20 @@ def make_plots(results: Mapping[str, Any], directory: str) -> tuple[dict[str, st
         result = results.get(module)
         if not result or "data" not in result:
             continue
-        series = _find_series(result["data"], words)
-        if not series:
+        found = _find_series(result["data"], words)
+        if not found:
             notes.append(
                 f"No {module} plot: its data has no series under a key with {' and '.join(words)!r}."
             )
             continue
+        key, series = found
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for name, pairs in series.items():
             ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=name)
         if module == "selectors":
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(f"{ylabel} ({key})")
         ax.set_title(title)
         ax.legend(fontsize=7)
         save(fig, module, title, filename)

@@ -276,7 +276,7 @@ def _ratio(a: float, b: float) -> float:
 
 def run(quick: bool = False) -> Result:
     """Measure every cell; return tables of QPS, p50, p99 and client CPU per call, with ratios to native."""
-    rounds, window, warmup = (4, 0.1, 0.1) if quick else (20, 0.25, 0.5)
+    rounds, window, warmup = (3, 0.1, 0.05) if quick else (20, 0.25, 0.5)
     missing = lbkit_available()
     cells = _plan(quick, not missing)
     progress = Progress("e2e", len(cells))
