@@ -51,6 +51,9 @@ REJOIN_AT = 0.40
 FAIL_AT = 0.50
 """When the failing server starts failing every call."""
 CALL_TIMEOUT = 1.0
+EWMA_DECAY = 1.0
+"""Seconds of the peak-EWMA latency decay. lbkit's default, 10 s, outlasts a run of a few seconds: one
+latency spike (a busy machine) would then steer peak_ewma for the whole run."""
 KEYS = 500
 """Distinct ``lb-key`` values the client sends (consistent hashing maps them to servers)."""
 
@@ -232,6 +235,7 @@ def run_selector(
         wait_timeout=2.0,
         drain_timeout=2.0,
     )
+    lb.stats.decay = EWMA_DECAY
     lb.add_listener(events.append)
 
     def on_picker() -> None:
@@ -418,18 +422,21 @@ def _banner(cluster: Cluster, opts: DemoOptions) -> str:
     )
     lines = [
         f"lbkit demo: service {cluster.service!r} in {where}",
-        f"  {len(cluster.instances)} model servers on 127.0.0.1 (ModelService, {opts.delay_ms:g} ms a call), "
-        f"process {cluster.server_pid}, each registered with a gRPC health check every "
-        f"{cluster.check.interval:g} s:",
+        f"  {len(cluster.instances)} model servers on 127.0.0.1 (ModelService, {opts.delay_ms:g} ms a call, "
+        f"process {cluster.server_pid}),",
+        f"  each registered with its weight and a gRPC health check every {cluster.check.interval:g} s:",
     ]
     lines += [f"    {i.address:<22} {i.role.name:<8} {i.role.describe}" for i in cluster.instances]
     d = opts.duration
     lines += [
-        f"  client: lbkit.Balancer over lbkit.ConsulDiscovery, {opts.rate:g} calls/s, at most "
-        f"{opts.concurrency} in flight, {CALL_TIMEOUT:g} s deadline, retries on another server; outlier "
-        "ejection after 5 failures in a row (2 s, longer each time)",
+        f"  client: lbkit.Balancer over lbkit.ConsulDiscovery; {opts.rate:g} calls/s, at most "
+        f"{opts.concurrency} in flight, {CALL_TIMEOUT:g} s deadline;",
+        "    failed calls retried on another server; outlier ejection after 5 failures in a row (2 s, "
+        "longer each time);",
+        f"    latency EWMA decay {EWMA_DECAY:g} s (default 10 s, shortened to suit runs of a few seconds)",
         f"  each selector runs {d:g} s: at {LEAVE_AT * d:.1f} s the leaving server is deregistered, at "
-        f"{REJOIN_AT * d:.1f} s registered again; at {FAIL_AT * d:.1f} s the failing server starts failing",
+        f"{REJOIN_AT * d:.1f} s registered again;",
+        f"    at {FAIL_AT * d:.1f} s the failing server starts failing every call (its health check passes)",
         f"  selectors: {', '.join(opts.selectors)}",
         "",
     ]
