@@ -12,7 +12,7 @@ import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, never_reached_server
+from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def _metadata_key(metadata: Any, header: str) -> Key:
 class CallSpec:
     """What every call of one stub method shares: the method, its codecs, the key rule, the balancer."""
 
-    __slots__ = ("header", "key_fn", "keyed", "lb", "method", "spec")
+    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
 
     def __init__(
         self,
@@ -54,6 +54,7 @@ class CallSpec:
         self.key_fn = key_fn
         self.keyed = lb.keyed
         self.header = lb.options.key_header
+        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
 
     def key(self, metadata: Any, request: Any) -> Key:
         """The call's hash key (None unless the policy uses keys)."""
@@ -63,14 +64,20 @@ class CallSpec:
             return self.key_fn(self.method, request)
         return _metadata_key(metadata, self.header)
 
-    def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
+    def retryable(
+        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
+    ) -> bool:
         """Whether a failure may be retried on another endpoint (policy and budget permitting)."""
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
         if never_reached_server(code, details):
             return True  # always safe, and not throttled (gRFC A6 transparent retries)
-        if code in policy.retryable_codes:
+        if code in policy.retryable_codes or (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            and policy.attempt_timeout is not None
+            and (deadline is None or time.monotonic() < deadline)
+        ):
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -83,7 +90,7 @@ class CallSpec:
             if isinstance(exc, _ChannelClosed):  # the call never left
                 return True
             if isinstance(exc, grpc.RpcError) and not isinstance(exc, NoEndpointsError):
-                return self.retryable(exc.code(), exc.details())
+                return self.retryable(exc.code(), exc.details(), deadline)
             return False
 
         return Retrying(
@@ -125,10 +132,11 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         st = member.stats
         t0 = st.start()
         try:
+            timeout = attempt_left(deadline, c.attempt_timeout)
             if with_call:
-                result = mc.with_call(request, timeout=_timeout_left(deadline), **kw)
+                result = mc.with_call(request, timeout=timeout, **kw)
             else:
-                result = mc(request, timeout=_timeout_left(deadline), **kw)
+                result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
             st.finish(t0, not lb.is_failure(err.code()))
             raise
@@ -151,13 +159,14 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         st = member.stats
         t0 = st.start()
         try:
+            timeout = attempt_left(deadline, c.attempt_timeout)
             if with_call:
-                result = mc.with_call(request, timeout=_timeout_left(deadline), **kw)
+                result = mc.with_call(request, timeout=timeout, **kw)
             else:
-                result = mc(request, timeout=_timeout_left(deadline), **kw)
+                result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
             st.finish(t0, not lb.is_failure(err.code()))
-            if not c.retryable(err.code(), err.details()):
+            if not c.retryable(err.code(), err.details(), deadline):
                 raise
             return self._retry(request, deadline, kw, with_call, {member.address})
         except ValueError as err:

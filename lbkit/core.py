@@ -51,6 +51,9 @@ class EndpointState:
     """The active health check has answered at least once (True when health checks are off)."""
     usable_since: float | None = None
     """When it last became eligible (ready, healthy, not ejected): the start of its slow start."""
+    warm: bool = False
+    """In the first endpoint set: no slow start until it has once dropped out (a pool that starts
+    has nothing to ramp against)."""
 
     @property
     def state(self) -> str:
@@ -116,10 +119,13 @@ class BalancerCore:
         """Take a new endpoint set from discovery; return what to open and close."""
         with self._lock:
             diff = self.endpoint_set.diff(new)
+            first = not self.members
             self.endpoint_set = new
             now = self.clock()
             for e in diff.added:
-                self.members[e.address] = EndpointState(e, healthy=True, health_known=not self.health_checked)
+                self.members[e.address] = EndpointState(
+                    e, healthy=True, health_known=not self.health_checked, warm=first
+                )
                 self.stats[e.address]
                 self._emit(EventKind.ADDED, e.address, "discovered", now)
             for e in diff.changed:
@@ -255,8 +261,9 @@ class BalancerCore:
             if self._eligible(m):
                 if m.usable_since is None:
                     m.usable_since = now
-            else:
+            elif m.usable_since is not None:
                 m.usable_since = None
+                m.warm = False
         panic = (
             bool(connected)
             and self.panic_threshold > 0
@@ -280,7 +287,7 @@ class BalancerCore:
             for m in members:
                 entry = self.stats[m.endpoint.address]
                 factor = 1.0
-                if m.usable_since is not None and not panic:
+                if m.usable_since is not None and not panic and not m.warm:
                     factor = self.slow_start.factor(now - m.usable_since)
                 entry.weight_factor = factor
                 if factor < 1.0:

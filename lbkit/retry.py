@@ -13,7 +13,7 @@ from tenacity.stop import stop_base
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
 
-__all__ = ["RetryBudget", "RetryPolicy", "StopAtDeadline", "never_reached_server"]
+__all__ = ["RetryBudget", "RetryPolicy", "StopAtDeadline", "attempt_left", "never_reached_server"]
 
 # Details gRPC gives for a call that failed before any byte reached a server.
 _NOT_SENT_MARKERS = (
@@ -28,6 +28,14 @@ _NOT_SENT_MARKERS = (
     "network is unreachable",
     "no route to host",
 )
+
+
+def attempt_left(deadline: float | None, attempt_timeout: float | None) -> float | None:
+    """Seconds the next attempt may take: what is left of the deadline, capped by ``attempt_timeout``."""
+    if deadline is None:
+        return attempt_timeout
+    left = max(deadline - time.monotonic(), 0.0)
+    return left if attempt_timeout is None else min(left, attempt_timeout)
 
 
 def never_reached_server(code: grpc.StatusCode | None, details: str | None) -> bool:
@@ -62,6 +70,9 @@ class RetryPolicy:
     failures retry, e.g. a server dying under 50 calls). 0 disables the budget. Calls that never
     reached a server are retried without a token."""
     budget_token_ratio: float = 0.1
+    attempt_timeout: float | None = None
+    """Seconds one unary attempt may take (Envoy's per-try timeout); an attempt that runs out is retried
+    on another endpoint while the call's own deadline allows. None: an attempt has the whole deadline."""
 
     def __post_init__(self) -> None:
         name = "RetryPolicy"
@@ -80,6 +91,8 @@ class RetryPolicy:
         check_float(name, "max_backoff", self.max_backoff, minimum=self.initial_backoff)
         check_float(name, "budget_max_tokens", self.budget_max_tokens, minimum=0.0)
         check_float(name, "budget_token_ratio", self.budget_token_ratio, minimum=0.0, maximum=1.0)
+        if self.attempt_timeout is not None:
+            check_float(name, "attempt_timeout", self.attempt_timeout, minimum=0.0, strict_min=True)
 
 
 class RetryBudget:

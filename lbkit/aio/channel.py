@@ -14,7 +14,7 @@ from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, never_reached_server
+from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def _done_code(call: Any) -> grpc.StatusCode | None:
 
 
 class _Spec:
-    __slots__ = ("header", "key_fn", "keyed", "lb", "method", "spec")
+    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
 
     def __init__(
         self,
@@ -51,6 +51,7 @@ class _Spec:
         self.key_fn = key_fn
         self.keyed = lb.keyed
         self.header = lb.options.key_header
+        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
 
     def key(self, metadata: Any, request: Any) -> Key:
         if not self.keyed:
@@ -64,13 +65,19 @@ class _Spec:
                     return value if isinstance(value, (str, bytes)) else str(value)
         return None
 
-    def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
+    def retryable(
+        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
+    ) -> bool:
         policy = self.lb.retry_policy
         if policy.max_attempts <= 1:
             return False
         if never_reached_server(code, details):
             return True  # always safe, and not throttled (gRFC A6 transparent retries)
-        if code in policy.retryable_codes:
+        if code in policy.retryable_codes or (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            and policy.attempt_timeout is not None
+            and (deadline is None or time.monotonic() < deadline)
+        ):
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
@@ -83,7 +90,8 @@ class _Spec:
         st = member.stats
         t0 = st.start()
         try:
-            inner = member.callable(self.spec)(request, timeout=_left(deadline), **kw)
+            timeout = attempt_left(deadline, self.attempt_timeout)
+            inner = member.callable(self.spec)(request, timeout=timeout, **kw)
         except BaseException:
             st.finish(t0, True, observe_latency=False)
             raise
@@ -162,7 +170,7 @@ class _CallBase:
             return False
         if self._deadline is not None and time.monotonic() >= self._deadline:
             return False
-        return c.retryable(err.code(), err.details())
+        return c.retryable(err.code(), err.details(), self._deadline)
 
     async def _backoff(self, count: bool = True) -> None:
         if count:

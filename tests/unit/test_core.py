@@ -184,7 +184,10 @@ def test_slow_start_ramps_weight_factor_and_rebuilds_until_full():
     core, sel, clock, _ = make(slow_start=SlowStart(window=10.0, min_weight_percent=10.0))
     core.set_endpoints(EndpointSet(ADDRS[:1]))
     core.set_ready(ADDRS[0], True)
-    entry = core.stats[ADDRS[0]]
+    assert core.stats[ADDRS[0]].weight_factor == 1.0  # the first set starts warm
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    core.set_ready(ADDRS[1], True)
+    entry = core.stats[ADDRS[1]]
     assert entry.weight_factor == pytest.approx(0.1)
     clock.now += 5.0
     core.tick()
@@ -210,3 +213,15 @@ def test_listener_exceptions_do_not_break_the_core():
     core.set_endpoints(EndpointSet(ADDRS[:1]))
     core.set_ready(ADDRS[0], True)
     assert picked(core) == {ADDRS[0]}
+
+
+def test_slow_start_applies_to_a_first_set_endpoint_once_it_has_dropped_out():
+    core, _, clock, _ = make(slow_start=SlowStart(window=10.0, min_weight_percent=10.0))
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    core.set_ready(ADDRS[0], True)
+    core.set_ready(ADDRS[1], True)
+    core.set_ready(ADDRS[0], False)
+    clock.now += 1.0
+    core.set_ready(ADDRS[0], True)  # back after a disconnect: ramps like a newcomer
+    assert core.stats[ADDRS[0]].weight_factor == pytest.approx(0.1)
+    assert core.stats[ADDRS[1]].weight_factor == 1.0
