@@ -32,6 +32,8 @@ class Fault:
     """What was done, e.g. "deregistered from Consul"."""
     at: float
     """Seconds after the run began."""
+    label: str = ""
+    """A word or two for the plot (``what`` when empty)."""
     detected_after: float | None = None
     """Seconds from the fault to the balancer acting on it (None: it did not within the run)."""
     detected_by: str = ""
@@ -279,11 +281,12 @@ def write_plot(runs: Sequence[SelectorRun], path: str) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
     n = len(runs)
-    fig, axes_any = plt.subplots(n, 1, figsize=(9, 2.4 * n + 0.8), sharex=True, squeeze=False)
+    height = 2.4 * n + 1.0
+    fig, axes_any = plt.subplots(n, 1, figsize=(9, height), sharex=True, squeeze=False)
     axes: list[Any] = [row[0] for row in axes_any]
     colors = ["tab:orange", "tab:red", "tab:purple", "tab:green"]
     for ax, run in zip(axes, runs, strict=True):
@@ -317,7 +320,7 @@ def write_plot(runs: Sequence[SelectorRun], path: str) -> str | None:
         for fault in run.faults:
             ax.axvline(fault.at, color=color_of.get(fault.address, "gray"), linestyle="--", linewidth=1.0)
             ax.annotate(
-                fault.what,
+                fault.label or fault.what,
                 (fault.at, 1.0),
                 xycoords=("data", "axes fraction"),
                 fontsize=7,
@@ -332,13 +335,15 @@ def write_plot(runs: Sequence[SelectorRun], path: str) -> str | None:
             fontsize=9,
         )
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("latency, ms")
         ax.grid(True, which="both", alpha=0.2)
-    axes[0].legend(fontsize=7, loc="upper left", markerscale=3, ncol=3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, markerscale=3, frameon=False)
     axes[-1].set_xlabel("seconds into the run")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.55 / height, 1.0, 1.0))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None

@@ -155,6 +155,7 @@ class _Step:
     """Share of the run."""
     instance: Instance
     what: str
+    label: str
     action: Callable[[], None]
     kinds: frozenset[EventKind]
     """Events that show the balancer acted; empty: the endpoint coming back (READY)."""
@@ -255,6 +256,7 @@ def run_selector(
             LEAVE_AT,
             leaving,
             "deregistered from Consul",
+            "leaving: deregistered",
             lambda: cluster.leave(leaving),
             frozenset({EventKind.REMOVED}),
         ),
@@ -262,10 +264,11 @@ def run_selector(
             REJOIN_AT,
             leaving,
             "registered again (listed once its check passes)",
+            "leaving: back",
             lambda: cluster.rejoin(leaving),
             frozenset(),
         ),
-        _Step(FAIL_AT, failing, "starts failing every call", start_failing, _GONE),
+        _Step(FAIL_AT, failing, "starts failing every call", "failing: fails", start_failing, _GONE),
     ]
     faults: list[tuple[Fault, frozenset[EventKind]]] = []
     request = pb2.PredictRequest(features=[1.0, 2.0, 3.0], model_version="v1")
@@ -297,7 +300,10 @@ def run_selector(
                 at = time.monotonic() - start
                 step.action()
                 faults.append(
-                    (Fault(step.instance.address, step.instance.role.name, step.what, at), step.kinds)
+                    (
+                        Fault(step.instance.address, step.instance.role.name, step.what, at, step.label),
+                        step.kinds,
+                    )
                 )
                 progress.note(
                     f"  at {at:5.2f} s  {step.instance.address} ({step.instance.role.name}) {step.what}"

