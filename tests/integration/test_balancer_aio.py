@@ -54,13 +54,13 @@ async def test_every_selector_spreads_concurrent_calls(make_servers, selector):
 
 async def test_peak_ewma_starves_a_slow_server(make_servers):
     fast = make_servers(2)
-    slow = make_servers(1, delay=0.05)[0]
+    slow = make_servers(1, delay=0.1)[0]
     servers = [*fast, slow]
     async with lbkit.aio.Balancer([s.address for s in servers], selector="peak_ewma") as lb:
         await lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
-        for _ in range(20):
-            await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(10)))
+        for _ in range(100):
+            await asyncio.gather(*(stub.Predict(REQ, timeout=5) for _ in range(2)))
     assert sum(served_counts(servers)) == 200
     assert slow.calls["Predict"] <= 30, served_counts(servers)  # round robin would send it ~67
 
