@@ -471,7 +471,8 @@ def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
     handler = _LogToProgress(progress)
     lbkit_log = logging.getLogger("lbkit")
     lbkit_log.addHandler(handler)
-    if lbkit_log.level == logging.NOTSET:
+    level = lbkit_log.level
+    if level == logging.NOTSET:
         lbkit_log.setLevel(logging.WARNING)
     cluster = Cluster(service=opts.service_name, consul=opts.consul, delay_ms=opts.delay_ms)
     runs: list[SelectorRun] = []
@@ -519,6 +520,7 @@ def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
         except KeyboardInterrupt:
             cluster.close()
         lbkit_log.removeHandler(handler)
+        lbkit_log.setLevel(level)
         if started:
             progress.note(f"stopped: {started}")
     out.flush()
