@@ -300,6 +300,7 @@ def test_registration_reaches_the_balancer_and_deregistration_drains(
 
         # Calls in flight on b when it leaves Consul still complete on b.
         b.behavior.delay = 0.5
+        a0, b0 = a.calls["Predict"], b.calls["Predict"]
         replies: list[str] = []
         failures: list[BaseException] = []
 
@@ -312,20 +313,22 @@ def test_registration_reaches_the_balancer_and_deregistration_drains(
         callers = [threading.Thread(target=call) for _ in range(4)]
         for t in callers:
             t.start()
-        b_stats = lb.stats.get(b.address)
-        assert b_stats is not None
-        wait_until(lambda: b_stats.in_flight >= 1, what="a call in flight on b")
-        in_flight = b_stats.in_flight
+
+        def reached() -> int:
+            return a.calls["Predict"] - a0 + b.calls["Predict"] - b0
+
+        wait_until(lambda: reached() == 4, what="all four calls at a server")
+        in_flight = b.calls["Predict"] - b0
+        assert in_flight >= 1 and lb.stats[b.address].in_flight == in_flight
         assert reg.deregister()
         wait_until(lambda: b.address not in picker_addresses(lb), what="b out of the picker")
         assert lb.endpoint_states()[b.address] == "draining"
-        before = b.calls["Predict"]
         assert served_by(stub, 20) == {a.address: 20}  # no new call lands on b
-        assert b.calls["Predict"] == before
         for t in callers:
             t.join(5.0)
         assert not failures
         assert Counter(replies)[b.address] == in_flight  # the drained calls finished, on b
+        assert b.calls["Predict"] - b0 == in_flight  # and b saw no other call
         wait_until(lambda: b.address not in lb.members, what="b's channel closed after draining")
 
 

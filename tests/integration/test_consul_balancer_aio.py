@@ -145,19 +145,22 @@ async def test_registration_reaches_the_balancer_and_deregistration_drains(
 
             # Calls in flight on b when it leaves Consul still complete on b.
             b.behavior.delay = 0.5
+            a0, b0 = a.calls["Predict"], b.calls["Predict"]
             calls = [asyncio.ensure_future(stub.Predict(REQ, timeout=5)) for _ in range(4)]
-            b_stats = lb.stats.get(b.address)
-            assert b_stats is not None
-            await wait_until(lambda: b_stats.in_flight >= 1, what="a call in flight on b")
-            in_flight = b_stats.in_flight
+
+            def reached() -> int:
+                return a.calls["Predict"] - a0 + b.calls["Predict"] - b0
+
+            await wait_until(lambda: reached() == 4, what="all four calls at a server")
+            in_flight = b.calls["Predict"] - b0
+            assert in_flight >= 1 and lb.stats[b.address].in_flight == in_flight
             assert await reg.deregister()
         await wait_until(lambda: b.address not in picker_addresses(lb), what="b out of the picker")
         assert lb.endpoint_states()[b.address] == "draining"
-        before = b.calls["Predict"]
         assert await served_by(stub, 20) == {a.address: 20}  # no new call lands on b
-        assert b.calls["Predict"] == before
         replies = await asyncio.wait_for(asyncio.gather(*calls), 5.0)
         assert Counter(r.served_by for r in replies)[b.address] == in_flight  # drained calls finished on b
+        assert b.calls["Predict"] - b0 == in_flight  # and b saw no other call
         await wait_until(lambda: b.address not in lb.members, what="b's channel closed after draining")
 
 
