@@ -24,7 +24,7 @@ from lbkit.health.slow_start import SlowStart
 from lbkit.options import BalancerOptions
 from lbkit.retry import RetryBudget, RetryPolicy
 from lbkit.selectors.base import Key, Selector
-from lbkit.stats import EndpointStats
+from lbkit.stats import EndpointStats, Stats
 
 __all__ = ["Balancer"]
 
@@ -36,7 +36,7 @@ KeyFn = Callable[[str, Any], "str | bytes | None"]
 class Member:
     """One endpoint's channel in the pool, its stats, and its cached multicallables."""
 
-    __slots__ = ("address", "callables", "channel", "closing_at", "health", "stats")
+    __slots__ = ("address", "callables", "channel", "closing_at", "health", "health_report", "ready", "stats")
 
     def __init__(self, address: str, channel: Any, stats: EndpointStats) -> None:
         self.address = address
@@ -46,6 +46,10 @@ class Member:
         self.health: Any = None
         self.closing_at: float | None = None
         """When draining started (the endpoint left discovery); None while it is a member."""
+        self.ready = False
+        """The channel's last connectivity was READY."""
+        self.health_report: tuple[bool, str] | None = None
+        """The last active health answer (serving, reason), if any."""
 
     def callable(self, spec: tuple[Any, ...]) -> Any:
         """The channel's multicallable for ``spec`` = (kind, method, serializer, deserializer, registered)."""
@@ -90,6 +94,7 @@ class BalancerBase:
         channel_options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         service: str | None = None,
+        latency_decay: float = 10.0,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.discovery = as_discovery(discovery)
@@ -106,6 +111,7 @@ class BalancerBase:
             channel_options=channel_options,
             credentials=credentials,
             service=service,
+            latency_decay=latency_decay,
         )
         opts = self.options
         self.service = opts.service or self.discovery.service
@@ -118,6 +124,7 @@ class BalancerBase:
             slow_start=opts.slow_start,
             panic_threshold=opts.panic_threshold,
             health_checked=opts.health_check is not None,
+            stats=Stats(decay=opts.latency_decay),
         )
         if on_event is not None:
             self.core.add_listener(on_event)
@@ -134,6 +141,22 @@ class BalancerBase:
         """Retry attempts made: each time a call was tried again on another endpoint."""
         self._retry_lock = threading.Lock()
         self._closed = False
+
+    def revive(self, member: Member) -> None:
+        """Take back a draining member whose endpoint returned: the core hears its last known state."""
+        member.closing_at = None
+        self.core.set_ready(member.address, member.ready, "channel kept while draining")
+        if member.health_report is not None:
+            self.core.set_health(member.address, *member.health_report)
+
+    def on_health(self, address: str, serving: bool, reason: str) -> None:
+        """An active health answer for ``address`` (from a health watcher)."""
+        member = self.members.get(address)
+        if member is None:
+            return
+        member.health_report = (serving, reason)
+        if member.closing_at is None:
+            self.core.set_health(address, serving, reason)
 
     def _on_core_event(self, event: Event) -> None:
         """Hook for drivers (e.g. to reconnect an endpoint)."""
@@ -332,8 +355,7 @@ class Balancer(BalancerBase):
             for endpoint in plan.open:
                 member = self.members.get(endpoint.address)
                 if member is not None and member.closing_at is not None:
-                    member.closing_at = None  # came back while draining: keep its channel
-                    self._reconnect(member)
+                    self.revive(member)  # came back while draining: keep its channel
                     continue
                 self._open_member(endpoint)
         if plan.close:
@@ -351,18 +373,14 @@ class Balancer(BalancerBase):
         if opts.health_check is not None:
             from lbkit.health.active import HealthWatcher
 
-            member.health = HealthWatcher(opts.health_check, channel, endpoint.address, self._on_health)
+            member.health = HealthWatcher(opts.health_check, channel, endpoint.address, self.on_health)
             member.health.start()
 
-    def _on_health(self, address: str, serving: bool, reason: str) -> None:
-        member = self.members.get(address)
-        if member is not None and member.closing_at is None:
-            self.core.set_health(address, serving, reason)
-
     def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:
+        member.ready = state is grpc.ChannelConnectivity.READY
         if self.members.get(member.address) is not member or member.closing_at is not None:
             return
-        self.core.set_ready(member.address, state is grpc.ChannelConnectivity.READY, f"channel {state.name}")
+        self.core.set_ready(member.address, member.ready, f"channel {state.name}")
         if state is grpc.ChannelConnectivity.IDLE and not self._closed:
             self._reconnect(member)
 

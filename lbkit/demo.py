@@ -235,8 +235,8 @@ def run_selector(
         ),
         wait_timeout=2.0,
         drain_timeout=2.0,
+        latency_decay=EWMA_DECAY,
     )
-    lb.stats.decay = EWMA_DECAY
     lb.add_listener(events.append)
 
     def on_picker() -> None:

@@ -67,6 +67,8 @@ class BalancerOptions:
     """Channel credentials (e.g. ``grpc.ssl_channel_credentials(...)``); None: insecure."""
     service: str | None = None
     """The name in errors, logs and metric labels; None: the discovery's service name."""
+    latency_decay: float = 10.0
+    """Seconds of the peak-EWMA latency decay window (Finagle's and Linkerd's default is 10 s)."""
 
     def __post_init__(self) -> None:
         o = "Balancer"
@@ -110,6 +112,7 @@ class BalancerOptions:
         object.__setattr__(self, "channel_options", merged)
         if self.credentials is not None and not isinstance(self.credentials, grpc.ChannelCredentials):
             raise ConfigError(f"{o}: credentials must be grpc.ChannelCredentials, got {self.credentials!r}")
+        check_float(o, "latency_decay", self.latency_decay, minimum=0.0, strict_min=True)
         if self.service is not None and (not isinstance(self.service, str) or not self.service):
             raise ConfigError(f"{o}: service must be a non-empty str, got {self.service!r}")
 

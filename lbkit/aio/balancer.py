@@ -165,7 +165,7 @@ class Balancer(BalancerBase):
         for endpoint in plan.open:
             member = self.members.get(endpoint.address)
             if member is not None and member.closing_at is not None:
-                member.closing_at = None
+                self.revive(member)  # came back while draining: keep its channel
                 continue
             self._open_member(endpoint)
         if plan.close:
@@ -185,22 +185,16 @@ class Balancer(BalancerBase):
         if opts.health_check is not None:
             from lbkit.health.active_aio import AsyncHealthWatcher
 
-            member.health = AsyncHealthWatcher(opts.health_check, channel, endpoint.address, self._on_health)
+            member.health = AsyncHealthWatcher(opts.health_check, channel, endpoint.address, self.on_health)
             member.health.start()
-
-    def _on_health(self, address: str, serving: bool, reason: str) -> None:
-        member = self.members.get(address)
-        if member is not None and member.closing_at is None:
-            self.core.set_health(address, serving, reason)
 
     async def _watch_connectivity(self, member: Member) -> None:
         channel = member.channel
         state = channel.get_state(try_to_connect=True)
         while not self._closed and self.members.get(member.address) is member:
+            member.ready = state is grpc.ChannelConnectivity.READY
             if member.closing_at is None:
-                self.core.set_ready(
-                    member.address, state is grpc.ChannelConnectivity.READY, f"channel {state.name}"
-                )
+                self.core.set_ready(member.address, member.ready, f"channel {state.name}")
             if state is grpc.ChannelConnectivity.IDLE:
                 channel.get_state(try_to_connect=True)  # kick a connect; keep waiting on what we saw
             await channel.wait_for_state_change(state)

@@ -314,3 +314,23 @@ def test_metadata_and_trailers_pass_through(make_servers):
     assert reply.served_by == servers[0].address
     assert ("lb-served-by", servers[0].address) in tuple(call.trailing_metadata())
     assert call.code() is grpc.StatusCode.OK
+
+
+def test_endpoint_back_while_draining_is_picked_again_with_health_checks(make_servers):
+    slow = make_servers(1, delay=0.5)[0]
+    other = make_servers(1)[0]
+    discovery = lbkit.StaticDiscovery([slow.address, other.address])
+    with lbkit.Balancer(discovery, selector="round_robin", health_check=lbkit.HealthCheck()) as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        t = threading.Thread(target=lambda: [stub.Predict(REQ, timeout=5) for _ in range(2)])
+        t.start()
+        wait_for(lambda: lb.stats[slow.address].in_flight == 1)
+        discovery.update([other.address])  # slow leaves: its channel drains
+        assert lb.endpoint_states()[slow.address] == "draining"
+        discovery.update([slow.address, other.address])  # and comes back before the drain ends
+        wait_for(lambda: len(lb.core.picker.endpoints) == 2, timeout=3)
+        t.join(10)
+        slow.behavior.delay = 0.0
+        seen = Counter(stub.Predict(REQ, timeout=5).served_by for _ in range(10))
+    assert seen[slow.address] == 5
