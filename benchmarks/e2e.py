@@ -121,7 +121,7 @@ def open_sync(variant: Variant, addresses: list[str]) -> Iterator[Any]:
     """A ModelService stub for ``variant``, ready, closed on exit."""
     if variant.kind == "lbkit":
         with balancer_class(False)(StaticDiscovery(addresses), selector=variant.selector) as lb:
-            lb.wait_ready(timeout=10.0)
+            lb.wait_ready(timeout=10.0, count=len(addresses))
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         return
     if variant.kind == "native":
@@ -140,7 +140,7 @@ async def open_aio(variant: Variant, addresses: list[str]) -> AsyncIterator[Any]
     """An asyncio ModelService stub for ``variant``, ready, closed on exit."""
     if variant.kind == "lbkit":
         async with balancer_class(True)(StaticDiscovery(addresses), selector=variant.selector) as lb:
-            await lb.wait_ready(timeout=10.0)
+            await lb.wait_ready(timeout=10.0, count=len(addresses))
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         return
     if variant.kind == "native":
@@ -251,7 +251,7 @@ def measure_cell(
     return loads, broken
 
 
-def _plan(quick: bool, with_lbkit: bool) -> list[tuple[Mode, str, list[Variant]]]:
+def plan(quick: bool, with_lbkit: bool) -> list[tuple[Mode, str, list[Variant]]]:
     """The cells: for each mode and call kind, the variants measured side by side."""
     selectors = SELECTORS if with_lbkit else ()
     cells: list[tuple[Mode, str, list[Variant]]] = []
@@ -259,13 +259,13 @@ def _plan(quick: bool, with_lbkit: bool) -> list[tuple[Mode, str, list[Variant]]
         for mode in MODES:
             if kind == "unary":
                 variants = [PLAIN, NATIVE, *(lbkit_variant(s) for s in selectors)]
-                if "consistent_hash" in selectors:
-                    variants.insert(2, NATIVE_KEYED)
             else:
                 chosen = ("round_robin", "least_connections") if quick else selectors
                 variants = [NATIVE, *(lbkit_variant(s) for s in selectors if s in chosen)]
                 if quick and mode.concurrency == 1:
                     continue  # the quick run streams at the high concurrency only
+            if any(v.keyed for v in variants):
+                variants.insert(variants.index(NATIVE) + 1, NATIVE_KEYED)
             cells.append((mode, kind, variants))
     return cells
 
@@ -278,7 +278,7 @@ def run(quick: bool = False) -> Result:
     """Measure every cell; return tables of QPS, p50, p99 and client CPU per call, with ratios to native."""
     rounds, window, warmup = (3, 0.1, 0.05) if quick else (20, 0.25, 0.5)
     missing = lbkit_available()
-    cells = _plan(quick, not missing)
+    cells = plan(quick, not missing)
     progress = Progress("e2e", len(cells))
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     tables: list[dict[str, Any]] = []
@@ -312,7 +312,10 @@ def run(quick: bool = False) -> Result:
                     f"{cpu:.0f}",
                     errors,
                 ]
-                if variant.kind == "lbkit":
+                if variant.kind == "lbkit" and len(loads.get(variant.baseline, ())) != len(xs):
+                    verdicts.append(False)
+                    row += ["no baseline", "", "FAIL"]
+                elif variant.kind == "lbkit":
                     base = loads[variant.baseline]
                     cpu_r = median([_ratio(x.cpu_us, b.cpu_us) for x, b in zip(xs, base, strict=True)])
                     qps_r = median([_ratio(x.qps, b.qps) for x, b in zip(xs, base, strict=True)])

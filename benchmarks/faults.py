@@ -205,7 +205,7 @@ def _client(kind: str, selector: str, addresses: list[str], events: Events, quic
         with cls(
             StaticDiscovery(addresses), selector=selector, on_event=events, **_lbkit_options(quick)
         ) as lb:
-            lb.wait_ready(timeout=10.0)
+            lb.wait_ready(timeout=10.0, count=len(addresses))
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         return
     target = "ipv4:" + ",".join(addresses)

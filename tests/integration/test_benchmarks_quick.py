@@ -51,3 +51,24 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
     assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
     assert "latency_cdf_slow_server.png" in report
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_e2e_cell_holds_the_baseline_of_each_lbkit_variant(quick: bool) -> None:
+    from benchmarks.e2e import NATIVE, SELECTORS, plan
+
+    cells = plan(quick, True)
+    assert {m.name for m, kind, _ in cells if kind == "unary"} == {
+        "sync c=1",
+        "sync c=16",
+        "aio c=1",
+        "aio c=64",
+    }
+    for _, kind, variants in cells:
+        names = [v.name for v in variants]
+        assert NATIVE.name in names and len(set(names)) == len(names)
+        for v in variants:
+            if v.kind == "lbkit":
+                assert v.baseline in names
+        if kind == "unary":
+            assert {v.selector for v in variants if v.kind == "lbkit"} == set(SELECTORS)
