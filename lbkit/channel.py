@@ -12,7 +12,7 @@ import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server
+from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server, server_code
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class CallSpec:
             if isinstance(exc, _ChannelClosed):  # the call never left
                 return True
             if isinstance(exc, grpc.RpcError) and not isinstance(exc, NoEndpointsError):
-                return self.retryable(exc.code(), exc.details(), deadline)
+                return self.retryable(server_code(exc.code()), exc.details(), deadline)
             return False
 
         return Retrying(
@@ -138,7 +138,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
             else:
                 result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
-            st.finish(t0, not lb.is_failure(err.code()))
+            st.finish(t0, not lb.is_failure(server_code(err.code())))
             raise
         except ValueError as err:
             st.finish(t0, True, observe_latency=False)
@@ -165,8 +165,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
             else:
                 result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
-            st.finish(t0, not lb.is_failure(err.code()))
-            if not c.retryable(err.code(), err.details(), deadline):
+            code = server_code(err.code())  # a blocking call is never cancelled by its client
+            st.finish(t0, not lb.is_failure(code))
+            if not c.retryable(code, err.details(), deadline):
                 raise
             return self._retry(request, deadline, kw, with_call, {member.address})
         except ValueError as err:
@@ -317,6 +318,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._kw = kw
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._got_first = False
+        self._user_cancelled = False
         self._attempt = 0
         self._tried: set[str] = set()
         self._inner: Any = None
@@ -348,7 +350,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             return False
         if self._deadline is not None and time.monotonic() >= self._deadline:
             return False
-        return c.retryable(err.code(), err.details())
+        return c.retryable(server_code(err.code(), self._user_cancelled), err.details())
 
     def __iter__(self) -> _StreamCall:
         return self
@@ -387,6 +389,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         return self._inner.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
+        self._user_cancelled = True
         return bool(self._inner.cancel())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
@@ -504,12 +507,13 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
                 else:
                     result = mc(tape.reader(), timeout=_timeout_left(deadline), **kw)
             except grpc.RpcError as err:
-                st.finish(t0, not lb.is_failure(err.code()))
+                code = server_code(err.code())
+                st.finish(t0, not lb.is_failure(code))
                 if (
                     attempt >= lb.retry_policy.max_attempts
                     or not tape.replayable
                     or (deadline is not None and time.monotonic() >= deadline)
-                    or not c.retryable(err.code(), err.details())
+                    or not c.retryable(code, err.details())
                 ):
                     raise
                 lb.note_retry()

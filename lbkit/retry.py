@@ -13,7 +13,14 @@ from tenacity.stop import stop_base
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
 
-__all__ = ["RetryBudget", "RetryPolicy", "StopAtDeadline", "attempt_left", "never_reached_server"]
+__all__ = [
+    "RetryBudget",
+    "RetryPolicy",
+    "StopAtDeadline",
+    "attempt_left",
+    "never_reached_server",
+    "server_code",
+]
 
 # Details gRPC gives for a call that failed before any byte reached a server.
 _NOT_SENT_MARKERS = (
@@ -36,6 +43,14 @@ def attempt_left(deadline: float | None, attempt_timeout: float | None) -> float
         return attempt_timeout
     left = max(deadline - time.monotonic(), 0.0)
     return left if attempt_timeout is None else min(left, attempt_timeout)
+
+
+def server_code(code: grpc.StatusCode | None, client_cancelled: bool = False) -> grpc.StatusCode | None:
+    """The status as the server's doing: CANCELLED that the client did not ask for is a reset stream
+    (the server went away mid-call, e.g. stopped without grace), which counts as UNAVAILABLE."""
+    if code is grpc.StatusCode.CANCELLED and not client_cancelled:
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 def never_reached_server(code: grpc.StatusCode | None, details: str | None) -> bool:

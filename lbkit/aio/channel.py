@@ -14,7 +14,7 @@ from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server
+from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server, server_code
 from lbkit.selectors.base import Key
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class _CallBase:
             return False
         if self._deadline is not None and time.monotonic() >= self._deadline:
             return False
-        return c.retryable(err.code(), err.details(), self._deadline)
+        return c.retryable(server_code(err.code(), self._cancelled), err.details(), self._deadline)
 
     async def _backoff(self, count: bool = True) -> None:
         if count:

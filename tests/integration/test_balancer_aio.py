@@ -196,3 +196,14 @@ async def test_pick_returns_a_ready_aio_channel(make_servers):
         channel = await lb.pick(timeout=5)
         reply = await pb2_grpc.ModelServiceStub(channel).Predict(REQ, timeout=5)
     assert reply.served_by in {s.address for s in servers}
+
+
+async def test_a_stream_reset_by_the_server_is_retried_like_unavailable(make_servers):
+    bad = make_servers(1, fail_rate=1.0, fail_code=grpc.StatusCode.CANCELLED)[0]
+    good = make_servers(1)[0]
+    async with lbkit.aio.Balancer([bad.address, good.address], selector="round_robin") as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        replies = [(await stub.Predict(REQ, timeout=5)).served_by for _ in range(4)]
+    assert set(replies) == {good.address}
+    assert bad.calls["Predict"] >= 1

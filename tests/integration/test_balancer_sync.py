@@ -334,3 +334,16 @@ def test_endpoint_back_while_draining_is_picked_again_with_health_checks(make_se
         slow.behavior.delay = 0.0
         seen = Counter(stub.Predict(REQ, timeout=5).served_by for _ in range(10))
     assert seen[slow.address] == 5
+
+
+def test_a_stream_reset_by_the_server_is_retried_like_unavailable(make_servers):
+    # A server stopped without grace resets its calls: the client sees CANCELLED it never asked for.
+    bad = make_servers(1, fail_rate=1.0, fail_code=grpc.StatusCode.CANCELLED)[0]
+    good = make_servers(1)[0]
+    with lbkit.Balancer([bad.address, good.address], selector="round_robin") as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        replies = [stub.Predict(REQ, timeout=5).served_by for _ in range(4)]
+        tokens = list(stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5))
+    assert set(replies) == {good.address} and {t.served_by for t in tokens} == {good.address}
+    assert bad.calls["Predict"] >= 1
