@@ -128,11 +128,10 @@ class BalancerBase:
         )
         if on_event is not None:
             self.core.add_listener(on_event)
-        self.core.add_listener(self._on_core_event)
         self.stats = self.core.stats
         self.members: dict[str, Member] = {}
         self.budget = RetryBudget(self.retry_policy.budget_max_tokens, self.retry_policy.budget_token_ratio)
-        self.keyed = getattr(self.selector, "keyed", False) or self.selector.name == "consistent_hash"
+        self.keyed = self.selector.uses_key
         outlier = self.core.outlier
         self.is_failure: Callable[[grpc.StatusCode | None], bool] = (
             outlier.is_failure if outlier is not None else _default_is_failure
@@ -157,9 +156,6 @@ class BalancerBase:
         member.health_report = (serving, reason)
         if member.closing_at is None:
             self.core.set_health(address, serving, reason)
-
-    def _on_core_event(self, event: Event) -> None:
-        """Hook for drivers (e.g. to reconnect an endpoint)."""
 
     def pick_endpoint(self, key: Key = None) -> Endpoint:
         """Pick an endpoint now from the current picker (raises NoEndpointsError if none is ready)."""
@@ -237,6 +233,12 @@ class Balancer(BalancerBase):
     def __enter__(self) -> Balancer:
         return self.start()
 
+    def _check_started(self) -> None:
+        if not getattr(self, "_threads", None):
+            raise RuntimeError(
+                f"{self.service}: the Balancer is not started: use `with lbkit.Balancer(...) as lb:` or lb.start()"
+            )
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -259,6 +261,7 @@ class Balancer(BalancerBase):
 
     def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
         """Block until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
+        self._check_started()
         deadline = time.monotonic() + timeout
         with self._picker_cond:
             while len(self.core.picker.endpoints) < count:
@@ -308,6 +311,7 @@ class Balancer(BalancerBase):
     def _pick_slow(self, key: Key, deadline: float | None, exclude: frozenset[str]) -> Member:
         if self._closed:
             raise NoEndpointsError(f"{self.service}: the balancer is closed")
+        self._check_started()
         if deadline is None:
             deadline = self._deadline(None)
         cond = self._picker_cond

@@ -82,6 +82,8 @@ class Balancer(BalancerBase):
 
     async def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
         """Wait until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
+        if not getattr(self, "_tasks", None):
+            raise RuntimeError(f"{self.service}: the Balancer is not started")
         deadline = time.monotonic() + timeout
         while len(self.core.picker.endpoints) < count:
             left = deadline - time.monotonic()
@@ -136,6 +138,11 @@ class Balancer(BalancerBase):
 
         A ``deadline`` of None waits ``wait_timeout`` from now.
         """
+        if not getattr(self, "_tasks", None):
+            raise RuntimeError(
+                f"{self.service}: the Balancer is not started: use `async with lbkit.aio.Balancer(...) as lb:`"
+                " or await lb.start()"
+            )
         if deadline is None:
             deadline = self._deadline(None)
         while True:

@@ -63,6 +63,9 @@ class Selector(ABC):
     slow_start: ClassVar[bool] = False
     """Whether the policy honours ``EndpointStats.weight_factor`` (slow start)."""
 
+    uses_key: ClassVar[bool] = False
+    """Whether picks read the call's key; the call path extracts keys only for such policies."""
+
     def build(self, endpoints: Iterable[Endpoint | str] | EndpointSet, stats: Stats | None = None) -> Picker:
         """Return a picker over ``endpoints``; an empty input gives a picker that raises NoEndpointsError."""
         items = (

@@ -294,6 +294,7 @@ class ConsistentHash(Selector):
 
     name: ClassVar[str] = "consistent_hash"
     uses_stats: ClassVar[bool] = True
+    uses_key: ClassVar[bool] = True
 
     algorithm: str = "maglev"
     vnodes: int = 100

@@ -207,3 +207,10 @@ async def test_a_stream_reset_by_the_server_is_retried_like_unavailable(make_ser
         replies = [(await stub.Predict(REQ, timeout=5)).served_by for _ in range(4)]
     assert set(replies) == {good.address}
     assert bad.calls["Predict"] >= 1
+
+
+async def test_a_call_on_a_balancer_never_started_fails_at_once_saying_so():
+    lb = lbkit.aio.Balancer(["127.0.0.1:1"], service="models")
+    stub = pb2_grpc.ModelServiceStub(lb.channel())
+    with pytest.raises(RuntimeError, match="models: the Balancer is not started"):
+        await stub.Predict(REQ, timeout=5)

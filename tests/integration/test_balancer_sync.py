@@ -347,3 +347,12 @@ def test_a_stream_reset_by_the_server_is_retried_like_unavailable(make_servers):
         tokens = list(stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5))
     assert set(replies) == {good.address} and {t.served_by for t in tokens} == {good.address}
     assert bad.calls["Predict"] >= 1
+
+
+def test_a_call_on_a_balancer_never_started_fails_at_once_saying_so():
+    lb = lbkit.Balancer(["127.0.0.1:1"], service="models")
+    stub = pb2_grpc.ModelServiceStub(lb.channel())
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="models: the Balancer is not started"):
+        stub.Predict(REQ, timeout=5)
+    assert time.monotonic() - start < 1.0
