@@ -236,7 +236,8 @@ class Balancer(BalancerBase):
     def _check_started(self) -> None:
         if not getattr(self, "_threads", None):
             raise RuntimeError(
-                f"{self.service}: the Balancer is not started: use `with lbkit.Balancer(...) as lb:` or lb.start()"
+                f"{self.service}: the Balancer is not started: "
+                "use `with lbkit.Balancer(...) as lb:` or lb.start()"
             )
 
     def __exit__(self, *exc: object) -> None:

@@ -140,8 +140,8 @@ class Balancer(BalancerBase):
         """
         if not getattr(self, "_tasks", None):
             raise RuntimeError(
-                f"{self.service}: the Balancer is not started: use `async with lbkit.aio.Balancer(...) as lb:`"
-                " or await lb.start()"
+                f"{self.service}: the Balancer is not started: "
+                "use `async with lbkit.aio.Balancer(...) as lb:` or await lb.start()"
             )
         if deadline is None:
             deadline = self._deadline(None)
