@@ -241,7 +241,9 @@ class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         self._try_start_now(True)
 
     async def _run(self) -> Any:
-        inner = await self._ensure_inner(True)
+        inner = self._inner
+        if inner is None:
+            inner = await self._ensure_inner(True)
         try:
             return await inner
         except grpc.RpcError as err:
