@@ -1,8 +1,8 @@
 """The benchmark suite: ``python -m benchmarks [--quick] [--only NAME ...] [--out FILE] [--json FILE]``.
 
-Runs each benchmark module present (selectors, hash_quality, e2e, faults, consul_propagation), writes one
-Markdown report headed by the machine and versions, a JSON of every result, and PNG plots if matplotlib
-is installed. Exits 1 if a module raised (the report still lists the others).
+Runs each benchmark module present (see ``MODULES``), writes one Markdown report headed by the machine and
+versions, a JSON of every result, and PNG plots if matplotlib is installed. Exits 1 if a module raised
+(the report still lists the others).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from benchmarks._common import Result, machine_info, markdown_table, render_resu
 
 __all__ = ["MODULES", "main", "make_plots", "render_report", "run_suite"]
 
-MODULES = ("selectors", "hash_quality", "e2e", "faults", "consul_propagation")
+MODULES = ("selectors", "hash_quality", "e2e", "faults", "consul_propagation", "consul_picker")
 """Benchmark modules, in the order they run and appear in the report."""
 
 Series = dict[str, list[tuple[float, float]]]
