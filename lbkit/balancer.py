@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from lbkit.core import BalancerCore
-from lbkit.discovery.base import Discovery
+from lbkit.discovery.base import Discovery, DiscoveryStatus
 from lbkit.discovery.static import StaticDiscovery
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError, NoEndpointsError, NoReadyEndpointError
@@ -128,6 +128,7 @@ class BalancerBase:
         )
         if on_event is not None:
             self.core.add_listener(on_event)
+        self.discovery.status.listeners.append(self._on_discovery_status)
         self.stats = self.core.stats
         self.members: dict[str, Member] = {}
         self.budget = RetryBudget(self.retry_policy.budget_max_tokens, self.retry_policy.budget_token_ratio)
@@ -140,6 +141,18 @@ class BalancerBase:
         """Retry attempts made: each time a call was tried again on another endpoint."""
         self._retry_lock = threading.Lock()
         self._closed = False
+
+    def _detach(self) -> None:
+        """Stop hearing from the discovery source (it may outlive this balancer)."""
+        with contextlib.suppress(ValueError):
+            self.discovery.status.listeners.remove(self._on_discovery_status)
+
+    def _on_discovery_status(self, status: DiscoveryStatus) -> None:
+        if status.stale:
+            reason = f"keeping the last {len(self.core.members)} endpoints: {status.last_error}"
+        else:
+            reason = "answering again"
+        self.core.set_discovery_status(status.stale, reason)
 
     def revive(self, member: Member) -> None:
         """Take back a draining member whose endpoint returned: the core hears its last known state."""
@@ -276,6 +289,7 @@ class Balancer(BalancerBase):
         if self._closed:
             return
         self._closed = True
+        self._detach()
         if not getattr(self, "_threads", None):
             return
         self._stop.set()

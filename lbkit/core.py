@@ -200,6 +200,13 @@ class BalancerCore:
                 deadlines.append(self.clock() + self._ramp_step())
             return min(deadlines) if deadlines else None
 
+    def set_discovery_status(self, stale: bool, reason: str) -> None:
+        """Record that discovery started failing (``stale``) or answers again."""
+        with self._lock:
+            kind = EventKind.DISCOVERY_ERROR if stale else EventKind.DISCOVERY_RECOVERED
+            self._emit(kind, "", reason, self.clock())
+        self._flush()
+
     def forget(self, address: str) -> None:
         """Drop the stats of an endpoint whose channel has been closed (unless it came back)."""
         with self._lock:
@@ -340,7 +347,6 @@ _LEVELS = {
     EventKind.UNHEALTHY: logging.WARNING,
     EventKind.EJECTED: logging.WARNING,
     EventKind.PANIC_START: logging.WARNING,
-    EventKind.DISCOVERY_ERROR: logging.WARNING,
 }
 
 

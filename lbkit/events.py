@@ -32,7 +32,9 @@ class EventKind(str, enum.Enum):
     PANIC_END = "panic_end"
     """Enough endpoints are healthy again."""
     DISCOVERY_ERROR = "discovery_error"
-    """Discovery failed; the last good endpoint set stays in force."""
+    """Discovery started failing; the last good endpoint set stays in force."""
+    DISCOVERY_RECOVERED = "discovery_recovered"
+    """Discovery answers again after failing."""
 
 
 @dataclass(frozen=True, slots=True)

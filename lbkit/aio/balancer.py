@@ -97,6 +97,7 @@ class Balancer(BalancerBase):
         if self._closed:
             return
         self._closed = True
+        self._detach()
         if not getattr(self, "_tasks", None):
             return
         tasks = [*self._tasks, *self._member_tasks.values()]

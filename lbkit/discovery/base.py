@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lbkit.endpoint import EndpointSet
 
@@ -28,6 +28,30 @@ class DiscoveryStatus:
     """When the last good answer came."""
     last_error: str = ""
     """The last failure, as text (never holding a token)."""
+    listeners: list[Callable[[DiscoveryStatus], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+    """Called when an outage starts (the first failed query) and when it ends (the next good answer)."""
+
+    def failed(self, text: str) -> None:
+        """Record a failed query (``text`` must hold no secret); tell listeners if an outage starts."""
+        self.errors += 1
+        self.consecutive_errors += 1
+        self.last_error = text
+        if self.consecutive_errors == 1:
+            self._notify()
+
+    def succeeded(self, now: float) -> None:
+        """Record a good answer at ``now``; tell listeners if it ends an outage."""
+        was_stale = self.consecutive_errors > 0
+        self.consecutive_errors = 0
+        self.last_success = now
+        if was_stale:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            listener(self)
 
     @property
     def stale(self) -> bool:

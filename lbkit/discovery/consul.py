@@ -714,8 +714,7 @@ class ConsulWatchCore:
                 self.status.consecutive_errors,
                 now - self._outage_start,
             )
-        self.status.consecutive_errors = 0
-        self.status.last_success = now
+        self.status.succeeded(now)
         self._outage_start = None
         self._error_kind = ""
 
@@ -724,9 +723,7 @@ class ConsulWatchCore:
         text = self.connection.redact(text)
         if len(text) > _ERROR_TEXT_LIMIT:
             text = text[: _ERROR_TEXT_LIMIT - 3] + "..."
-        self.status.errors += 1
-        self.status.consecutive_errors += 1
-        self.status.last_error = text
+        self.status.failed(text)
         attempt = self.status.consecutive_errors
         self._retry_at = now + float(self._backoff(cast(Any, _Attempt(attempt))))
         kept = len(self.published) if self.published is not None else 0
