@@ -177,24 +177,24 @@ def _ejection(quick: bool) -> tuple[float, float]:
     return (0.5, 1.0) if quick else (1.0, 2.0)
 
 
+ATTEMPT_TIMEOUT = DEADLINE / 4
+"""Seconds one attempt may take before lbkit retries the call elsewhere (Envoy's per-try timeout)."""
+
+
 def _lbkit_options(quick: bool) -> dict[str, Any]:
-    """Outlier detection with short ejections (so return is measured in seconds) and health checks if any."""
+    """Short ejections (so return is timed in seconds), health checks, and a per-attempt timeout."""
     import lbkit
 
-    options: dict[str, Any] = {}
-    outlier = getattr(lbkit, "OutlierDetection", None)
-    if outlier is not None:
-        options["outlier_detection"] = outlier(
+    return {
+        "outlier_detection": lbkit.OutlierDetection(
             consecutive_failures=5,
             interval=0.5,
             base_ejection_time=_ejection(quick)[0],
             max_ejection_time=_ejection(quick)[1],
-        )
-    health = getattr(lbkit, "HealthCheck", None)
-    if health is not None:
-        with contextlib.suppress(TypeError, ValueError):
-            options["health_check"] = health(interval=0.5)
-    return options
+        ),
+        "health_check": lbkit.HealthCheck(interval=0.5),
+        "retry": lbkit.RetryPolicy(attempt_timeout=ATTEMPT_TIMEOUT),
+    }
 
 
 @contextlib.contextmanager
@@ -443,7 +443,10 @@ def run(quick: bool = False) -> Result:
         f"Fault phases: {phases[0]:g} s healthy, {phases[1]:g} s faulty, {phases[2]:g} s after recovery.",
         "lbkit runs round_robin with its default retries, outlier detection of 5 consecutive failures with"
         f" short ejections ({_ejection(quick)[0]:g} s, at most {_ejection(quick)[1]:g} s, so the return is"
-        " timed in seconds) and active health checks every 0.5 s.",
+        f" timed in seconds), active health checks every 0.5 s, and a per-attempt timeout of"
+        f" {ATTEMPT_TIMEOUT:g} s (RetryPolicy.attempt_timeout: an attempt on a hung server is retried"
+        " elsewhere within the call's deadline; without it, calls sent to a hung server fail with"
+        " DEADLINE_EXCEEDED until it is ejected).",
         "The servers count the calls they get, sampled every 10 ms, so counts are shown as a range (the goal"
         " is judged on its top): 'before ejection' from the fault to the first ejection, 'during fault' all"
         " the time it was faulty, including probes after each ejection ends. lbkit retries the failed calls"
