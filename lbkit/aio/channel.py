@@ -130,9 +130,9 @@ class _CallBase:
         self._inner: Any = None
         self._error: BaseException | None = None
         self._cancelled = False
-        self._tried: set[str] = set()
+        self._tried: tuple[str, ...] = ()
         self._attempts = 0
-        self._callbacks: list[Callable[[Any], None]] = []
+        self._callbacks: list[Callable[[Any], None]] | None = None
 
     def _try_start_now(self, observe: bool) -> None:
         member = self._c.lb.pick_now(self._c.key(self._kw.get("metadata"), self._request))
@@ -140,10 +140,10 @@ class _CallBase:
             self._issue(member, observe)
 
     def _issue(self, member: Member, observe: bool) -> None:
-        self._tried.add(member.address)
+        self._tried += (member.address,)
         self._attempts += 1
         self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
-        for cb in self._callbacks:
+        for cb in self._callbacks or ():
             self._inner.add_done_callback(lambda _call, cb=cb: cb(self))
 
     async def _ensure_inner(self, observe: bool) -> Any:
@@ -198,6 +198,8 @@ class _CallBase:
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         """Call ``callback(call)`` when the current (and any later) attempt is done."""
+        if self._callbacks is None:
+            self._callbacks = []
         self._callbacks.append(callback)
         if self._inner is not None:
             self._inner.add_done_callback(lambda _call: callback(self))
