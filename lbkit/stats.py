@@ -45,11 +45,11 @@ class EndpointStats:
     """Counters for one endpoint. Fields are read without a lock; writes hold the group's lock."""
 
     __slots__ = (
-        "_cost",
         "_group",
-        "_stamp",
         "address",
         "consecutive_failures",
+        "ewma",
+        "ewma_stamp",
         "failures",
         "in_flight",
         "interval_failures",
@@ -82,8 +82,10 @@ class EndpointStats:
         the last those above every bound (not cumulative)."""
         self.latency_sum = 0.0
         """Seconds of latency over the calls counted in ``latency_buckets``."""
-        self._cost = 0.0
-        self._stamp = group.clock()
+        self.ewma = 0.0
+        """Peak-EWMA latency in seconds as of ``ewma_stamp``; :meth:`latency` decays it to now."""
+        self.ewma_stamp = group.clock()
+        """When ``ewma`` was last updated (``clock`` time)."""
 
     def start(self) -> float:
         """Count a call as in flight; return its start time for :meth:`finish`."""
@@ -127,18 +129,18 @@ class EndpointStats:
 
     def _observe(self, rtt: float, now: float) -> None:
         # Finagle's peak EWMA: jump to a higher sample at once, decay towards lower ones.
-        if rtt > self._cost:
-            self._cost = rtt
+        if rtt > self.ewma:
+            self.ewma = rtt
         else:
-            w = math.exp(-max(now - self._stamp, 0.0) / self._group.decay)
-            self._cost = self._cost * w + rtt * (1.0 - w)
-        self._stamp = now
+            w = math.exp(-max(now - self.ewma_stamp, 0.0) / self._group.decay)
+            self.ewma = self.ewma * w + rtt * (1.0 - w)
+        self.ewma_stamp = now
 
     def latency(self, now: float | None = None) -> float:
         """Peak-EWMA latency in seconds, decayed to ``now``; 0.0 before any sample."""
         if now is None:
             now = self._group.clock()
-        return self._cost * math.exp(-max(now - self._stamp, 0.0) / self._group.decay)
+        return self.ewma * math.exp(-max(now - self.ewma_stamp, 0.0) / self._group.decay)
 
     def latency_histogram(self) -> tuple[tuple[int, ...], float]:
         """A consistent copy of (``latency_buckets``, ``latency_sum``): calls finished with a latency.

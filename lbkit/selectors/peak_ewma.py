@@ -8,8 +8,8 @@ An endpoint with no latency sample yet costs 0 while idle, so it gets probed, an
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
 from typing import ClassVar
 
 from lbkit._config import check_int, config
@@ -23,22 +23,20 @@ PENALTY = 1e9
 """Cost, per call in flight, of an endpoint that has answered nothing yet (seconds x calls)."""
 
 _random = random.random
+_exp = math.exp
 
-Row = tuple[Endpoint, EndpointStats, Callable[[float], float]]
-"""An endpoint, its stats, and their bound ``latency`` method."""
+Row = tuple[Endpoint, EndpointStats]
+"""An endpoint and its stats."""
 
 
 class _PeakEwmaPicker:
-    __slots__ = ("_choices", "_clock", "_endpoints", "_n", "_rows")
+    __slots__ = ("_choices", "_endpoints", "_n", "_rows", "_stats")
 
     def __init__(self, endpoints: tuple[Endpoint, ...], stats: Stats, choices: int) -> None:
         self._endpoints = endpoints
-        entries = [stats[e.address] for e in endpoints]
-        self._rows: tuple[Row, ...] = tuple(
-            (e, s, s.latency) for e, s in zip(endpoints, entries, strict=True)
-        )
+        self._rows: tuple[Row, ...] = tuple((e, stats[e.address]) for e in endpoints)
         self._n = len(endpoints)
-        self._clock = stats.clock
+        self._stats = stats
         self._choices = min(choices, self._n)
 
     @property
@@ -50,18 +48,29 @@ class _PeakEwmaPicker:
         """The cheaper of two random endpoints (or the cheapest of ``choices``); ties at random."""
         n = self._n
         rows = self._rows
-        now = self._clock()
+        stats = self._stats
+        now = stats.clock()
         if self._choices == 2:
             i = int(_random() * n)
             j = int(_random() * (n - 1))
             if j >= i:
                 j += 1
-            a, sa, la = rows[i]
-            b, sb, lb = rows[j]
-            rtt = la(now)
-            ca = rtt * (sa.in_flight + 1) if rtt > 0.0 else PENALTY * sa.in_flight
-            rtt = lb(now)
-            cb = rtt * (sb.in_flight + 1) if rtt > 0.0 else PENALTY * sb.in_flight
+            a, sa = rows[i]
+            b, sb = rows[j]
+            # The decayed peak EWMA, inlined from EndpointStats.latency: this is the hot path.
+            decay = stats.decay
+            rtt = sa.ewma
+            if rtt > 0.0:
+                age = now - sa.ewma_stamp
+                ca = (rtt * _exp(-age / decay) if age > 0.0 else rtt) * (sa.in_flight + 1)
+            else:
+                ca = PENALTY * sa.in_flight
+            rtt = sb.ewma
+            if rtt > 0.0:
+                age = now - sb.ewma_stamp
+                cb = (rtt * _exp(-age / decay) if age > 0.0 else rtt) * (sb.in_flight + 1)
+            else:
+                cb = PENALTY * sb.in_flight
             # Compare cost / weight_factor without dividing.
             return a if ca * sb.weight_factor <= cb * sa.weight_factor else b
         return self._pick_many(rows, n, now)
@@ -76,8 +85,8 @@ class _PeakEwmaPicker:
             if i in seen:
                 continue
             seen.append(i)
-            endpoint, s, latency = rows[i]
-            rtt = latency(now)
+            endpoint, s = rows[i]
+            rtt = s.latency(now)
             cost = (rtt * (s.in_flight + 1) if rtt > 0.0 else PENALTY * s.in_flight) / (
                 s.weight_factor or 1e-9
             )
