@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class Variant:
 
     name: str
     kind: str
-    """``plain``, ``native`` or ``lbkit``."""
+    """``plain``, ``native``, ``cycle`` or ``lbkit``."""
     selector: str = ""
     keyed: bool = False
     """Whether calls carry ``lb-key`` metadata (consistent hash, and its native baseline)."""
@@ -90,6 +91,22 @@ class Variant:
 PLAIN = Variant("plain channel (1 server)", "plain")
 NATIVE = Variant("native round_robin", "native")
 NATIVE_KEYED = Variant("native round_robin + lb-key", "native", keyed=True)
+CYCLE = Variant("4 plain channels in turn", "cycle")
+"""One grpc channel per server, taken in turn by ``itertools.cycle``: lbkit's structure with no lbkit in it,
+so its ratio to native round robin is what one channel per endpoint costs in grpcio by itself."""
+
+
+class _Cycle:
+    """A stub-like object whose every call goes to the next of several stubs, in turn."""
+
+    def __init__(self, stubs: list[Any]) -> None:
+        self._next = itertools.cycle(stubs).__next__
+
+    def Predict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._next().Predict(*args, **kwargs)
+
+    def StreamPredict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._next().StreamPredict(*args, **kwargs)
 
 
 def lbkit_variant(selector: str) -> Variant:
@@ -124,6 +141,13 @@ def open_sync(variant: Variant, addresses: list[str]) -> Iterator[Any]:
             lb.wait_ready(timeout=10.0, count=len(addresses))
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         return
+    if variant.kind == "cycle":
+        with contextlib.ExitStack() as stack:
+            channels = [stack.enter_context(grpc.insecure_channel(a)) for a in addresses]
+            for ch in channels:
+                grpc.channel_ready_future(ch).result(timeout=10.0)
+            yield _Cycle([pb2_grpc.ModelServiceStub(ch) for ch in channels])  # type: ignore[no-untyped-call]
+        return
     if variant.kind == "native":
         channel = grpc.insecure_channel(
             _native_target(addresses), options=[("grpc.service_config", _RR_CONFIG)]
@@ -142,6 +166,13 @@ async def open_aio(variant: Variant, addresses: list[str]) -> AsyncIterator[Any]
         async with balancer_class(True)(StaticDiscovery(addresses), selector=variant.selector) as lb:
             await lb.wait_ready(timeout=10.0, count=len(addresses))
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
+        return
+    if variant.kind == "cycle":
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(a)) for a in addresses]
+            for ch in channels:
+                await asyncio.wait_for(ch.channel_ready(), 10.0)
+            yield _Cycle([pb2_grpc.ModelServiceStub(ch) for ch in channels])  # type: ignore[no-untyped-call]
         return
     if variant.kind == "native":
         target = _native_target(addresses)
@@ -258,10 +289,10 @@ def plan(quick: bool, with_lbkit: bool) -> list[tuple[Mode, str, list[Variant]]]
     for kind in ("unary", "stream"):
         for mode in MODES:
             if kind == "unary":
-                variants = [PLAIN, NATIVE, *(lbkit_variant(s) for s in selectors)]
+                variants = [PLAIN, NATIVE, CYCLE, *(lbkit_variant(s) for s in selectors)]
             else:
                 chosen = ("round_robin", "least_connections") if quick else selectors
-                variants = [NATIVE, *(lbkit_variant(s) for s in selectors if s in chosen)]
+                variants = [NATIVE, CYCLE, *(lbkit_variant(s) for s in selectors if s in chosen)]
                 if quick and mode.concurrency == 1:
                     continue  # the quick run streams at the high concurrency only
             if any(v.keyed for v in variants):
@@ -312,7 +343,12 @@ def run(quick: bool = False) -> Result:
                     f"{cpu:.0f}",
                     errors,
                 ]
-                if variant.kind == "lbkit" and len(loads.get(variant.baseline, ())) != len(xs):
+                if variant.kind == "cycle":
+                    base = loads[variant.baseline]
+                    cpu_r = median([_ratio(x.cpu_us, b.cpu_us) for x, b in zip(xs, base, strict=True)])
+                    qps_r = median([_ratio(x.qps, b.qps) for x, b in zip(xs, base, strict=True)])
+                    row += [f"{cpu_r:.2f}x", f"{qps_r:.2f}x", "reference"]
+                elif variant.kind == "lbkit" and len(loads.get(variant.baseline, ())) != len(xs):
                     verdicts.append(False)
                     row += ["no baseline", "", "FAIL"]
                 elif variant.kind == "lbkit":
@@ -344,6 +380,10 @@ def run(quick: bool = False) -> Result:
         "Stream calls are StreamPredict with 8 tokens; latency is the whole stream's.",
         "Every server shares one process (one GIL), so at high concurrency QPS is bounded by the servers;"
         " client CPU per call is the figure that isolates the client.",
+        "'4 plain channels in turn' is lbkit's structure without lbkit: one grpc channel per server, taken in"
+        " turn. Its ratio to native round robin is what one channel per endpoint costs in grpcio itself: each"
+        " sync channel runs its own event thread for streams, where native round robin has one for all"
+        " servers. lbkit's own cost is its ratio less this one.",
     ]
     notes[:0] = failures
     if missing:
