@@ -142,6 +142,45 @@ class BalancerBase:
         self._retry_lock = threading.Lock()
         self._closed = False
 
+    _channels: Any = grpc
+    """The grpc module whose channels the driver opens: ``grpc`` or ``grpc.aio``."""
+    _wake: Any
+    """The driver's event that wakes its timer loop (threading.Event or asyncio.Event)."""
+
+    def _apply_update(self, endpoint_set: EndpointSet) -> None:
+        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
+        plan = self.core.set_endpoints(endpoint_set)
+        now = time.monotonic()
+        for address in plan.close:
+            member = self.members.get(address)
+            if member is not None:
+                member.closing_at = now
+        for endpoint in plan.open:
+            member = self.members.get(endpoint.address)
+            if member is not None and member.closing_at is not None:
+                self.revive(member)  # came back while draining: keep its channel
+                continue
+            self._open_member(self._new_member(endpoint))
+        if plan.close:
+            self._wake.set()
+
+    def _new_member(self, endpoint: Endpoint) -> Member:
+        """A pool member with a new channel to ``endpoint``."""
+        opts = self.options
+        if opts.credentials is not None:
+            channel = self._channels.secure_channel(
+                endpoint.address, opts.credentials, options=opts.channel_options
+            )
+        else:
+            channel = self._channels.insecure_channel(endpoint.address, options=opts.channel_options)
+        member = Member(endpoint.address, channel, self.stats[endpoint.address])
+        self.members[endpoint.address] = member
+        return member
+
+    def _open_member(self, member: Member) -> None:
+        """Start watching a new member's connectivity (and health); the driver's part."""
+        raise NotImplementedError
+
     def _detach(self) -> None:
         """Stop hearing from the discovery source (it may outlive this balancer)."""
         with contextlib.suppress(ValueError):
@@ -363,36 +402,17 @@ class Balancer(BalancerBase):
 
     def _on_update(self, endpoint_set: EndpointSet) -> None:
         with self._lock:
-            if self._closed:
-                return
-            plan = self.core.set_endpoints(endpoint_set)
-            now = time.monotonic()
-            for address in plan.close:
-                member = self.members.get(address)
-                if member is not None:
-                    member.closing_at = now
-            for endpoint in plan.open:
-                member = self.members.get(endpoint.address)
-                if member is not None and member.closing_at is not None:
-                    self.revive(member)  # came back while draining: keep its channel
-                    continue
-                self._open_member(endpoint)
-        if plan.close:
-            self._wake.set()
+            if not self._closed:
+                self._apply_update(endpoint_set)
 
-    def _open_member(self, endpoint: Endpoint) -> None:
-        opts = self.options
-        if opts.credentials is not None:
-            channel = grpc.secure_channel(endpoint.address, opts.credentials, options=opts.channel_options)
-        else:
-            channel = grpc.insecure_channel(endpoint.address, options=opts.channel_options)
-        member = Member(endpoint.address, channel, self.stats[endpoint.address])
-        self.members[endpoint.address] = member
-        channel.subscribe(functools.partial(self._on_connectivity, member), try_to_connect=True)
-        if opts.health_check is not None:
+    def _open_member(self, member: Member) -> None:
+        member.channel.subscribe(functools.partial(self._on_connectivity, member), try_to_connect=True)
+        if self.options.health_check is not None:
             from lbkit.health.active import HealthWatcher
 
-            member.health = HealthWatcher(opts.health_check, channel, endpoint.address, self.on_health)
+            member.health = HealthWatcher(
+                self.options.health_check, member.channel, member.address, self.on_health
+            )
             member.health.start()
 
     def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:

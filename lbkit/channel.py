@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
+from lbkit._callspec import CallSpecBase, call_kwargs, timeout_left
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server, server_code
-from lbkit.selectors.base import Key
+from lbkit.retry import StopAtDeadline, attempt_left, server_code
 
 if TYPE_CHECKING:
     from lbkit.balancer import Balancer, KeyFn, Member
@@ -24,63 +24,10 @@ _MAX_REPLAY = 256
 """Requests of a client stream kept for a retry before the first response; past it, no retry."""
 
 
-def _metadata_key(metadata: Any, header: str) -> Key:
-    if metadata:
-        for item in metadata:
-            if item[0] == header:
-                value = item[1]
-                return value if isinstance(value, (str, bytes)) else str(value)
-    return None
+class CallSpec(CallSpecBase["Balancer"]):
+    """A stub method's shared call rules, with the sync retry loop."""
 
-
-class CallSpec:
-    """What every call of one stub method shares: the method, its codecs, the key rule, the balancer."""
-
-    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
-
-    def __init__(
-        self,
-        lb: Balancer,
-        kind: str,
-        method: str,
-        ser: Any,
-        deser: Any,
-        registered: bool,
-        key_fn: KeyFn | None,
-    ) -> None:
-        self.lb = lb
-        self.method = method
-        self.spec = (kind, method, ser, deser, registered)
-        self.key_fn = key_fn
-        self.keyed = lb.keyed
-        self.header = lb.options.key_header
-        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
-
-    def key(self, metadata: Any, request: Any) -> Key:
-        """The call's hash key (None unless the policy uses keys)."""
-        if not self.keyed:
-            return None
-        if self.key_fn is not None:
-            return self.key_fn(self.method, request)
-        return _metadata_key(metadata, self.header)
-
-    def retryable(
-        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
-    ) -> bool:
-        """Whether a failure may be retried on another endpoint (policy and budget permitting)."""
-        policy = self.lb.retry_policy
-        if policy.max_attempts <= 1:
-            return False
-        if never_reached_server(code, details):
-            return True  # always safe, and not throttled (gRFC A6 transparent retries)
-        if code in policy.retryable_codes or (
-            code is grpc.StatusCode.DEADLINE_EXCEEDED
-            and policy.attempt_timeout is not None
-            and (deadline is None or time.monotonic() < deadline)
-        ):
-            self.lb.budget.on_failure()
-            return self.lb.budget.allow()
-        return False
+    __slots__ = ()
 
     def retrying(self, deadline: float | None, attempts_left: int) -> Retrying:
         """A tenacity loop for the remaining attempts (built only once a call has failed)."""
@@ -107,12 +54,6 @@ class CallSpec:
 
 class _ChannelClosed(Exception):
     """The picked endpoint's channel closed (it was drained) before the call could start."""
-
-
-def _timeout_left(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return max(deadline - time.monotonic(), 0.0)
 
 
 class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -243,7 +184,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         t0 = st.start()
         fut = member.callable(c.spec).future(
             request,
-            timeout=_timeout_left(deadline),
+            timeout=timeout_left(deadline),
             metadata=metadata,
             credentials=credentials,
             wait_for_ready=wait_for_ready,
@@ -335,7 +276,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         t0 = st.start()
         arg = self._tape.reader() if self._tape is not None else self._request
         try:
-            inner = member.callable(c.spec)(arg, timeout=_timeout_left(self._deadline), **self._kw)
+            inner = member.callable(c.spec)(arg, timeout=timeout_left(self._deadline), **self._kw)
         except BaseException:
             st.finish(t0, True, observe_latency=False)
             raise
@@ -429,15 +370,6 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._inner.add_done_callback(lambda _call: fn(self))
 
 
-def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
-    return {
-        "metadata": metadata,
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
-
-
 class _UnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
     __slots__ = ("_c",)
 
@@ -454,7 +386,7 @@ class _UnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         return _StreamCall(
-            self._c, request, None, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+            self._c, request, None, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
         )
 
 
@@ -475,7 +407,7 @@ class _StreamStream(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
     ) -> Any:
         tape = _Tape(iter(request_iterator))
         return _StreamCall(
-            self._c, None, tape, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+            self._c, None, tape, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
         )
 
 
@@ -503,9 +435,9 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
             t0 = st.start()
             try:
                 if with_call:
-                    result = mc.with_call(tape.reader(), timeout=_timeout_left(deadline), **kw)
+                    result = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
                 else:
-                    result = mc(tape.reader(), timeout=_timeout_left(deadline), **kw)
+                    result = mc(tape.reader(), timeout=timeout_left(deadline), **kw)
             except grpc.RpcError as err:
                 code = server_code(err.code())
                 st.finish(t0, not lb.is_failure(code))
@@ -533,7 +465,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         return self._invoke(
-            request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), False
+            request_iterator, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), False
         )
 
     def with_call(
@@ -546,7 +478,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         return self._invoke(
-            request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), True
+            request_iterator, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
         )
 
     def future(
@@ -567,7 +499,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         t0 = st.start()
         fut = member.callable(c.spec).future(
             request_iterator,
-            timeout=_timeout_left(deadline),
+            timeout=timeout_left(deadline),
             metadata=metadata,
             credentials=credentials,
             wait_for_ready=wait_for_ready,

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from lbkit.balancer import BalancerBase, KeyFn, Member
-from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.endpoint import EndpointSet
 from lbkit.errors import NoEndpointsError
 from lbkit.selectors.base import Key
 
@@ -27,6 +27,8 @@ class Balancer(BalancerBase):
     ``lb.channel()`` gives a ``grpc.aio``-style channel for generated stubs; ``await lb.pick()`` a ready
     ``grpc.aio.Channel`` for one endpoint.
     """
+
+    _channels = grpc.aio
 
     async def start(self) -> Balancer:
         """Start discovery, the channel pool and the timers (see :meth:`wait_ready`)."""
@@ -162,38 +164,16 @@ class Balancer(BalancerBase):
         if threading.get_ident() != self._loop_thread:
             self._loop.call_soon_threadsafe(self._on_update, endpoint_set)
             return
-        if self._closed:
-            return
-        plan = self.core.set_endpoints(endpoint_set)
-        now = time.monotonic()
-        for address in plan.close:
-            member = self.members.get(address)
-            if member is not None:
-                member.closing_at = now
-        for endpoint in plan.open:
-            member = self.members.get(endpoint.address)
-            if member is not None and member.closing_at is not None:
-                self.revive(member)  # came back while draining: keep its channel
-                continue
-            self._open_member(endpoint)
-        if plan.close:
-            self._wake.set()
+        if not self._closed:
+            self._apply_update(endpoint_set)
 
-    def _open_member(self, endpoint: Endpoint) -> None:
-        opts = self.options
-        if opts.credentials is not None:
-            channel = grpc.aio.secure_channel(
-                endpoint.address, opts.credentials, options=opts.channel_options
-            )
-        else:
-            channel = grpc.aio.insecure_channel(endpoint.address, options=opts.channel_options)
-        member = Member(endpoint.address, channel, self.stats[endpoint.address])
-        self.members[endpoint.address] = member
-        self._member_tasks[endpoint.address] = asyncio.create_task(self._watch_connectivity(member))
-        if opts.health_check is not None:
+    def _open_member(self, member: Member) -> None:
+        self._member_tasks[member.address] = asyncio.create_task(self._watch_connectivity(member))
+        check = self.options.health_check
+        if check is not None:
             from lbkit.health.active_aio import AsyncHealthWatcher
 
-            member.health = AsyncHealthWatcher(opts.health_check, channel, endpoint.address, self.on_health)
+            member.health = AsyncHealthWatcher(check, member.channel, member.address, self.on_health)
             member.health.start()
 
     async def _watch_connectivity(self, member: Member) -> None:

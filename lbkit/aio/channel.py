@@ -13,9 +13,9 @@ import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
+from lbkit._callspec import CallSpecBase, call_kwargs, timeout_left
 from lbkit.errors import NoEndpointsError
-from lbkit.retry import StopAtDeadline, attempt_left, never_reached_server, server_code
-from lbkit.selectors.base import Key
+from lbkit.retry import StopAtDeadline, attempt_left, server_code
 
 if TYPE_CHECKING:
     from lbkit.aio.balancer import Balancer
@@ -32,55 +32,10 @@ def _done_code(call: Any) -> grpc.StatusCode | None:
         return None
 
 
-class _Spec:
-    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
+class _Spec(CallSpecBase["Balancer"]):
+    """A stub method's shared call rules, with how one asyncio attempt starts."""
 
-    def __init__(
-        self,
-        lb: Balancer,
-        kind: str,
-        method: str,
-        ser: Any,
-        deser: Any,
-        registered: bool,
-        key_fn: KeyFn | None,
-    ) -> None:
-        self.lb = lb
-        self.method = method
-        self.spec = (kind, method, ser, deser, registered)
-        self.key_fn = key_fn
-        self.keyed = lb.keyed
-        self.header = lb.options.key_header
-        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
-
-    def key(self, metadata: Any, request: Any) -> Key:
-        if not self.keyed:
-            return None
-        if self.key_fn is not None:
-            return self.key_fn(self.method, request)
-        if metadata:
-            for item in metadata:
-                if item[0] == self.header:
-                    value = item[1]
-                    return value if isinstance(value, (str, bytes)) else str(value)
-        return None
-
-    def retryable(
-        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
-    ) -> bool:
-        policy = self.lb.retry_policy
-        if policy.max_attempts <= 1:
-            return False
-        if never_reached_server(code, details):
-            return True  # always safe, and not throttled (gRFC A6 transparent retries)
-        if code in policy.retryable_codes or (
-            code is grpc.StatusCode.DEADLINE_EXCEEDED
-            and policy.attempt_timeout is not None
-            and (deadline is None or time.monotonic() < deadline)
-        ):
-            self.lb.budget.on_failure()
-            return self.lb.budget.allow()
-        return False
+    __slots__ = ()
 
     def start(
         self, member: Member, request: Any, deadline: float | None, kw: dict[str, Any], observe: bool
@@ -104,19 +59,6 @@ class _Spec:
 
         inner.add_done_callback(done)
         return inner
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
-
-def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
-    return {
-        "metadata": metadata,
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
 
 
 class _CallBase:
@@ -188,7 +130,7 @@ class _CallBase:
         return self._inner is not None and bool(self._inner.done())
 
     def time_remaining(self) -> float | None:
-        return _left(self._deadline)
+        return timeout_left(self._deadline)
 
     def cancel(self) -> bool:
         self._cancelled = True
@@ -395,7 +337,7 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ig
         compression: Any = None,
     ) -> Any:
         return _UnaryUnaryCall(
-            self._c, request, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+            self._c, request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
         )
 
 
@@ -411,7 +353,7 @@ class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: 
         compression: Any = None,
     ) -> Any:
         return _UnaryStreamCall(
-            self._c, request, timeout, _kw(metadata, credentials, wait_for_ready, compression), True
+            self._c, request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
         )
 
 
@@ -426,7 +368,10 @@ class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable):  # type: 
         compression: Any = None,
     ) -> Any:
         return _StreamUnaryCall(
-            self._c, request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression)
+            self._c,
+            request_iterator,
+            timeout,
+            call_kwargs(metadata, credentials, wait_for_ready, compression),
         )
 
 
@@ -442,7 +387,11 @@ class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable):  # type
     ) -> Any:
         # Requests may already be sent when the first attempt fails: no retry after it started.
         return _StreamStreamCall(
-            self._c, request_iterator, timeout, _kw(metadata, credentials, wait_for_ready, compression), False
+            self._c,
+            request_iterator,
+            timeout,
+            call_kwargs(metadata, credentials, wait_for_ready, compression),
+            False,
         )
 
 

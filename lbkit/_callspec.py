@@ -1,0 +1,88 @@
+"""What the sync and asyncio balanced channels share per stub method: key extraction and retry rules."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpc
+
+from lbkit.retry import never_reached_server
+from lbkit.selectors.base import Key
+
+if TYPE_CHECKING:
+    from lbkit.balancer import BalancerBase, KeyFn
+
+__all__ = ["CallSpecBase", "call_kwargs", "timeout_left"]
+
+B = TypeVar("B", bound="BalancerBase")
+
+
+def timeout_left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (``time.monotonic``), never negative; None for no deadline."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def call_kwargs(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
+    """The per-call options a multicallable passes through to grpc unchanged."""
+    return {
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
+
+
+class CallSpecBase(Generic[B]):
+    """What every call of one stub method shares: the method, its codecs, the key rule, the balancer."""
+
+    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
+
+    def __init__(
+        self,
+        lb: B,
+        kind: str,
+        method: str,
+        ser: Any,
+        deser: Any,
+        registered: bool,
+        key_fn: KeyFn | None,
+    ) -> None:
+        self.lb = lb
+        self.method = method
+        self.spec = (kind, method, ser, deser, registered)
+        self.key_fn = key_fn
+        self.keyed = lb.keyed
+        self.header = lb.options.key_header
+        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
+
+    def key(self, metadata: Any, request: Any) -> Key:
+        """The call's hash key: None unless the policy uses keys."""
+        if not self.keyed:
+            return None
+        if self.key_fn is not None:
+            return self.key_fn(self.method, request)
+        if metadata:
+            for item in metadata:
+                if item[0] == self.header:
+                    value = item[1]
+                    return value if isinstance(value, (str, bytes)) else str(value)
+        return None
+
+    def retryable(
+        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
+    ) -> bool:
+        """Whether a failure may be retried on another endpoint (policy and budget permitting)."""
+        policy = self.lb.retry_policy
+        if policy.max_attempts <= 1:
+            return False
+        if never_reached_server(code, details):
+            return True  # always safe, and not throttled (gRFC A6 transparent retries)
+        if code in policy.retryable_codes or (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            and policy.attempt_timeout is not None
+            and (deadline is None or time.monotonic() < deadline)
+        ):
+            self.lb.budget.on_failure()
+            return self.lb.budget.allow()
+        return False
