@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from lbkit.testing import Behavior, ModelServer
 from lbkit.testing.model_server import pb2, pb2_grpc
 
-__all__ = ["pb2", "pb2_grpc"]
+__all__ = ["async_wait_for", "pb2", "pb2_grpc", "served_counts", "wait_for"]
 
 
 @pytest.fixture
@@ -30,3 +32,23 @@ def make_servers() -> Iterator[Callable[..., list[ModelServer]]]:
 def served_counts(servers: list[ModelServer], method: str = "Predict") -> list[int]:
     """Calls of ``method`` each server received."""
     return [s.calls[method] for s in servers]
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll ``cond`` every 10 ms until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def async_wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """The asyncio twin of :func:`wait_for`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")

@@ -13,18 +13,9 @@ import pytest
 import lbkit
 import lbkit.aio
 from lbkit.testing import ModelServer
-from tests.integration.conftest import pb2, pb2_grpc, served_counts
+from tests.integration.conftest import async_wait_for, pb2, pb2_grpc, served_counts
 
 REQ = pb2.PredictRequest(features=[1.0, 2.0])
-
-
-async def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def in_flight(lb: lbkit.aio.Balancer) -> int:
@@ -117,7 +108,7 @@ async def test_in_flight_returns_to_zero_after_every_kind_of_call(make_servers):
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await wait_for(lambda: in_flight(lb) == 0)
+        await async_wait_for(lambda: in_flight(lb) == 0)
 
 
 async def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
@@ -159,11 +150,11 @@ async def test_removed_endpoint_in_flight_calls_complete(make_servers):
         await lb.wait_ready()
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         pending = asyncio.ensure_future(stub.Predict(REQ, timeout=5))
-        await wait_for(lambda: in_flight(lb) == 1)
+        await async_wait_for(lambda: in_flight(lb) == 1)
         discovery.update([fast.address])
         reply = await pending
         assert reply.served_by == slow.address
-        await wait_for(lambda: slow.address not in lb.members)
+        await async_wait_for(lambda: slow.address not in lb.members)
         assert (await stub.Predict(REQ, timeout=5)).served_by == fast.address
 
 

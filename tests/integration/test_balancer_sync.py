@@ -12,22 +12,13 @@ import pytest
 
 import lbkit
 from lbkit.testing import ModelServer
-from tests.integration.conftest import pb2, pb2_grpc, served_counts
+from tests.integration.conftest import pb2, pb2_grpc, served_counts, wait_for
 
 REQ = pb2.PredictRequest(features=[1.0, 2.0])
 
 
 def in_flight(lb: lbkit.Balancer) -> int:
     return sum(e.in_flight for e in lb.stats)
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def test_round_robin_spreads_evenly(make_servers):

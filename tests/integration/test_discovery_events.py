@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import lbkit
 from lbkit.events import Event, EventKind
 from lbkit.testing import ConsulServer
-from tests.integration.conftest import pb2, pb2_grpc
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
+from tests.integration.conftest import pb2, pb2_grpc, wait_for
 
 
 def test_consul_outage_is_an_event_and_calls_go_on(make_servers):

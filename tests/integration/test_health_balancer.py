@@ -10,18 +10,9 @@ import grpc
 
 import lbkit
 from lbkit.events import Event, EventKind
-from tests.integration.conftest import pb2, pb2_grpc, served_counts
+from tests.integration.conftest import pb2, pb2_grpc, served_counts, wait_for
 
 REQ = pb2.PredictRequest(features=[1.0])
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def run_calls(

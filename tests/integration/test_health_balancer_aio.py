@@ -11,18 +11,9 @@ import grpc
 import lbkit
 import lbkit.aio
 from lbkit.events import Event, EventKind
-from tests.integration.conftest import pb2, pb2_grpc
+from tests.integration.conftest import async_wait_for, pb2, pb2_grpc
 
 REQ = pb2.PredictRequest(features=[1.0])
-
-
-async def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 async def run_calls(
@@ -52,12 +43,12 @@ async def test_not_serving_leaves_the_picker_and_serving_returns(make_servers):
         await lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         servers[0].set_serving(False)
-        await wait_for(lambda: servers[0].address not in {e.address for e in lb.core.picker.endpoints})
+        await async_wait_for(lambda: servers[0].address not in {e.address for e in lb.core.picker.endpoints})
         before = servers[0].calls["Predict"]
         _, failures = await run_calls(stub, 60, concurrency=6)
         assert failures == [] and servers[0].calls["Predict"] == before
         servers[0].set_serving(True)
-        await wait_for(lambda: len(lb.core.picker.endpoints) == 3)
+        await async_wait_for(lambda: len(lb.core.picker.endpoints) == 3)
         seen, _ = await run_calls(stub, 60)
         assert seen[servers[0].address] > 0
     assert any(e.kind is EventKind.UNHEALTHY and e.address == servers[0].address for e in events)
