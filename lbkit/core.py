@@ -112,6 +112,12 @@ class BalancerCore:
         self._pending: list[Event] = []
         self._ramping = False
         self._picker_changed = False
+        self._deadline_moved = False
+        self._dirty = False
+        """A change is waiting for a rebuild (coalesced because rebuilds are slow)."""
+        self._rebuild_cost = 0.0
+        """Seconds the last picker build took (``perf_counter``)."""
+        self._last_rebuild = float("-inf")
 
     # ----------------------------------------------------------------- inputs
 
@@ -136,7 +142,7 @@ class BalancerCore:
                     self.outlier.forget(e.address)
                 self._emit(EventKind.REMOVED, e.address, "gone from discovery", now)
             if diff:
-                self._rebuild(now)
+                self._changed(now)
         self._flush()
         return PoolPlan(diff.added, tuple(e.address for e in diff.removed))
 
@@ -150,7 +156,7 @@ class BalancerCore:
             now = self.clock()
             kind = EventKind.READY if ready else EventKind.NOT_READY
             self._emit(kind, address, reason or ("channel READY" if ready else "channel not READY"), now)
-            self._rebuild(now)
+            self._changed(now)
         self._flush()
 
     def set_health(self, address: str, serving: bool, reason: str = "") -> None:
@@ -163,12 +169,10 @@ class BalancerCore:
             m.health_known = True
             m.healthy = serving
             now = self.clock()
-            if serving and first:
-                pass  # first answer SERVING: no state change worth an event
-            else:
+            if not (serving and first):  # a first answer of SERVING changes no state worth an event
                 kind = EventKind.HEALTHY if serving else EventKind.UNHEALTHY
                 self._emit(kind, address, reason or ("SERVING" if serving else "NOT_SERVING"), now)
-            self._rebuild(now)
+            self._changed(now)
         self._flush()
 
     def tick(self) -> float | None:
@@ -182,7 +186,9 @@ class BalancerCore:
                     events = self.outlier.tick(tuple(self.members))
                     self._pending.extend(events)
                     changed = bool(events)
-            if changed or self._ramping:
+            if changed:
+                self._changed(now)
+            if self._ramping or (self._dirty and now >= self._last_rebuild + self._coalesce_window()):
                 self._rebuild(now)
             nxt = self.next_deadline()
         self._flush()
@@ -198,6 +204,8 @@ class BalancerCore:
                     deadlines.append(d)
             if self._ramping:
                 deadlines.append(self.clock() + self._ramp_step())
+            if self._dirty:
+                deadlines.append(self._last_rebuild + self._coalesce_window())
             return min(deadlines) if deadlines else None
 
     def set_discovery_status(self, stale: bool, reason: str) -> None:
@@ -222,10 +230,10 @@ class BalancerCore:
     def endpoint_states(self) -> dict[str, str]:
         """Each endpoint's state: ready, connecting, unhealthy or ejected."""
         with self._lock:
-            return {
-                a: "ejected" if self.is_ejected(a) and m.state == "ready" else m.state
-                for a, m in self.members.items()
-            }
+            return {a: self._state_of(a, m) for a, m in self.members.items()}
+
+    def _state_of(self, address: str, m: EndpointState) -> str:
+        return "ejected" if m.state == "ready" and self.is_ejected(address) else m.state
 
     def no_pick_reason(self) -> str:
         """Why nothing can be picked now, naming the service and the states of its endpoints."""
@@ -252,15 +260,33 @@ class BalancerCore:
             if event is None:
                 return
             self._pending.append(event)
-            self._rebuild(self.clock())
+            self._changed(self.clock())
+            self._deadline_moved = True  # the ejection ends at a time the timer must wake for
         self._flush()
-        for hook in self.on_deadline:
-            hook()
 
     def _eligible(self, m: EndpointState) -> bool:
         return m.ready and m.healthy and m.health_known and not self.is_ejected(m.endpoint.address)
 
+    def _coalesce_window(self) -> float:
+        """How long after a rebuild further changes wait to be rebuilt together: 10x the last build's cost,
+        at most 0.1 s; 0 for builds under a millisecond (most selectors), so those rebuild at once."""
+        cost = self._rebuild_cost
+        return 0.0 if cost < 0.001 else min(10.0 * cost, 0.1)
+
+    def _changed(self, now: float) -> None:
+        """Publish a new picker now, or soon when rebuilds are slow and one was just made.
+
+        A Maglev table over many endpoints takes tens of milliseconds to build; a thousand endpoints
+        turning READY one by one must not build it a thousand times.
+        """
+        if now >= self._last_rebuild + self._coalesce_window():
+            self._rebuild(now)
+        elif not self._dirty:
+            self._dirty = True
+            self._deadline_moved = True
+
     def _rebuild(self, now: float) -> None:
+        started = time.perf_counter()
         members = self.members.values()
         connected = [m for m in members if m.ready and m.health_known]
         healthy = [m for m in connected if self._eligible(m)]
@@ -302,13 +328,13 @@ class BalancerCore:
         if chosen:
             self.picker = self.selector.build([m.endpoint for m in chosen], self.stats)
         else:
-            states = [
-                "ejected" if self.is_ejected(a) and m.state == "ready" else m.state
-                for a, m in self.members.items()
-            ]
+            states = [self._state_of(a, m) for a, m in self.members.items()]
             self.picker = EmptyPicker(self._no_pick_reason_text(states, len(self.members)))
         self.rebuilds += 1
         self._picker_changed = True
+        self._dirty = False
+        self._last_rebuild = now
+        self._rebuild_cost = time.perf_counter() - started
 
     def _ramp_step(self) -> float:
         assert self.slow_start is not None
@@ -323,6 +349,8 @@ class BalancerCore:
             events, self._pending = self._pending, []
             changed = self._picker_changed
             self._picker_changed = False
+            moved = self._deadline_moved
+            self._deadline_moved = False
         for event in events:
             _log_event(self.service, event)
             for listener in self.listeners:
@@ -332,6 +360,9 @@ class BalancerCore:
                     log.exception("lbkit event listener failed on %s", event)
         if changed:
             for hook in self.on_picker:
+                hook()
+        if moved:
+            for hook in self.on_deadline:
                 hook()
 
     def add_listener(self, listener: EventListener) -> None:

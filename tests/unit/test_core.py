@@ -225,3 +225,42 @@ def test_slow_start_applies_to_a_first_set_endpoint_once_it_has_dropped_out():
     core.set_ready(ADDRS[0], True)  # back after a disconnect: ramps like a newcomer
     assert core.stats[ADDRS[0]].weight_factor == pytest.approx(0.1)
     assert core.stats[ADDRS[1]].weight_factor == 1.0
+
+
+class SlowRecording(Recording):
+    """A selector whose builds take 5 ms, like a Maglev table over many endpoints."""
+
+    def _build(self, endpoints: tuple[Endpoint, ...], stats: Stats) -> Picker:
+        import time
+
+        time.sleep(0.005)
+        return super()._build(endpoints, stats)
+
+
+def test_slow_rebuilds_are_coalesced_and_the_timer_publishes_the_rest():
+    clock = Clock()
+    sel = SlowRecording()
+    core = BalancerCore(sel, service="svc", clock=clock, rng=random.Random(1))
+    woken: list[int] = []
+    core.on_deadline.append(lambda: woken.append(1))
+    addrs = [f"10.0.1.{i}:50051" for i in range(1, 21)]
+    core.set_endpoints(EndpointSet(addrs))
+    for a in addrs:
+        core.set_ready(a, True)  # twenty changes at one instant
+    assert len(sel.builds) <= 2  # the first change built; the rest wait for the coalescing window
+    assert woken  # the driver's timer was told to wake for the deferred rebuild
+    deadline = core.next_deadline()
+    assert deadline is not None and deadline <= clock.now + 0.1
+    clock.now = deadline
+    core.tick()
+    assert picked(core) == set(addrs)
+    assert core.next_deadline() is None
+
+
+def test_fast_rebuilds_publish_every_change_at_once():
+    core, _, _, _ = make()
+    core.set_endpoints(EndpointSet(ADDRS))
+    for a in ADDRS:
+        core.set_ready(a, True)
+        assert a in picked(core)
+    assert core.next_deadline() is None
