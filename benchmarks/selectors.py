@@ -7,6 +7,8 @@ the same loop: ``random.choice`` over the endpoint list and ``itertools.cycle(..
 
 from __future__ import annotations
 
+import functools
+import gc
 import itertools
 import random
 import time
@@ -76,24 +78,39 @@ def _stats_for(eps: Sequence[Endpoint]) -> Stats:
 
 
 def measure_picks(quick: bool) -> dict[str, dict[int, float]]:
-    """ns per pick by case label, then by N; baselines included."""
+    """ns per pick by case label, then by N; baselines included.
+
+    Every (case, N) is timed once per round and the best round is kept, so drift in the machine's speed
+    during the run (other load, clock changes) falls on every N alike; the cyclic GC is off while timing,
+    as in ``timeit``.
+    """
     loops, repeats = (4_000, 3) if quick else (50_000, 7)
     rng = random.Random(1)
     keys = [rng.randbytes(16) for _ in range(loops)]
-    out: dict[str, dict[int, float]] = {}
+    timers: list[tuple[str, int, Callable[[], float]]] = []
     for n in SIZES:
         eps = endpoints(n)
         stats = _stats_for(eps)
-        out.setdefault("baseline random.choice", {})[n] = _per_call_ns(random.choice, [eps] * loops, repeats)
-        out.setdefault("baseline itertools.cycle", {})[n] = _per_call_ns0(
-            itertools.cycle(eps).__next__, keys, repeats
+        timers.append(
+            ("baseline random.choice", n, functools.partial(_per_call_ns, random.choice, [eps] * loops, 1))
         )
+        cycle = itertools.cycle(eps).__next__
+        timers.append(("baseline itertools.cycle", n, functools.partial(_per_call_ns0, cycle, keys, 1)))
         for label, selector, keyed in CASES:
-            picker = selector.build(eps, stats)
-            if keyed:
-                out.setdefault(label, {})[n] = _per_call_ns(picker.pick, keys, repeats)
-            else:
-                out.setdefault(label, {})[n] = _per_call_ns0(picker.pick, keys, repeats)
+            pick = selector.build(eps, stats).pick
+            timing = _per_call_ns if keyed else _per_call_ns0
+            timers.append((label, n, functools.partial(timing, pick, keys, 1)))
+    out: dict[str, dict[int, float]] = {}
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for label, n, timer in timers:
+                by_n = out.setdefault(label, {})
+                by_n[n] = min(by_n.get(n, float("inf")), timer())
+    finally:
+        if gc_was_on:
+            gc.enable()
     return out
 
 
@@ -124,6 +141,7 @@ def run(quick: bool = False) -> Result:
     picks = measure_picks(quick)
     rebuilds = measure_rebuilds(quick)
     pick_rows: list[list[object]] = []
+    memory = max(picks["baseline random.choice"].values()) / min(picks["baseline random.choice"].values())
     for label, by_n in picks.items():
         values = [by_n[n] for n in SIZES]
         flatness = max(values) / min(values)
@@ -131,7 +149,7 @@ def run(quick: bool = False) -> Result:
             pick_rows.append([label, *[round(v) for v in values], "-", f"{flatness:.2f}", "-"])
             continue
         goal = HASH_PICK_GOAL_NS if label.startswith("consistent_hash") else PICK_GOAL_NS
-        ok = max(values) <= goal and flatness <= FLAT_LIMIT
+        ok = max(values) <= goal and flatness <= FLAT_LIMIT * memory
         pick_rows.append(
             [label, *[round(v) for v in values], f"<= {goal:,}", f"{flatness:.2f}", "pass" if ok else "FAIL"]
         )
@@ -155,7 +173,11 @@ def run(quick: bool = False) -> Result:
         ],
         "notes": [
             f"A pick passes when it stays within its goal at every N and its slowest N costs at most "
-            f"{FLAT_LIMIT}x its fastest (flat in N).",
+            f"{FLAT_LIMIT}x its fastest, times the same ratio of the random.choice baseline (flat in N: a"
+            f" constant-time pick still slows where N endpoints no longer fit the CPU's caches, as"
+            f" random.choice does; here that ratio is {memory:.2f}).",
+            "Every (case, N) is timed once per round, rounds repeated, the best kept; the cyclic GC is off"
+            " while timing.",
             "Keyed picks (consistent_hash) hash a fresh 16-byte key each call; bounded loads are on "
             "(default 1.25) with nothing in flight, so the bound is checked but never spills.",
             "peak_ewma's endpoints each hold a latency sample, so each pick decays two EWMAs to now.",
