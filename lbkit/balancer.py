@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
@@ -36,7 +37,18 @@ KeyFn = Callable[[str, Any], "str | bytes | None"]
 class Member:
     """One endpoint's channel in the pool, its stats, and its cached multicallables."""
 
-    __slots__ = ("address", "callables", "channel", "closing_at", "health", "health_report", "ready", "stats")
+    __slots__ = (
+        "address",
+        "callables",
+        "channel",
+        "closed",
+        "closing_at",
+        "health",
+        "health_report",
+        "lock",
+        "ready",
+        "stats",
+    )
 
     def __init__(self, address: str, channel: Any, stats: EndpointStats) -> None:
         self.address = address
@@ -50,18 +62,31 @@ class Member:
         """The channel's last connectivity was READY."""
         self.health_report: tuple[bool, str] | None = None
         """The last active health answer (serving, reason), if any."""
+        self.closed = False
+        """The channel is closed: no new multicallable may be made on it."""
+        self.lock = threading.Lock()
+        """Orders making multicallables against closing the channel."""
 
     def callable(self, spec: tuple[Any, ...]) -> Any:
         """The channel's multicallable for ``spec`` = (kind, method, serializer, deserializer, registered)."""
         mc = self.callables.get(spec)
         if mc is None:
-            kind, method, ser, deser, registered = spec
-            factory = getattr(self.channel, kind)
-            mc = factory(
-                method, request_serializer=ser, response_deserializer=deser, _registered_method=registered
-            )
-            self.callables[spec] = mc
+            with self.lock:
+                # grpcio crashes the process making a registered multicallable on a closed channel.
+                if self.closed:
+                    raise ValueError(f"Cannot invoke RPC on closed channel to {self.address} (drained)")
+                kind, method, ser, deser, registered = spec
+                factory = getattr(self.channel, kind)
+                mc = factory(
+                    method, request_serializer=ser, response_deserializer=deser, _registered_method=registered
+                )
+                self.callables[spec] = mc
         return mc
+
+    def mark_closed(self) -> None:
+        """From now on no multicallable is made on the channel; the caller then closes it."""
+        with self.lock:
+            self.closed = True
 
 
 def as_discovery(discovery: Discovery | Iterable[Endpoint | str]) -> Discovery:
@@ -347,7 +372,9 @@ class Balancer(BalancerBase):
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.options.wait_timeout if timeout is None else timeout)
 
-    def pick_member(self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()) -> Member:
+    def pick_member(
+        self, key: Key, deadline: float | None, exclude: AbstractSet[str] = frozenset()
+    ) -> Member:
         """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic).
 
         A ``deadline`` of None waits ``wait_timeout`` from now.
@@ -362,7 +389,7 @@ class Balancer(BalancerBase):
             pass
         return self._pick_slow(key, deadline, exclude)
 
-    def _pick_slow(self, key: Key, deadline: float | None, exclude: frozenset[str]) -> Member:
+    def _pick_slow(self, key: Key, deadline: float | None, exclude: AbstractSet[str]) -> Member:
         if self._closed:
             raise NoEndpointsError(f"{self.service}: the balancer is closed")
         self._check_started()
@@ -431,6 +458,7 @@ class Balancer(BalancerBase):
             member.channel._channel.check_connectivity_state(True)
 
     def _close_member(self, member: Member) -> None:
+        member.mark_closed()
         if member.health is not None:
             member.health.stop()
         try:

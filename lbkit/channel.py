@@ -47,6 +47,21 @@ class CallSpec(CallSpecBase["Balancer"]):
             reraise=True,
         )
 
+    def future(self, arg: Any, key_request: Any, timeout: float | None, kw: dict[str, Any]) -> Any:
+        """A grpc.Future for one call on one picked endpoint, counted in flight until it is done."""
+        lb = self.lb
+        deadline = None if timeout is None else time.monotonic() + timeout
+        member = lb.pick_member(self.key(kw["metadata"], key_request), deadline)
+        st = member.stats
+        t0 = st.start()
+        try:
+            fut = member.callable(self.spec).future(arg, timeout=timeout_left(deadline), **kw)
+        except BaseException:
+            st.finish(t0, True, observe_latency=False)
+            raise
+        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
+        return fut
+
     def first_backoff(self) -> None:
         """Sleep before the first retry (full jitter)."""
         time.sleep(random.uniform(0.0, self.lb.retry_policy.initial_backoff))
@@ -62,24 +77,28 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     def __init__(self, c: CallSpec) -> None:
         self._c = c
 
-    def _once(
-        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, exclude: set[str]
+    def _attempt(
+        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, tried: set[str]
     ) -> Any:
+        """One attempt on an endpoint not in ``tried`` (which it joins); stats finished whatever happens."""
         c = self._c
         lb = c.lb
-        member = lb.pick_member(c.key(kw.get("metadata"), request), deadline, frozenset(exclude))
-        exclude.add(member.address)
-        mc = member.callable(c.spec)
+        member = lb.pick_member(c.key(kw["metadata"], request), deadline, tried)
+        tried.add(member.address)
         st = member.stats
         t0 = st.start()
         try:
+            mc = member.callable(c.spec)
             timeout = attempt_left(deadline, c.attempt_timeout)
-            if with_call:
-                result = mc.with_call(request, timeout=timeout, **kw)
-            else:
-                result = mc(request, timeout=timeout, **kw)
+            result = (
+                mc.with_call(request, timeout=timeout, **kw)
+                if with_call
+                else mc(request, timeout=timeout, **kw)
+            )
         except grpc.RpcError as err:
-            st.finish(t0, not lb.is_failure(server_code(err.code())))
+            st.finish(
+                t0, not lb.is_failure(server_code(err.code()))
+            )  # a blocking call: never client-cancelled
             raise
         except ValueError as err:
             st.finish(t0, True, observe_latency=False)
@@ -91,44 +110,29 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
 
     def _invoke(self, request: Any, timeout: float | None, kw: dict[str, Any], with_call: bool) -> Any:
         c = self._c
-        lb = c.lb
         deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = kw.get("metadata")
-        # Fast path: one pick, one call, no retry machinery.
-        member = lb.pick_member(c.key(metadata, request), deadline)
-        mc = member.callable(c.spec)
-        st = member.stats
-        t0 = st.start()
+        tried: set[str] = set()
+        # The first attempt builds no retry machinery; a failure that may be retried hands over to tenacity.
         try:
-            timeout = attempt_left(deadline, c.attempt_timeout)
-            if with_call:
-                result = mc.with_call(request, timeout=timeout, **kw)
-            else:
-                result = mc(request, timeout=timeout, **kw)
+            result = self._attempt(request, deadline, kw, with_call, tried)
         except grpc.RpcError as err:
-            code = server_code(err.code())  # a blocking call is never cancelled by its client
-            st.finish(t0, not lb.is_failure(code))
-            if not c.retryable(code, err.details(), deadline):
+            if not c.retryable(server_code(err.code()), err.details(), deadline):
                 raise
-            return self._retry(request, deadline, kw, with_call, {member.address})
-        except ValueError as err:
-            st.finish(t0, True, observe_latency=False)
-            if "closed" not in str(err):
-                raise
-            return self._retry(request, deadline, kw, with_call, {member.address})
-        st.finish(t0, True)
-        lb.budget.on_success()
+            return self._retry(request, deadline, kw, with_call, tried)
+        except _ChannelClosed:
+            return self._retry(request, deadline, kw, with_call, tried)
+        c.lb.budget.on_success()
         return result
 
     def _retry(
-        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, exclude: set[str]
+        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, tried: set[str]
     ) -> Any:
         c = self._c
         c.first_backoff()
         for attempt in c.retrying(deadline, c.lb.retry_policy.max_attempts - 1):
             with attempt:
                 c.lb.note_retry()
-                result = self._once(request, deadline, kw, with_call, exclude)
+                result = self._attempt(request, deadline, kw, with_call, tried)
         c.lb.budget.on_success()
         return result
 
@@ -141,13 +145,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._invoke(request, timeout, kw, False)
+        return self._invoke(
+            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), False
+        )
 
     def with_call(
         self,
@@ -158,13 +158,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._invoke(request, timeout, kw, True)
+        return self._invoke(
+            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
+        )
 
     def future(
         self,
@@ -176,22 +172,8 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A grpc.Future for the call on one picked endpoint (no retries: the future is grpc's own)."""
-        c = self._c
-        lb = c.lb
-        deadline = None if timeout is None else time.monotonic() + timeout
-        member = lb.pick_member(c.key(metadata, request), deadline)
-        st = member.stats
-        t0 = st.start()
-        fut = member.callable(c.spec).future(
-            request,
-            timeout=timeout_left(deadline),
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
-        return fut
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
+        return self._c.future(request, request, timeout, kw)
 
 
 def _finisher(lb: Balancer, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
@@ -268,20 +250,27 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
     def _start(self) -> None:
         c = self._c
         lb = c.lb
-        key = c.key(self._kw.get("metadata"), self._request)
-        member: Member = lb.pick_member(key, self._deadline, frozenset(self._tried))
-        self._tried.add(member.address)
-        self._attempt += 1
-        st = member.stats
-        t0 = st.start()
-        arg = self._tape.reader() if self._tape is not None else self._request
-        try:
-            inner = member.callable(c.spec)(arg, timeout=timeout_left(self._deadline), **self._kw)
-        except BaseException:
-            st.finish(t0, True, observe_latency=False)
-            raise
-        inner.add_done_callback(_finisher(lb, st, t0, observe=False))
-        self._inner = inner
+        key = c.key(self._kw["metadata"], self._request)
+        while True:
+            member: Member = lb.pick_member(key, self._deadline, self._tried)
+            self._tried.add(member.address)
+            self._attempt += 1
+            st = member.stats
+            t0 = st.start()
+            arg = self._tape.reader() if self._tape is not None else self._request
+            try:
+                inner = member.callable(c.spec)(arg, timeout=timeout_left(self._deadline), **self._kw)
+            except ValueError as err:
+                st.finish(t0, True, observe_latency=False)
+                if "closed" in str(err) and self._attempt < c.lb.retry_policy.max_attempts:
+                    continue  # drained between pick and call: nothing was sent, pick another
+                raise
+            except BaseException:
+                st.finish(t0, True, observe_latency=False)
+                raise
+            inner.add_done_callback(_finisher(lb, st, t0, observe=False))
+            self._inner = inner
+            return
 
     def _can_retry(self, err: grpc.RpcError) -> bool:
         c = self._c
@@ -428,12 +417,12 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         attempt = 0
         while True:
             attempt += 1
-            member = lb.pick_member(c.key(kw.get("metadata"), None), deadline, frozenset(tried))
+            member = lb.pick_member(c.key(kw["metadata"], None), deadline, tried)
             tried.add(member.address)
-            mc = member.callable(c.spec)
             st = member.stats
             t0 = st.start()
             try:
+                mc = member.callable(c.spec)
                 if with_call:
                     result = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
                 else:
@@ -451,6 +440,11 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
                 lb.note_retry()
                 c.first_backoff()
                 continue
+            except ValueError as err:
+                st.finish(t0, True, observe_latency=False)
+                if "closed" not in str(err) or attempt >= lb.retry_policy.max_attempts:
+                    raise
+                continue  # drained between pick and call: nothing was sent, pick another
             st.finish(t0, True)
             lb.budget.on_success()
             return result
@@ -491,22 +485,8 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A grpc.Future on one picked endpoint (no retries: the future is grpc's own)."""
-        c = self._c
-        lb = c.lb
-        deadline = None if timeout is None else time.monotonic() + timeout
-        member = lb.pick_member(c.key(metadata, None), deadline)
-        st = member.stats
-        t0 = st.start()
-        fut = member.callable(c.spec).future(
-            request_iterator,
-            timeout=timeout_left(deadline),
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
-        return fut
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
+        return self._c.future(request_iterator, None, timeout, kw)
 
 
 class BalancedChannel(grpc.Channel):  # type: ignore[misc]

@@ -189,6 +189,7 @@ class Balancer(BalancerBase):
             state = channel.get_state(try_to_connect=False)
 
     async def _close_member(self, member: Member) -> None:
+        member.mark_closed()
         task = self._member_tasks.pop(member.address, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()

@@ -77,26 +77,30 @@ class _CallBase:
         self._callbacks: list[Callable[[Any], None]] | None = None
 
     def _try_start_now(self, observe: bool) -> None:
-        member = self._c.lb.pick_now(self._c.key(self._kw.get("metadata"), self._request))
+        member = self._c.lb.pick_now(self._c.key(self._kw["metadata"], self._request))
         if member is not None:
             self._issue(member, observe)
 
     def _issue(self, member: Member, observe: bool) -> None:
+        """Start an attempt on ``member``; if its channel was drained and closed meanwhile (nothing was
+        sent), leave no attempt, so the next await picks another endpoint."""
         self._tried += (member.address,)
         self._attempts += 1
-        self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
+        try:
+            self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
+        except ValueError as err:
+            if "closed" not in str(err) or self._attempts >= self._c.lb.retry_policy.max_attempts:
+                raise
+            return
         for cb in self._callbacks or ():
             self._inner.add_done_callback(lambda _call, cb=cb: cb(self))
 
     async def _ensure_inner(self, observe: bool) -> Any:
-        if self._inner is None:
-            c = self._c
-            lb = c.lb
+        c = self._c
+        while self._inner is None:
             try:
-                member = await lb.apick_member(
-                    c.key(self._kw.get("metadata"), self._request),
-                    self._deadline,
-                    frozenset(self._tried),
+                member = await c.lb.apick_member(
+                    c.key(self._kw["metadata"], self._request), self._deadline, frozenset(self._tried)
                 )
             except NoEndpointsError as err:
                 self._error = err

@@ -205,3 +205,15 @@ async def test_a_call_on_a_balancer_never_started_fails_at_once_saying_so():
     stub = pb2_grpc.ModelServiceStub(lb.channel())
     with pytest.raises(RuntimeError, match="models: the Balancer is not started"):
         await stub.Predict(REQ, timeout=5)
+
+
+async def test_calls_that_pick_a_channel_closed_under_them_go_elsewhere(make_servers):
+    servers = make_servers(2)
+    async with lbkit.aio.Balancer([s.address for s in servers], selector="round_robin") as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        await lb._close_member(lb.members[servers[0].address])
+        replies = {(await stub.Predict(REQ, timeout=5)).served_by for _ in range(4)}
+        tokens = {t.served_by async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5)}
+        assert replies == tokens == {servers[1].address}
+        await async_wait_for(lambda: lb.stats.total_in_flight == 0)
