@@ -13,7 +13,7 @@ from lbkit.selectors.base import Key
 if TYPE_CHECKING:
     from lbkit.balancer import BalancerBase, KeyFn
 
-__all__ = ["CallSpecBase", "call_kwargs", "timeout_left"]
+__all__ = ["CallSpecBase", "call_kwargs", "closed_channel", "timeout_left"]
 
 B = TypeVar("B", bound="BalancerBase")
 
@@ -21,6 +21,12 @@ B = TypeVar("B", bound="BalancerBase")
 def timeout_left(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (``time.monotonic``), never negative; None for no deadline."""
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def closed_channel(err: ValueError) -> bool:
+    """Whether grpc (or a drained pool member) refused to start a call because the channel is closed:
+    nothing was sent, so the call may go to another endpoint."""
+    return "closed" in str(err)
 
 
 def call_kwargs(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:

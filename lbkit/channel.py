@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
-from lbkit._callspec import CallSpecBase, call_kwargs, timeout_left
+from lbkit._callspec import CallSpecBase, call_kwargs, closed_channel, timeout_left
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 
@@ -102,7 +102,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
             raise
         except ValueError as err:
             st.finish(t0, True, observe_latency=False)
-            if "closed" not in str(err):
+            if not closed_channel(err):
                 raise
             raise _ChannelClosed(member.address) from err
         st.finish(t0, True)
@@ -262,7 +262,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
                 inner = member.callable(c.spec)(arg, timeout=timeout_left(self._deadline), **self._kw)
             except ValueError as err:
                 st.finish(t0, True, observe_latency=False)
-                if "closed" in str(err) and self._attempt < c.lb.retry_policy.max_attempts:
+                if closed_channel(err) and self._attempt < c.lb.retry_policy.max_attempts:
                     continue  # drained between pick and call: nothing was sent, pick another
                 raise
             except BaseException:
@@ -442,7 +442,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
                 continue
             except ValueError as err:
                 st.finish(t0, True, observe_latency=False)
-                if "closed" not in str(err) or attempt >= lb.retry_policy.max_attempts:
+                if not closed_channel(err) or attempt >= lb.retry_policy.max_attempts:
                     raise
                 continue  # drained between pick and call: nothing was sent, pick another
             st.finish(t0, True)

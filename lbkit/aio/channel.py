@@ -13,7 +13,7 @@ import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
-from lbkit._callspec import CallSpecBase, call_kwargs, timeout_left
+from lbkit._callspec import CallSpecBase, call_kwargs, closed_channel, timeout_left
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 
@@ -89,7 +89,7 @@ class _CallBase:
         try:
             self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
         except ValueError as err:
-            if "closed" not in str(err) or self._attempts >= self._c.lb.retry_policy.max_attempts:
+            if not closed_channel(err) or self._attempts >= self._c.lb.retry_policy.max_attempts:
                 raise
             return
         for cb in self._callbacks or ():
