@@ -191,34 +191,50 @@ class _Tape:
 
     def __init__(self, source: Iterator[Any]) -> None:
         self._source = source
-        self._items: list[Any] | None = []
+        self._items: list[Any] = []
+        self._recording = True
         self._lock = threading.Lock()
+        self._attempt = 0
 
     @property
     def replayable(self) -> bool:
         """Whether a new attempt can still be given every request sent so far."""
-        return self._items is not None
+        return self._recording
 
     def stop_recording(self) -> None:
-        """The first response came: no more retries, so no more memory for requests."""
-        self._items = None
+        """The first response came: no more retries, so no more requests kept (the current attempt still
+        replays what it has not sent yet)."""
+        with self._lock:
+            self._recording = False
 
     def reader(self) -> Iterator[Any]:
-        """Requests from the start: replayed ones first, then new ones from the source."""
+        """Requests from the start for a new attempt: replayed ones first, then new ones from the source.
+
+        Readers of earlier attempts stop at once: grpc's request thread of a failed attempt may still
+        be pulling, and a request it took from the source would be lost to the new attempt.
+        """
+        with self._lock:
+            self._attempt += 1
+            mine = self._attempt
+        return self._read(mine)
+
+    def _read(self, mine: int) -> Iterator[Any]:
+        items = self._items
         i = 0
         while True:
             with self._lock:
-                items = self._items
-                if items is not None and i < len(items):
+                if mine != self._attempt:
+                    return
+                if i < len(items):
                     item = items[i]
                 else:
                     try:
                         item = next(self._source)
                     except StopIteration:
                         return
-                    if items is not None:
+                    if self._recording:
                         if len(items) >= _MAX_REPLAY:
-                            self._items = None
+                            self._recording = False  # too many to keep: no retry for this call
                         else:
                             items.append(item)
             i += 1
