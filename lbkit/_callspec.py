@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import grpc
 
@@ -13,7 +14,7 @@ from lbkit.selectors.base import Key
 if TYPE_CHECKING:
     from lbkit.balancer import BalancerBase, KeyFn
 
-__all__ = ["CallSpecBase", "call_kwargs", "closed_channel", "timeout_left"]
+__all__ = ["CallSpecBase", "ChannelMethods", "call_kwargs", "closed_channel", "timeout_left"]
 
 B = TypeVar("B", bound="BalancerBase")
 
@@ -92,3 +93,69 @@ class CallSpecBase(Generic[B]):
             self.lb.budget.on_failure()
             return self.lb.budget.allow()
         return False
+
+
+class ChannelMethods:
+    """The four method factories generated stubs call, shared by the sync and asyncio channels.
+
+    A subclass names its call-rule class and its multicallable class for each call kind.
+    """
+
+    _spec_class: ClassVar[Callable[..., Any]]
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]]
+
+    def __init__(self, lb: Any, key: KeyFn | None = None) -> None:
+        self._lb = lb
+        self._key = key
+
+    def _make(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> Any:
+        spec = self._spec_class(self._lb, kind, method, ser, deser, registered, self._key)
+        return self._multicallables[kind](spec)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        """A multicallable for a unary-unary method; each call picks an endpoint."""
+        return self._make(
+            "unary_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        """A multicallable for a server-streaming method; each call picks an endpoint."""
+        return self._make(
+            "unary_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        """A multicallable for a client-streaming method; each call picks an endpoint."""
+        return self._make(
+            "stream_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        """A multicallable for a bidirectional-streaming method; each call picks an endpoint."""
+        return self._make(
+            "stream_stream", method, request_serializer, response_deserializer, _registered_method
+        )

@@ -7,19 +7,19 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
-from lbkit._callspec import CallSpecBase, call_kwargs, closed_channel, timeout_left
+from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 
 if TYPE_CHECKING:
-    from lbkit.aio.balancer import Balancer
-    from lbkit.balancer import KeyFn, Member
+    from lbkit.aio.balancer import Balancer  # noqa: F401  (named in a string: CallSpecBase["Balancer"])
+    from lbkit.balancer import Member
 
 __all__ = ["BalancedChannel"]
 
@@ -399,62 +399,19 @@ class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable):  # type
         )
 
 
-class BalancedChannel:
+class BalancedChannel(ChannelMethods):
     """A grpc.aio-style channel whose every call goes to an endpoint the balancer picks for it.
 
     Closing it does nothing: the balancer owns the real channels.
     """
 
-    def __init__(self, lb: Balancer, key: KeyFn | None = None) -> None:
-        self._lb = lb
-        self._key = key
-
-    def _spec(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> _Spec:
-        return _Spec(self._lb, kind, method, ser, deser, registered, self._key)
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return _UnaryUnary(
-            self._spec("unary_unary", method, request_serializer, response_deserializer, _registered_method)
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return _UnaryStream(
-            self._spec("unary_stream", method, request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return _StreamUnary(
-            self._spec("stream_unary", method, request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return _StreamStream(
-            self._spec("stream_stream", method, request_serializer, response_deserializer, _registered_method)
-        )
+    _spec_class = _Spec
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "unary_unary": _UnaryUnary,
+        "unary_stream": _UnaryStream,
+        "stream_unary": _StreamUnary,
+        "stream_stream": _StreamStream,
+    }
 
     async def close(self, grace: float | None = None) -> None:
         """Nothing to do: the balancer closes its channels."""
