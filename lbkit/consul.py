@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, cast
 
@@ -247,6 +247,25 @@ def _raw(response: Any) -> Any:
     return response
 
 
+class _HeartbeatOutage:
+    """Logs a run of failed TTL heartbeats once when it starts and once when it ends."""
+
+    def __init__(self, service_id: str, redact: Callable[[str], str]) -> None:
+        self._service_id = service_id
+        self._redact = redact
+        self._failing = False
+
+    def ok(self) -> None:
+        if self._failing:
+            logger.info("heartbeat of %s reaches consul again", self._service_id)
+        self._failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self._failing:
+            logger.warning("heartbeat of %s failed, retrying: %s", self._service_id, self._redact(str(exc)))
+        self._failing = True
+
+
 class RegistrationError(LbkitError):
     """The Consul agent refused or could not be reached; ``status`` is the HTTP status (0: no answer)."""
 
@@ -328,7 +347,7 @@ class Registration(_Base):
 
     def _beat(self) -> None:
         interval = cast(float, self.ttl_interval)
-        failing = False
+        outage = _HeartbeatOutage(self.service_id, self.connection.redact)
         while not self._stop.wait(interval):
             try:
                 try:
@@ -339,17 +358,9 @@ class Registration(_Base):
                     # The agent lost the check (it restarted without state): register again.
                     self._put("/v1/agent/service/register", body=self._put_body())
                     self._refresh()
-                if failing:
-                    logger.info("heartbeat of %s reaches consul again", self.service_id)
-                failing = False
+                outage.ok()
             except Exception as exc:
-                if not failing:
-                    logger.warning(
-                        "heartbeat of %s failed, retrying: %s",
-                        self.service_id,
-                        self.connection.redact(str(exc)),
-                    )
-                failing = True
+                outage.failed(exc)
 
     def stop_heartbeat(self) -> None:
         """Stop refreshing the TTL check (the agent marks it critical when the TTL runs out)."""
@@ -450,7 +461,7 @@ class AsyncRegistration(_Base):
 
     async def _beat(self) -> None:
         interval = cast(float, self.ttl_interval)
-        failing = False
+        outage = _HeartbeatOutage(self.service_id, self.connection.redact)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -461,17 +472,9 @@ class AsyncRegistration(_Base):
                         raise
                     await self._put("/v1/agent/service/register", body=self._put_body())
                     await self._refresh()
-                if failing:
-                    logger.info("heartbeat of %s reaches consul again", self.service_id)
-                failing = False
+                outage.ok()
             except Exception as exc:
-                if not failing:
-                    logger.warning(
-                        "heartbeat of %s failed, retrying: %s",
-                        self.service_id,
-                        self.connection.redact(str(exc)),
-                    )
-                failing = True
+                outage.failed(exc)
 
     async def stop_heartbeat(self) -> None:
         """Stop refreshing the TTL check."""
