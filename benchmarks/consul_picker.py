@@ -21,7 +21,7 @@ from lbkit.balancer import Balancer
 from lbkit.discovery.consul import ConsulOptions
 from lbkit.discovery.consul_watch import ConsulDiscovery
 from lbkit.events import Event, EventKind
-from lbkit.testing.consul_server import ConsulServer
+from lbkit.testing.consul import ConsulServer
 from lbkit.testing.model_server import ModelServer
 
 __all__ = ["main", "run"]

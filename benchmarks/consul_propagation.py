@@ -198,7 +198,7 @@ def _cost(server: Any, updates: int, progress: Progress) -> dict[str, float]:
 
 def run(quick: bool = False) -> Result:
     """Propagation latency (median, p99) and watcher CPU per update; see the module doc."""
-    from lbkit.testing.consul_server import ConsulServer
+    from lbkit.testing.consul import ConsulServer
 
     changes = 20 if quick else 100
     updates = 10 if quick else 40
@@ -241,7 +241,7 @@ def run(quick: bool = False) -> Result:
             },
         ],
         "notes": [
-            "Test Consul server (lbkit.testing.consul_server) on 127.0.0.1; sync watcher, wait=30s, "
+            "Test Consul server (lbkit.testing.consul) on 127.0.0.1; sync watcher, wait=30s, "
             f"min_interval={ConsulOptions().min_interval * 1000:.0f} ms (the default).",
             "Latency starts just before the HTTP call that makes the change, so it includes that call.",
             "Isolated: each change comes at least min_interval (+0-30 ms) after the previous publish. "

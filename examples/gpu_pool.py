@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import lbkit
 import lbkit.consul
 from lbkit.testing import Behavior, ModelServer
-from lbkit.testing.consul_server import ConsulServer
+from lbkit.testing.consul import ConsulServer
 from lbkit.testing.proto import model_service_pb2 as pb2
 from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
 

@@ -103,7 +103,7 @@ class Cluster:
         """Start the Consul server (if embedded) and the model servers; register every instance."""
         try:
             if self.embedded:
-                from lbkit.testing.consul_server import ConsulServer
+                from lbkit.testing.consul import ConsulServer
 
                 self._consul_server = ConsulServer()
                 self._consul_server.start()

@@ -20,7 +20,7 @@ from client import balancer, stream_completions, update_features
 from server import InferenceServer
 
 import lbkit
-from lbkit.testing.consul_server import ConsulServer, ConsulTimings
+from lbkit.testing.consul import ConsulServer, ConsulTimings
 
 SERVERS = 3
 PROMPTS = 6

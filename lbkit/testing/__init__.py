@@ -10,14 +10,14 @@ __all__ = ["Behavior", "ConsulServer", "ConsulTimings", "ModelServer", "Recorded
 _LAZY = {
     "Behavior": "lbkit.testing.model_server",
     "ModelServer": "lbkit.testing.model_server",
-    "ConsulServer": "lbkit.testing.consul_server",
-    "ConsulTimings": "lbkit.testing.consul_server",
-    "RecordedRequest": "lbkit.testing.consul_server",
+    "ConsulServer": "lbkit.testing.consul",
+    "ConsulTimings": "lbkit.testing.consul",
+    "RecordedRequest": "lbkit.testing.consul",
     "ServerProcess": "lbkit.testing.server_process",
 }
 
 if TYPE_CHECKING:
-    from lbkit.testing.consul_server import ConsulServer, ConsulTimings, RecordedRequest
+    from lbkit.testing.consul import ConsulServer, ConsulTimings, RecordedRequest
     from lbkit.testing.model_server import Behavior, ModelServer
     from lbkit.testing.server_process import ServerProcess
 

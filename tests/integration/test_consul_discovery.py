@@ -18,7 +18,7 @@ import pytest
 
 from lbkit.discovery.consul_watch import ConsulDiscovery
 from lbkit.endpoint import EndpointSet
-from lbkit.testing.consul_server import ConsulServer, RecordedRequest
+from lbkit.testing.consul import ConsulServer, RecordedRequest
 
 TOKEN = "3d1f0c7e-acl-secret-value"
 FAST = 0.15  # seconds: "within tens of ms", with room for a loaded 2-core machine

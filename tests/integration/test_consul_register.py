@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import lbkit.consul
 from lbkit.consul import AsyncRegistration, GrpcCheck, Registration, RegistrationError, TtlCheck
 from lbkit.errors import ConfigError
-from lbkit.testing.consul_server import ConsulServer, ConsulTimings
+from lbkit.testing.consul import ConsulServer, ConsulTimings
 
 SERVICE = "model"
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -29,7 +29,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lbkit.testing.consul_server import ConsulServer, ConsulTimings
+from lbkit.testing.consul import ConsulServer, ConsulTimings
 
 T = TypeVar("T")
 FAST = ConsulTimings(min_check_interval=0.05, check_reap_interval=0.05, check_deregister_interval_min=0.2)
@@ -657,7 +657,7 @@ def test_minimum_check_interval_is_consuls_by_default(name: str) -> None:
 
 def test_cli_prints_address_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lbkit.testing.consul_server", "--port", "0"],
+        [sys.executable, "-m", "lbkit.testing.consul", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -21,7 +21,7 @@ from lbkit._demo_report import Fault, SelectorRun, render_run, write_plot
 from lbkit.demo import DemoOptions, _detect
 from lbkit.errors import ConfigError
 from lbkit.events import Event, EventKind
-from lbkit.testing.consul_server import ConsulServer
+from lbkit.testing.consul import ConsulServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("slow", "failing", "leaving", "steady")

@@ -4,7 +4,7 @@ It follows Consul's documented HTTP API for the endpoints it covers (service and
 registration, TTL and active checks, catalog and health reads, blocking queries, filtering,
 ACL tokens), so code tested against it works against a real agent. What it covers and what
 not is in ``docs/consul-test-server.md``. Run it alone with
-``python -m lbkit.testing.consul_server [--port N]``.
+``python -m lbkit.testing.consul [--port N]``.
 
 Test hooks that Consul does not have (``fail_next``, ``garbage_next``, ``set_delay``,
 ``requests``) let tests inject faults and see what a client sent.
@@ -12,25 +12,23 @@ Test hooks that Consul does not have (``fail_next``, ``garbage_next``, ``set_del
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
 import random
-import signal
 import socket
 import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-from lbkit.testing._consul_checks import CRITICAL, PASSING, WARNING, is_loopback_host, parse_duration
-from lbkit.testing._consul_filter import FilterError, compile_filter
-from lbkit.testing._consul_state import (
+from lbkit.testing.consul.checks import CRITICAL, PASSING, WARNING, is_loopback_host, parse_duration
+from lbkit.testing.consul.filter import FilterError, compile_filter
+from lbkit.testing.consul.state import (
     VERSION,
     ApiError,
     ConsulState,
@@ -40,7 +38,7 @@ from lbkit.testing._consul_state import (
     parse_service,
 )
 
-__all__ = ["ConsulServer", "ConsulTimings", "RecordedRequest", "main"]
+__all__ = ["ConsulServer", "ConsulTimings", "RecordedRequest"]
 
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
@@ -782,34 +780,3 @@ def _required_name(req: _Request) -> str:
 def _has_tags(service_tags: list[str], wanted: list[str]) -> bool:
     have = {t.lower() for t in service_tags}
     return all(t.lower() in have for t in wanted)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; print ``CONSUL_HTTP_ADDR=host:port`` once listening."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lbkit.testing.consul_server", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--datacenter", default="dc1")
-    parser.add_argument("--node-name", default="lbkit-node")
-    parser.add_argument("--acl-token", default=None, help="require this token (default_policy deny)")
-    args = parser.parse_args(argv)
-    server = ConsulServer(
-        args.host, args.port, datacenter=args.datacenter, node_name=args.node_name, acl_token=args.acl_token
-    )
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    server.start()
-    print(f"CONSUL_HTTP_ADDR={server.address}", flush=True)
-    try:
-        while not done.wait(0.5):
-            pass
-    finally:
-        server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lbkit._config import check_float, config
-from lbkit.testing._consul_checks import (
+from lbkit.testing.consul.checks import (
     CRITICAL,
     OUTPUT_MAX,
     PASSING,
