@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run lbkit against four local model servers registered in an embedded Consul-compatible "
         "server: each selector in turn, with a slow, a failing and a leaving server.",
     )
-    from lbkit.demo import add_arguments
+    from lbkit._demo.command import add_arguments
 
     add_arguments(demo)
     commands.add_parser(
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from lbkit.demo import options_from_args, run_demo
+    from lbkit._demo.command import options_from_args, run_demo
     from lbkit.errors import ConfigError
 
     try:

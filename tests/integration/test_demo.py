@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from lbkit.__main__ import main
-from lbkit._demo_load import PacedLoad, Record
-from lbkit._demo_report import Fault, SelectorRun, render_run, write_plot
-from lbkit.demo import DemoOptions, _detect
+from lbkit._demo.command import DemoOptions, _detect
+from lbkit._demo.load import PacedLoad, Record
+from lbkit._demo.report import Fault, SelectorRun, render_run, write_plot
 from lbkit.errors import ConfigError
 from lbkit.events import Event, EventKind
 from lbkit.testing.consul import ConsulServer

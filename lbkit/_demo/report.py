@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from lbkit._demo_load import Record, percentile
+from lbkit._demo.load import Record, percentile
 
 __all__ = [
     "Fault",

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from lbkit._config import check_float, check_int, config
-from lbkit._demo_cluster import Cluster, Instance
-from lbkit._demo_load import PacedLoad, percentile
-from lbkit._demo_report import (
+from lbkit._demo.cluster import Cluster, Instance
+from lbkit._demo.load import PacedLoad, percentile
+from lbkit._demo.report import (
     Fault,
     Progress,
     SelectorRun,
