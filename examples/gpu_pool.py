@@ -19,7 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import lbkit
-import lbkit.consul
+import lbkit.registration
 from lbkit.testing import Behavior, ModelServer
 from lbkit.testing.consul import ConsulServer
 from lbkit.testing.proto import model_service_pb2 as pb2
@@ -66,7 +66,7 @@ def main() -> None:
         servers += [ModelServer(behavior=Behavior(delay=SLOW_DELAY)).start() for _ in range(2)]
         kind = {s.address: "fast" if s.behavior.delay == FAST_DELAY else "slow" for s in servers}
         registrations = [
-            lbkit.consul.register(
+            lbkit.registration.register(
                 "gpu-pool",
                 s.address,
                 weight=8 if kind[s.address] == "fast" else 4,

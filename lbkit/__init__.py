@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "LbkitError": "lbkit.errors",
     "NoEndpointsError": "lbkit.errors",
     "NoReadyEndpointError": "lbkit.errors",
+    "RegistrationError": "lbkit.errors",
     "Endpoint": "lbkit.endpoint",
     "EndpointDiff": "lbkit.endpoint",
     "EndpointSet": "lbkit.endpoint",
@@ -72,6 +73,7 @@ __all__ = [
     "OutlierDetection",
     "PeakEwma",
     "Picker",
+    "RegistrationError",
     "RetryPolicy",
     "RoundRobin",
     "Selector",
@@ -90,7 +92,14 @@ if TYPE_CHECKING:
     from lbkit.discovery.consul import ConsulDiscovery
     from lbkit.discovery.static import StaticDiscovery
     from lbkit.endpoint import Endpoint, EndpointDiff, EndpointSet
-    from lbkit.errors import ConfigError, DiscoveryError, LbkitError, NoEndpointsError, NoReadyEndpointError
+    from lbkit.errors import (
+        ConfigError,
+        DiscoveryError,
+        LbkitError,
+        NoEndpointsError,
+        NoReadyEndpointError,
+        RegistrationError,
+    )
     from lbkit.events import Event, EventKind
     from lbkit.health.active import HealthCheck
     from lbkit.health.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
@@ -106,7 +115,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("aio", "consul", "testing", "metrics"):
+    if name in ("aio", "registration", "testing", "metrics"):
         return importlib.import_module(f"lbkit.{name}")
     module = _LAZY.get(name)
     if module is None:

@@ -10,6 +10,7 @@ __all__ = [
     "LbkitError",
     "NoEndpointsError",
     "NoReadyEndpointError",
+    "RegistrationError",
 ]
 
 
@@ -61,3 +62,12 @@ class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]
 
 class NoReadyEndpointError(NoEndpointsError):
     """Endpoints are known but none is ready (connecting, unhealthy or ejected)."""
+
+
+class RegistrationError(LbkitError):
+    """The Consul agent refused a registration or could not be reached; ``status`` is the HTTP status
+    (0: no answer)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status

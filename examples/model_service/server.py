@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import lbkit.consul
+import lbkit.registration
 from lbkit.testing.proto import model_service_pb2 as pb2
 from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
 
@@ -74,7 +74,7 @@ class InferenceServer:
         self.address = ""
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
-        self._registration: lbkit.consul.Registration | None = None
+        self._registration: lbkit.registration.Registration | None = None
 
     def start(self) -> InferenceServer:
         """Serve, report SERVING, and register in Consul with a gRPC check the agent runs."""
@@ -86,10 +86,10 @@ class InferenceServer:
         self.set_serving(True)
         server.start()
         self._server = server
-        self._registration = lbkit.consul.register(
+        self._registration = lbkit.registration.register(
             SERVICE,
             self.address,
-            check=lbkit.consul.GrpcCheck(interval=self.check_interval, timeout=1.0),
+            check=lbkit.registration.GrpcCheck(interval=self.check_interval, timeout=1.0),
             meta={"model_version": "v1"},
             consul_address=self.consul_address,
         )

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lbkit.consul import GrpcCheck, Registration
 from lbkit.discovery.consul_watch import ConsulDiscovery
+from lbkit.registration import GrpcCheck, Registration
 from lbkit.testing.server_process import ServerProcess
 
 __all__ = ["ROLES", "Cluster", "Instance", "Role"]

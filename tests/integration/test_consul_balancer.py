@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 import lbkit
-from lbkit.consul import GrpcCheck, Registration, TtlCheck
-from lbkit.consul import register as consul_register
 from lbkit.discovery.consul import resolve_connection
 from lbkit.events import Event, EventKind
+from lbkit.registration import GrpcCheck, Registration, TtlCheck
+from lbkit.registration import register as consul_register
 from lbkit.testing import ConsulServer, ConsulTimings, ModelServer
 from tests.integration.conftest import pb2, pb2_grpc
 
@@ -105,13 +105,13 @@ class Consul:
         self.client.agent.service.deregister(sid)
 
     def agent_options(self, sid: str) -> dict[str, Any]:
-        """Keyword options of lbkit.consul's registrations for instance ``sid`` of ``service`` here."""
+        """Keyword options of lbkit.registration's registrations for instance ``sid`` of ``service`` here."""
         self._ids.add(sid)
         env: dict[str, str] | None = {} if self.server else None
         return {"service_id": sid, "consul_address": self.address, "token": self.token, "env": env}
 
     def registration(self, sid: str, server: ModelServer, **kwargs: Any) -> Registration:
-        """Register ``server`` with lbkit.consul's helper."""
+        """Register ``server`` with lbkit.registration's helper."""
         reg = consul_register(self.service, server.address, **self.agent_options(sid), **kwargs)
         self._registrations.append(reg)
         return reg
@@ -294,7 +294,7 @@ def test_registration_reaches_the_balancer_and_deregistration_drains(
         stub = stub_of(lb)
         assert served_by(stub, 10) == {a.address: 10}
 
-        reg = consul.registration("b", b)  # lbkit.consul.register
+        reg = consul.registration("b", b)  # lbkit.registration.register
         wait_until(lambda: picker_addresses(lb) == {a.address, b.address}, what="b in the picker")
         assert served_by(stub, 20) == {a.address: 10, b.address: 10}  # round robin over both
 

@@ -1,5 +1,5 @@
 """lbkit.aio.Balancer fed by ConsulDiscovery (its asyncio loop), end to end: the asyncio twin of
-test_consul_balancer.py, with grpc.aio stubs and lbkit.consul.AsyncRegistration."""
+test_consul_balancer.py, with grpc.aio stubs and lbkit.registration.AsyncRegistration."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 import lbkit
 import lbkit.aio
-from lbkit.consul import AsyncRegistration, GrpcCheck, TtlCheck
 from lbkit.events import EventKind
+from lbkit.registration import AsyncRegistration, GrpcCheck, TtlCheck
 from lbkit.testing import ModelServer
 from tests.integration.conftest import pb2_grpc
 from tests.integration.test_consul_balancer import REQ, SETTLE, TARGETS, Consul, Events, open_consul

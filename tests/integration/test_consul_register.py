@@ -1,4 +1,4 @@
-"""lbkit.consul registration against lbkit's test Consul server: a gRPC check run against a real grpc
+"""lbkit.registration registration against lbkit's test Consul server: a gRPC check run against a real grpc
 server's health service, a TTL check kept alive by the heartbeat, deregistration on exit."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import lbkit.consul
-from lbkit.consul import AsyncRegistration, GrpcCheck, Registration, RegistrationError, TtlCheck
+import lbkit.registration
 from lbkit.errors import ConfigError
+from lbkit.registration import AsyncRegistration, GrpcCheck, Registration, RegistrationError, TtlCheck
 from lbkit.testing.consul import ConsulServer, ConsulTimings
 
 SERVICE = "model"
@@ -69,7 +69,7 @@ def test_grpc_check_follows_the_servers_health_and_exit_deregisters(
     address, servicer = grpc_health_server
     servicer.set("", SERVING)
     check = GrpcCheck(interval=0.05, timeout=1.0)
-    with lbkit.consul.register(
+    with lbkit.registration.register(
         SERVICE,
         address,
         tags=["v1", "gpu"],
@@ -114,7 +114,7 @@ def test_grpc_check_of_a_named_service(server: ConsulServer, grpc_health_server:
 
 def test_ttl_heartbeat_keeps_the_check_passing_then_lapses_when_stopped(server: ConsulServer) -> None:
     ttl = 0.3
-    with lbkit.consul.register(
+    with lbkit.registration.register(
         SERVICE, "127.0.0.1:7001", check=TtlCheck(ttl=ttl), consul_address=server.address, env={}
     ) as reg:
         assert check_status(server, "service:" + reg.service_id) == "passing"
@@ -207,7 +207,7 @@ def test_an_unreachable_agent_raises_registration_error() -> None:
     with ConsulServer() as gone:
         address = gone.address
     with pytest.raises(RegistrationError) as info:
-        lbkit.consul.register(SERVICE, "127.0.0.1:7001", consul_address=address, env={})
+        lbkit.registration.register(SERVICE, "127.0.0.1:7001", consul_address=address, env={})
     assert info.value.status == 0 and address in str(info.value)
 
 

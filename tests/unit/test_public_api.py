@@ -35,6 +35,7 @@ LBKIT_ALL = [
     "OutlierDetection",
     "PeakEwma",
     "Picker",
+    "RegistrationError",
     "RetryPolicy",
     "RoundRobin",
     "Selector",

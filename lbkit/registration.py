@@ -1,6 +1,6 @@
 """Announce a gRPC server in Consul: register it with a gRPC or TTL health check, deregister on exit.
 
-    with lbkit.consul.register("inference", "10.0.0.5:50051", check=lbkit.consul.GrpcCheck()):
+    with lbkit.registration.register("inference", "10.0.0.5:50051", check=lbkit.registration.GrpcCheck()):
         server.wait_for_termination()
 
 A TTL check gets a heartbeat thread (or task) that refreshes it every TTL/3; a gRPC check is run by the
@@ -22,7 +22,7 @@ from lbkit._config import check_float, check_int, config
 from lbkit.discovery.consul import ConsulConnection, format_duration, resolve_connection
 from lbkit.discovery.consul_watch import async_client, sync_client
 from lbkit.endpoint import parse_address
-from lbkit.errors import ConfigError, LbkitError
+from lbkit.errors import ConfigError, RegistrationError
 
 __all__ = [
     "TTL_STATUSES",
@@ -35,7 +35,7 @@ __all__ = [
     "service_definition",
 ]
 
-logger = logging.getLogger("lbkit.consul")
+logger = logging.getLogger("lbkit.registration")
 
 TTL_STATUSES = ("passing", "warning", "critical")
 
@@ -264,14 +264,6 @@ class _HeartbeatOutage:
         if not self._failing:
             logger.warning("heartbeat of %s failed, retrying: %s", self._service_id, self._redact(str(exc)))
         self._failing = True
-
-
-class RegistrationError(LbkitError):
-    """The Consul agent refused or could not be reached; ``status`` is the HTTP status (0: no answer)."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 def _ok(response: Any, what: str) -> None:
