@@ -11,7 +11,7 @@ import pytest
 from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
 from lbkit.selectors import ConsistentHash
-from lbkit.selectors.consistent_hash import _maglev_table, _turns
+from lbkit.selectors.maglev import _maglev_table, _turns
 from lbkit.stats import Stats
 
 ALGORITHMS = ["ring", "maglev"]
