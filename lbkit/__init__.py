@@ -7,9 +7,10 @@ Public names load lazily, so ``import lbkit`` costs little more than ``import gr
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lbkit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,10 @@ __version__ = "0.1.0"
 logging.getLogger("lbkit").addHandler(logging.NullHandler())
 
 _LAZY: dict[str, str] = {
+    "aio": "lbkit.aio",
+    "metrics": "lbkit.metrics",
+    "registration": "lbkit.registration",
+    "testing": "lbkit.testing",
     "ConfigError": "lbkit.errors",
     "DiscoveryError": "lbkit.errors",
     "LbkitError": "lbkit.errors",
@@ -114,16 +119,4 @@ if TYPE_CHECKING:
     from lbkit.stats import EndpointStats, Stats
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("aio", "registration", "testing", "metrics"):
-        return importlib.import_module(f"lbkit.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lbkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -5,8 +5,9 @@ Names load lazily, so the outlier and slow-start core does not import the health
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lbkit._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "FailurePercentageEjection": "lbkit.health.outlier",
@@ -46,14 +47,4 @@ if TYPE_CHECKING:
     from lbkit.health.slow_start import SlowStart
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lbkit.health' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lbkit._lazy import lazy_exports
 
 __all__ = ["Behavior", "ConsulServer", "ConsulTimings", "ModelServer", "RecordedRequest", "ServerProcess"]
 
-_LAZY = {
+_LAZY: dict[str, str] = {
     "Behavior": "lbkit.testing.model_server",
     "ModelServer": "lbkit.testing.model_server",
     "ConsulServer": "lbkit.testing.consul",
@@ -22,10 +23,4 @@ if TYPE_CHECKING:
     from lbkit.testing.server_process import ServerProcess
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lbkit.testing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
