@@ -116,8 +116,12 @@ def test_every_public_method_is_documented(module: ModuleType) -> None:
 
 
 def test_lazy_names_match_all() -> None:
-    lazy = set(vars(lbkit)["_LAZY"])
-    assert lazy == set(lbkit.__all__) - {"__version__"}
+    table = vars(lbkit)["_LAZY"]
+    submodules = {name for name, module in table.items() if module == f"lbkit.{name}"}
+    assert submodules == {"aio", "metrics", "registration", "testing"}
+    assert set(table) - submodules == set(lbkit.__all__) - {"__version__"}
+    for name in submodules:
+        assert getattr(lbkit, name).__name__ == f"lbkit.{name}"
 
 
 def test_version_matches_the_package_metadata() -> None:
