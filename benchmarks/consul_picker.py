@@ -18,8 +18,8 @@ from typing import Any
 
 from benchmarks._common import Progress, Result, fmt, median, module_main, percentile
 from lbkit.balancer import Balancer
-from lbkit.discovery.consul import ConsulOptions
-from lbkit.discovery.consul_watch import ConsulDiscovery
+from lbkit.discovery.consul import ConsulDiscovery
+from lbkit.discovery.consul_core import ConsulOptions
 from lbkit.events import Event, EventKind
 from lbkit.testing.consul import ConsulServer
 from lbkit.testing.model_server import ModelServer

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks._common import Progress, Result, fmt, median, module_main, percentile
-from lbkit.discovery.consul import ConsulConnection, ConsulOptions, ConsulWatchCore
-from lbkit.discovery.consul_watch import ConsulDiscovery
+from lbkit.discovery.consul import ConsulDiscovery
+from lbkit.discovery.consul_core import ConsulConnection, ConsulOptions, ConsulWatchCore
 from lbkit.endpoint import EndpointSet
 
 __all__ = ["main", "run"]

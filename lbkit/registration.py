@@ -19,8 +19,8 @@ from types import TracebackType
 from typing import Any, cast
 
 from lbkit._config import check_float, check_int, config
-from lbkit.discovery.consul import ConsulConnection, format_duration, resolve_connection
-from lbkit.discovery.consul_watch import async_client, sync_client
+from lbkit.discovery.consul import async_client, sync_client
+from lbkit.discovery.consul_core import ConsulConnection, format_duration, resolve_connection
 from lbkit.endpoint import parse_address
 from lbkit.errors import ConfigError, RegistrationError
 

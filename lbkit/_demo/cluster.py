@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lbkit.discovery.consul_watch import ConsulDiscovery
+from lbkit.discovery.consul import ConsulDiscovery
 from lbkit.registration import GrpcCheck, Registration
 from lbkit.testing.server_process import ServerProcess
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lbkit.discovery.consul_watch import ConsulDiscovery
+from lbkit.discovery.consul import ConsulDiscovery
 from lbkit.endpoint import EndpointSet
 from lbkit.testing.consul import ConsulServer, RecordedRequest
 
@@ -356,7 +356,7 @@ async def test_async_garbage_keeps_the_last_set(server: ConsulServer) -> None:
 async def test_async_cancel_while_blocking_closes_the_session(
     server: ConsulServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lbkit.discovery.consul_watch as consul_watch
+    import lbkit.discovery.consul as consul_watch
 
     clients: list[Any] = []
     make_client = consul_watch.async_client

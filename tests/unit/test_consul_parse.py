@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from lbkit.discovery.consul import (
+from lbkit.discovery.consul import ConsulDiscovery
+from lbkit.discovery.consul_core import (
     ConsulConnection,
     ConsulOptions,
     ConsulPayloadError,
@@ -19,7 +20,6 @@ from lbkit.discovery.consul import (
     parse_health_entries,
     resolve_connection,
 )
-from lbkit.discovery.consul_watch import ConsulDiscovery
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError
 
