@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
+from lbkit._driver import BalancerBase, KeyFn
 from lbkit.retry import never_reached_server
 from lbkit.selectors.base import Key
 
-if TYPE_CHECKING:
-    from lbkit.balancer import BalancerBase, KeyFn
-
 __all__ = ["CallSpecBase", "ChannelMethods", "call_kwargs", "closed_channel", "timeout_left"]
 
-B = TypeVar("B", bound="BalancerBase")
+B = TypeVar("B", bound=BalancerBase)
 
 
 def timeout_left(deadline: float | None) -> float | None:

@@ -6,17 +6,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Set as AbstractSet
+from typing import Any, ClassVar
 
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
+from lbkit._driver import BalancerBase, Member
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
-
-if TYPE_CHECKING:
-    from lbkit.balancer import Balancer, Member
+from lbkit.selectors.base import Key
 
 __all__ = ["BalancedChannel"]
 
@@ -24,7 +24,17 @@ _MAX_REPLAY = 256
 """Requests of a client stream kept for a retry before the first response; past it, no retry."""
 
 
-class CallSpec(CallSpecBase["Balancer"]):
+class SyncDriver(BalancerBase):
+    """What the sync channel needs of its balancer beyond the shared base: a blocking pick."""
+
+    def pick_member(
+        self, key: Key, deadline: float | None, exclude: AbstractSet[str] = frozenset()
+    ) -> Member:
+        """The member for a pick, waiting for a ready endpoint until ``deadline`` (monotonic)."""
+        raise NotImplementedError
+
+
+class CallSpec(CallSpecBase[SyncDriver]):
     """A stub method's shared call rules, with the sync retry loop."""
 
     __slots__ = ()
@@ -176,7 +186,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         return self._c.future(request, request, timeout, kw)
 
 
-def _finisher(lb: Balancer, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
+def _finisher(lb: SyncDriver, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
     def done(call: Any) -> None:
         code = call.code()
         st.finish(t0, not lb.is_failure(code), observe_latency=observe)

@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from lbkit.balancer import BalancerBase
+from lbkit._driver import BalancerBase
 from lbkit.discovery.base import DiscoveryStatus
 from lbkit.errors import ConfigError
 from lbkit.events import Event, EventKind

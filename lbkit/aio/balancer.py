@@ -11,7 +11,8 @@ from typing import Any
 
 import grpc
 
-from lbkit.balancer import BalancerBase, KeyFn, Member
+from lbkit._driver import KeyFn, Member
+from lbkit.aio.channel import AsyncDriver, BalancedChannel
 from lbkit.endpoint import EndpointSet
 from lbkit.errors import NoEndpointsError
 from lbkit.selectors.base import Key
@@ -21,7 +22,7 @@ __all__ = ["Balancer"]
 log = logging.getLogger("lbkit")
 
 
-class Balancer(BalancerBase):
+class Balancer(AsyncDriver):
     """The asyncio twin of ``lbkit.Balancer``: same options, ``async with``, ``aclose()``.
 
     ``lb.channel()`` gives a ``grpc.aio``-style channel for generated stubs; ``await lb.pick()`` a ready
@@ -73,8 +74,6 @@ class Balancer(BalancerBase):
 
     def channel(self, key: KeyFn | None = None) -> Any:
         """A grpc.aio-style channel for generated stubs; each call picks an endpoint."""
-        from lbkit.aio.channel import BalancedChannel
-
         return BalancedChannel(self, key)
 
     async def pick(self, key: Key = None, timeout: float | None = None) -> grpc.aio.Channel:

@@ -7,19 +7,17 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Generator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
+from lbkit._driver import BalancerBase, Member
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
-
-if TYPE_CHECKING:
-    from lbkit.aio.balancer import Balancer  # noqa: F401  (named in a string: CallSpecBase["Balancer"])
-    from lbkit.balancer import Member
+from lbkit.selectors.base import Key
 
 __all__ = ["BalancedChannel"]
 
@@ -32,7 +30,21 @@ def _done_code(call: Any) -> grpc.StatusCode | None:
         return None
 
 
-class _Spec(CallSpecBase["Balancer"]):
+class AsyncDriver(BalancerBase):
+    """What the asyncio channel needs of its balancer beyond the shared base: picks now and awaited."""
+
+    def pick_now(self, key: Key, exclude: frozenset[str] = frozenset()) -> Member | None:
+        """The member for a pick now, or None when nothing suitable is pickable yet."""
+        raise NotImplementedError
+
+    async def apick_member(
+        self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()
+    ) -> Member:
+        """The member for a pick, waiting for a ready endpoint until ``deadline`` (monotonic)."""
+        raise NotImplementedError
+
+
+class _Spec(CallSpecBase[AsyncDriver]):
     """A stub method's shared call rules, with how one asyncio attempt starts."""
 
     __slots__ = ()

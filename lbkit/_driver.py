@@ -1,0 +1,278 @@
+"""What the sync and asyncio balancers share: options, the core, the retry budget and the member table."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+
+from lbkit.core import BalancerCore
+from lbkit.discovery.base import Discovery, DiscoveryStatus
+from lbkit.discovery.static import StaticDiscovery
+from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.errors import ConfigError, NoEndpointsError, NoReadyEndpointError
+from lbkit.events import Event
+from lbkit.health.active import HealthCheck
+from lbkit.health.outlier import OutlierDetection
+from lbkit.health.slow_start import SlowStart
+from lbkit.options import BalancerOptions
+from lbkit.retry import RetryBudget, RetryPolicy
+from lbkit.selectors.base import Key, Selector
+from lbkit.stats import EndpointStats, Stats
+
+__all__ = ["BalancerBase", "KeyFn", "Member", "as_discovery"]
+
+log = logging.getLogger("lbkit")
+
+KeyFn = Callable[[str, Any], "str | bytes | None"]
+
+
+class Member:
+    """One endpoint's channel in the pool, its stats, and its cached multicallables."""
+
+    __slots__ = (
+        "address",
+        "callables",
+        "channel",
+        "closed",
+        "closing_at",
+        "health",
+        "health_report",
+        "lock",
+        "ready",
+        "stats",
+    )
+
+    def __init__(self, address: str, channel: Any, stats: EndpointStats) -> None:
+        self.address = address
+        self.channel = channel
+        self.stats = stats
+        self.callables: dict[tuple[Any, ...], Any] = {}
+        self.health: Any = None
+        self.closing_at: float | None = None
+        """When draining started (the endpoint left discovery); None while it is a member."""
+        self.ready = False
+        """The channel's last connectivity was READY."""
+        self.health_report: tuple[bool, str] | None = None
+        """The last active health answer (serving, reason), if any."""
+        self.closed = False
+        """The channel is closed: no new multicallable may be made on it."""
+        self.lock = threading.Lock()
+        """Orders making multicallables against closing the channel."""
+
+    def callable(self, spec: tuple[Any, ...]) -> Any:
+        """The channel's multicallable for ``spec`` = (kind, method, serializer, deserializer, registered)."""
+        mc = self.callables.get(spec)
+        if mc is None:
+            with self.lock:
+                # grpcio crashes the process making a registered multicallable on a closed channel.
+                if self.closed:
+                    raise ValueError(f"Cannot invoke RPC on closed channel to {self.address} (drained)")
+                kind, method, ser, deser, registered = spec
+                factory = getattr(self.channel, kind)
+                mc = factory(
+                    method, request_serializer=ser, response_deserializer=deser, _registered_method=registered
+                )
+                self.callables[spec] = mc
+        return mc
+
+    def mark_closed(self) -> None:
+        """From now on no multicallable is made on the channel; the caller then closes it."""
+        with self.lock:
+            self.closed = True
+
+
+def as_discovery(discovery: Discovery | Iterable[Endpoint | str]) -> Discovery:
+    """A Discovery from a Discovery or a list of endpoints."""
+    if isinstance(discovery, Discovery):
+        return discovery
+    if isinstance(discovery, (str, bytes)):
+        raise ConfigError(f"discovery must be a Discovery or a list of endpoints, got the str {discovery!r}")
+    if isinstance(discovery, Iterable):
+        return StaticDiscovery(discovery)
+    raise ConfigError(f"discovery must be a Discovery or a list of endpoints, got {discovery!r}")
+
+
+class BalancerBase:
+    """What the sync and asyncio balancers share: options, core, retry budget, member table."""
+
+    def __init__(
+        self,
+        discovery: Discovery | Iterable[Endpoint | str],
+        *,
+        selector: Selector | str = "round_robin",
+        retry: RetryPolicy | None = None,
+        health_check: HealthCheck | None = None,
+        outlier_detection: OutlierDetection | None = None,
+        slow_start: SlowStart | None = None,
+        panic_threshold: float = 50.0,
+        key_header: str = "lb-key",
+        wait_timeout: float = 10.0,
+        drain_timeout: float = 30.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        service: str | None = None,
+        latency_decay: float = 10.0,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.discovery = as_discovery(discovery)
+        self.options = BalancerOptions(
+            selector=selector,
+            retry=retry,
+            health_check=health_check,
+            outlier_detection=outlier_detection,
+            slow_start=slow_start,
+            panic_threshold=panic_threshold,
+            key_header=key_header,
+            wait_timeout=wait_timeout,
+            drain_timeout=drain_timeout,
+            channel_options=channel_options,
+            credentials=credentials,
+            service=service,
+            latency_decay=latency_decay,
+        )
+        opts = self.options
+        self.service = opts.service or self.discovery.service
+        self.selector = opts.policy
+        self.retry_policy = opts.retry_policy
+        self.core = BalancerCore(
+            self.selector,
+            service=self.service,
+            outlier_detection=opts.outlier_detection,
+            slow_start=opts.slow_start,
+            panic_threshold=opts.panic_threshold,
+            health_checked=opts.health_check is not None,
+            stats=Stats(decay=opts.latency_decay),
+        )
+        if on_event is not None:
+            self.core.add_listener(on_event)
+        self.discovery.status.listeners.append(self._on_discovery_status)
+        self.stats = self.core.stats
+        self.members: dict[str, Member] = {}
+        self.budget = RetryBudget(self.retry_policy.budget_max_tokens, self.retry_policy.budget_token_ratio)
+        self.keyed = self.selector.uses_key
+        outlier = self.core.outlier
+        self.is_failure: Callable[[grpc.StatusCode | None], bool] = (
+            outlier.is_failure if outlier is not None else _default_is_failure
+        )
+        self.calls_retried = 0
+        """Retry attempts made: each time a call was tried again on another endpoint."""
+        self._retry_lock = threading.Lock()
+        self._closed = False
+
+    _channels: Any = grpc
+    """The grpc module whose channels the driver opens: ``grpc`` or ``grpc.aio``."""
+    _wake: Any
+    """The driver's event that wakes its timer loop (threading.Event or asyncio.Event)."""
+
+    def _apply_update(self, endpoint_set: EndpointSet) -> None:
+        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
+        plan = self.core.set_endpoints(endpoint_set)
+        now = time.monotonic()
+        for address in plan.close:
+            member = self.members.get(address)
+            if member is not None:
+                member.closing_at = now
+        for endpoint in plan.open:
+            member = self.members.get(endpoint.address)
+            if member is not None and member.closing_at is not None:
+                self.revive(member)  # came back while draining: keep its channel
+                continue
+            self._open_member(self._new_member(endpoint))
+        if plan.close:
+            self._wake.set()
+
+    def _new_member(self, endpoint: Endpoint) -> Member:
+        """A pool member with a new channel to ``endpoint``."""
+        opts = self.options
+        if opts.credentials is not None:
+            channel = self._channels.secure_channel(
+                endpoint.address, opts.credentials, options=opts.channel_options
+            )
+        else:
+            channel = self._channels.insecure_channel(endpoint.address, options=opts.channel_options)
+        member = Member(endpoint.address, channel, self.stats[endpoint.address])
+        self.members[endpoint.address] = member
+        return member
+
+    def _open_member(self, member: Member) -> None:
+        """Start watching a new member's connectivity (and health); the driver's part."""
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        """Stop hearing from the discovery source (it may outlive this balancer)."""
+        with contextlib.suppress(ValueError):
+            self.discovery.status.listeners.remove(self._on_discovery_status)
+
+    def _on_discovery_status(self, status: DiscoveryStatus) -> None:
+        if status.stale:
+            reason = f"keeping the last {len(self.core.members)} endpoints: {status.last_error}"
+        else:
+            reason = "answering again"
+        self.core.set_discovery_status(status.stale, reason)
+
+    def revive(self, member: Member) -> None:
+        """Take back a draining member whose endpoint returned: the core hears its last known state."""
+        member.closing_at = None
+        self.core.set_ready(member.address, member.ready, "channel kept while draining")
+        if member.health_report is not None:
+            self.core.set_health(member.address, *member.health_report)
+
+    def on_health(self, address: str, serving: bool, reason: str) -> None:
+        """An active health answer for ``address`` (from a health watcher)."""
+        member = self.members.get(address)
+        if member is None:
+            return
+        member.health_report = (serving, reason)
+        if member.closing_at is None:
+            self.core.set_health(address, serving, reason)
+
+    def pick_endpoint(self, key: Key = None) -> Endpoint:
+        """Pick an endpoint now from the current picker (raises NoEndpointsError if none is ready)."""
+        try:
+            return self.core.picker.pick(key)
+        except NoEndpointsError:
+            raise self.no_endpoint_error() from None
+
+    def no_endpoint_error(self) -> NoEndpointsError:
+        """The error for a call that found nothing to pick, saying which service and why."""
+        reason = self.core.no_pick_reason()
+        if not self.core.members:
+            return NoEndpointsError(reason)
+        return NoReadyEndpointError(reason)
+
+    def endpoint_states(self) -> dict[str, str]:
+        """Each endpoint's state: ready, connecting, unhealthy, ejected (or draining)."""
+        states = self.core.endpoint_states()
+        for address, m in list(self.members.items()):
+            if m.closing_at is not None and address not in states:
+                states[address] = "draining"
+        return states
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (``aclose``) has been called."""
+        return self._closed
+
+    def note_retry(self) -> None:
+        """Count one retry attempt (a call tried again on another endpoint)."""
+        with self._retry_lock:
+            self.calls_retried += 1
+
+    @property
+    def panic(self) -> bool:
+        """Whether the balancer is in panic mode (too few healthy endpoints)."""
+        return self.core.panic
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener(event)`` for every endpoint or balancer state change."""
+        self.core.add_listener(listener)
+
+
+def _default_is_failure(code: grpc.StatusCode | None) -> bool:
+    return code is not None and code is not grpc.StatusCode.OK
