@@ -119,7 +119,15 @@ class BalancerBase:
         service: str | None = None,
         latency_decay: float = 10.0,
         on_event: Callable[[Event], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not callable(clock):
+            raise ConfigError(
+                f"clock must be a callable returning seconds (like time.monotonic), got {clock!r}"
+            )
+        self.clock = clock
+        """The balancer's time: ``time.monotonic``, or a test's ``lbkit.testing.FakeClock``. Ejection, slow
+        start, draining, latency stats and waiting for readiness read it."""
         self.discovery = as_discovery(discovery)
         self.options = BalancerOptions(
             selector=selector,
@@ -147,7 +155,8 @@ class BalancerBase:
             slow_start=opts.slow_start,
             panic_threshold=opts.panic_threshold,
             health_checked=opts.health_check is not None,
-            stats=Stats(decay=opts.latency_decay),
+            clock=clock,
+            stats=Stats(clock=clock, decay=opts.latency_decay),
         )
         if on_event is not None:
             self.core.add_listener(on_event)
@@ -170,10 +179,17 @@ class BalancerBase:
     _wake: Any
     """The driver's event that wakes its timer loop (threading.Event or asyncio.Event)."""
 
+    def _follow_clock(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever a test's fake clock is advanced (a clock with ``on_advance``), so timers
+        and waits look at the new time at once; ``time.monotonic`` needs nothing."""
+        subscribe = getattr(self.clock, "on_advance", None)
+        if subscribe is not None:
+            subscribe(wake)
+
     def _apply_update(self, endpoint_set: EndpointSet) -> None:
         """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
         plan = self.core.set_endpoints(endpoint_set)
-        now = time.monotonic()
+        now = self.clock()
         for address in plan.close:
             member = self.members.get(address)
             if member is not None:

@@ -41,6 +41,7 @@ class Balancer(SyncDriver):
         self._lock = threading.RLock()
         self.core.on_picker.append(self._notify_picker)
         self.core.on_deadline.append(self._wake.set)
+        self._follow_clock(self._on_clock_advanced)
         self._threads = [
             threading.Thread(target=self._run_discovery, name=f"lbkit-discovery-{self.service}", daemon=True),
             threading.Thread(target=self._run_timers, name=f"lbkit-timers-{self.service}", daemon=True),
@@ -80,10 +81,10 @@ class Balancer(SyncDriver):
     def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
         """Block until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
         self._check_started()
-        deadline = time.monotonic() + timeout
+        deadline = self.clock() + timeout
         with self._picker_cond:
             while len(self.core.picker.endpoints) < count:
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if left <= 0:
                     raise self.no_endpoint_error()
                 self._picker_cond.wait(min(left, 0.1))
@@ -159,6 +160,10 @@ class Balancer(SyncDriver):
                 if self.core.picker is picker:
                     cond.wait(min(left, 0.25))
 
+    def _on_clock_advanced(self) -> None:
+        self._wake.set()
+        self._notify_picker()
+
     def _notify_picker(self) -> None:
         cond = getattr(self, "_picker_cond", None)
         if cond is not None:
@@ -207,8 +212,8 @@ class Balancer(SyncDriver):
             log.debug("closing channel to %s failed", member.address, exc_info=True)
 
     def _drain(self) -> float | None:
-        """Close members whose drain ended; return when to look again."""
-        now = time.monotonic()
+        """Close members whose drain ended; return when to look again (``clock`` time)."""
+        now = self.clock()
         done: list[Member] = []
         pending = False
         with self._lock:
@@ -239,6 +244,6 @@ class Balancer(SyncDriver):
             next_core = core.tick()
             next_drain = self._drain()
             deadlines = [d for d in (next_core, next_drain) if d is not None]
-            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
             self._wake.wait(min(timeout, 1.0))
             self._wake.clear()

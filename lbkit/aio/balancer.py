@@ -44,6 +44,7 @@ class Balancer(AsyncDriver):
         self._member_tasks: dict[str, asyncio.Task[None]] = {}
         self.core.on_picker.append(self._threadsafe(self._picker_changed))
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
+        self._follow_clock(self._threadsafe(self._on_clock_advanced))
         self._tasks = [
             asyncio.create_task(self._run_discovery(), name=f"lbkit-discovery-{self.service}"),
             asyncio.create_task(self._run_timers(), name=f"lbkit-timers-{self.service}"),
@@ -65,6 +66,10 @@ class Balancer(AsyncDriver):
 
         return call
 
+    def _on_clock_advanced(self) -> None:
+        self._wake.set()
+        self._picker_changed()
+
     def _picker_changed(self) -> None:
         event = self._picker_event
         self._picker_event = asyncio.Event()
@@ -85,9 +90,9 @@ class Balancer(AsyncDriver):
         """Wait until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
         if not getattr(self, "_tasks", None):
             raise RuntimeError(f"{self.service}: the Balancer is not started")
-        deadline = time.monotonic() + timeout
+        deadline = self.clock() + timeout
         while len(self.core.picker.endpoints) < count:
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             if left <= 0:
                 raise self.no_endpoint_error()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -200,7 +205,8 @@ class Balancer(AsyncDriver):
             log.debug("closing channel to %s failed", member.address, exc_info=True)
 
     async def _drain(self) -> float | None:
-        now = time.monotonic()
+        """Close members whose drain ended; return when to look again (``clock`` time)."""
+        now = self.clock()
         pending = False
         for address, m in list(self.members.items()):
             if m.closing_at is None:
@@ -229,7 +235,7 @@ class Balancer(AsyncDriver):
             next_core = core.tick()
             next_drain = await self._drain()
             deadlines = [d for d in (next_core, next_drain) if d is not None]
-            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(timeout, 1.0))
             self._wake.clear()

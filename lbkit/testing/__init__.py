@@ -1,4 +1,4 @@
-"""Helpers for tests: real model servers and a Consul-compatible HTTP server (loaded lazily)."""
+"""Helpers for tests: real model servers, a Consul-compatible HTTP server and a fake clock (loaded lazily)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,19 @@ from typing import TYPE_CHECKING
 
 from lbkit._lazy import lazy_exports
 
-__all__ = ["Behavior", "ConsulServer", "ConsulTimings", "ModelServer", "RecordedRequest", "ServerProcess"]
+__all__ = [
+    "Behavior",
+    "ConsulServer",
+    "ConsulTimings",
+    "FakeClock",
+    "ModelServer",
+    "RecordedRequest",
+    "ServerProcess",
+]
 
 _LAZY: dict[str, str] = {
     "Behavior": "lbkit.testing.model_server",
+    "FakeClock": "lbkit.testing.clock",
     "ModelServer": "lbkit.testing.model_server",
     "ConsulServer": "lbkit.testing.consul",
     "ConsulTimings": "lbkit.testing.consul",
@@ -18,6 +27,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from lbkit.testing.clock import FakeClock
     from lbkit.testing.consul import ConsulServer, ConsulTimings, RecordedRequest
     from lbkit.testing.model_server import Behavior, ModelServer
     from lbkit.testing.server_process import ServerProcess

@@ -22,6 +22,7 @@ from lbkit.discovery.consul_core import (
 )
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError
+from lbkit.testing.clock import FakeClock
 
 TOKEN = "9f3c1e2a-token-never-shown"
 
@@ -191,14 +192,6 @@ def test_health_modes_filter_by_aggregated_status() -> None:
 
 
 # --- blocking-index rules ---------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_core(clock: FakeClock | None = None, **options: Any) -> ConsulWatchCore:

@@ -15,14 +15,7 @@ from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import Picker, Selector
 from lbkit.stats import Stats
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from lbkit.testing.clock import FakeClock
 
 
 class Recording(Selector):
@@ -49,8 +42,8 @@ class Recording(Selector):
 ADDRS = [f"10.0.0.{i}:50051" for i in range(1, 5)]
 
 
-def make(**kw: object) -> tuple[BalancerCore, Recording, Clock, list]:
-    clock = Clock()
+def make(**kw: object) -> tuple[BalancerCore, Recording, FakeClock, list]:
+    clock = FakeClock()
     sel = Recording()
     core = BalancerCore(sel, service="svc", clock=clock, rng=random.Random(1), **kw)  # type: ignore[arg-type]
     events: list = []
@@ -238,7 +231,7 @@ class SlowRecording(Recording):
 
 
 def test_slow_rebuilds_are_coalesced_and_the_timer_publishes_the_rest():
-    clock = Clock()
+    clock = FakeClock()
     sel = SlowRecording()
     core = BalancerCore(sel, service="svc", clock=clock, rng=random.Random(1))
     woken: list[int] = []

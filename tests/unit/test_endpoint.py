@@ -11,6 +11,7 @@ import pytest
 from lbkit.endpoint import Endpoint, EndpointSet, parse_address
 from lbkit.errors import ConfigError
 from lbkit.stats import Stats
+from lbkit.testing.clock import FakeClock
 
 
 @pytest.mark.parametrize(
@@ -110,16 +111,8 @@ def test_diff() -> None:
     assert diff and not new.diff(EndpointSet(list(new)))
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_in_flight_counts() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     stats = Stats(clock=clock)
     a, b = stats["10.0.0.1:80"], stats["10.0.0.2:80"]
     assert stats["10.0.0.1:80"] is a and "10.0.0.1:80" in stats and stats.get("x:1") is None
@@ -153,7 +146,7 @@ def test_in_flight_is_exact_under_threads() -> None:
 
 
 def test_peak_ewma_jumps_up_and_decays_down() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     stats = Stats(clock=clock, decay=10.0)
     entry = stats["10.0.0.1:80"]
     assert entry.latency() == 0.0
@@ -170,7 +163,7 @@ def test_peak_ewma_jumps_up_and_decays_down() -> None:
 
 
 def test_finish_observes_round_trip() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     stats = Stats(clock=clock)
     entry = stats["10.0.0.1:80"]
     started = entry.start()

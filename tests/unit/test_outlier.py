@@ -16,14 +16,7 @@ from lbkit.health.outlier import (
     SuccessRateEjection,
 )
 from lbkit.stats import EndpointStats, Stats
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from lbkit.testing.clock import FakeClock
 
 
 class FixedRandom(random.Random):
@@ -45,7 +38,7 @@ class Rig:
     """A detector over ``n`` endpoints, a fake clock, and the streak callback wired as the balancer does."""
 
     def __init__(self, config: OutlierDetection, n: int = 10, rng: random.Random | None = None) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(100.0)
         self.stats = Stats(clock=self.clock)
         self.detector = OutlierDetector(config, self.stats, clock=self.clock, rng=rng or FixedRandom(0.0))
         self.addresses = addrs(n)
@@ -443,7 +436,7 @@ def test_forget_drops_ejection_and_multiplier() -> None:
 
 
 def test_next_deadline_is_none_when_nothing_is_on() -> None:
-    detector = OutlierDetector(OutlierDetection(consecutive_failures=None), Stats(), clock=FakeClock())
+    detector = OutlierDetector(OutlierDetection(consecutive_failures=None), Stats(), clock=FakeClock(100.0))
     assert detector.next_deadline() is None
     assert detector.next_sweep is None
 

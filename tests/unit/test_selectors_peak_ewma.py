@@ -10,20 +10,13 @@ from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
 from lbkit.selectors import PeakEwma
 from lbkit.stats import Stats
+from lbkit.testing.clock import FakeClock
 
 EPS = [Endpoint(f"10.0.0.{i}:50051") for i in range(1, 5)]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_avoids_slow_endpoint_then_returns_to_it() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     stats = Stats(clock=clock)
     slow = EPS[0]
     stats[slow.address].observe(1.0)
@@ -43,7 +36,7 @@ def test_avoids_slow_endpoint_then_returns_to_it() -> None:
 
 
 def test_latency_times_in_flight() -> None:
-    stats = Stats(clock=FakeClock())
+    stats = Stats(clock=FakeClock(1000.0))
     eps = EPS[:2]
     stats[eps[0].address].observe(0.010)
     stats[eps[1].address].observe(0.030)
@@ -55,7 +48,7 @@ def test_latency_times_in_flight() -> None:
 
 
 def test_unmeasured_endpoint_is_probed_but_not_flooded() -> None:
-    stats = Stats(clock=FakeClock())
+    stats = Stats(clock=FakeClock(1000.0))
     eps = EPS[:2]
     stats[eps[0].address].observe(0.010)
     picker = PeakEwma().build(eps, stats)
@@ -65,7 +58,7 @@ def test_unmeasured_endpoint_is_probed_but_not_flooded() -> None:
 
 
 def test_slow_start_divides_cost_by_factor() -> None:
-    stats = Stats(clock=FakeClock())
+    stats = Stats(clock=FakeClock(1000.0))
     eps = EPS[:2]
     stats[eps[0].address].observe(0.010)
     stats[eps[1].address].observe(0.030)
@@ -79,7 +72,7 @@ def test_ties_spread() -> None:
 
 
 def test_more_choices_compares_all_small_sets() -> None:
-    stats = Stats(clock=FakeClock())
+    stats = Stats(clock=FakeClock(1000.0))
     for i, endpoint in enumerate(EPS):
         stats[endpoint.address].observe(0.010 * (i + 1))
     picker = PeakEwma(choices=4).build(EPS, stats)

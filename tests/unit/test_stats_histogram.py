@@ -8,14 +8,7 @@ import threading
 import pytest
 
 from lbkit.stats import LATENCY_BUCKETS, Stats
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from lbkit.testing.clock import FakeClock
 
 
 def one_call(stats: Stats, address: str, clock: FakeClock, seconds: float, ok: bool = True) -> None:
@@ -32,7 +25,7 @@ def test_bounds_are_strictly_increasing_and_positive():
 
 
 def test_each_call_lands_in_the_first_bucket_whose_bound_holds_it():
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     stats = Stats(clock=clock)
     # 0.0003 -> bucket 0 (<= 0.0005); 0.001 exactly -> bucket 1 (bounds are inclusive, as Prometheus' le);
     # 0.0011 -> bucket 2 (<= 0.002); 1000 s -> the overflow bucket past the last bound.
@@ -47,7 +40,7 @@ def test_each_call_lands_in_the_first_bucket_whose_bound_holds_it():
 
 
 def test_every_bound_is_inclusive():
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     stats = Stats(clock=clock)
     for bound in LATENCY_BUCKETS:
         one_call(stats, "a:1", clock, bound)  # a call that took exactly ``bound`` seconds
@@ -57,7 +50,7 @@ def test_every_bound_is_inclusive():
 
 
 def test_failed_calls_count_but_unobserved_calls_and_rtt_samples_do_not():
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     stats = Stats(clock=clock)
     one_call(stats, "a:1", clock, 0.004, ok=False)
     entry = stats["a:1"]
@@ -72,7 +65,7 @@ def test_failed_calls_count_but_unobserved_calls_and_rtt_samples_do_not():
 
 
 def test_a_clock_going_backwards_counts_zero_latency():
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     stats = Stats(clock=clock)
     entry = stats["a:1"]
     entry.finish(clock.now + 5.0, True)
@@ -81,7 +74,7 @@ def test_a_clock_going_backwards_counts_zero_latency():
 
 
 def test_histogram_copy_is_detached_and_endpoints_are_separate():
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     stats = Stats(clock=clock)
     one_call(stats, "a:1", clock, 0.01)
     before, _ = stats["a:1"].latency_histogram()
