@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Set as AbstractSet
 import grpc
 
 from lbkit._driver import KeyFn, Member
+from lbkit._grpc_private import request_connection
 from lbkit.channel import BalancedChannel, SyncDriver
 from lbkit.endpoint import EndpointSet
 from lbkit.errors import NoEndpointsError
@@ -198,9 +198,7 @@ class Balancer(SyncDriver):
     @staticmethod
     def _reconnect(member: Member) -> None:
         """Ask an IDLE channel to connect now rather than at its next call."""
-        # AttributeError: not grpc's own channel class; ValueError: closed meanwhile.
-        with contextlib.suppress(AttributeError, ValueError):
-            member.channel._channel.check_connectivity_state(True)
+        request_connection(member.channel)
 
     def _close_member(self, member: Member) -> None:
         member.mark_closed()

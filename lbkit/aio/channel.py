@@ -10,24 +10,16 @@ from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, ClassVar
 
 import grpc
-from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
 from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
 from lbkit._driver import BalancerBase, Member
+from lbkit._grpc_private import finished_code
 from lbkit.errors import NoEndpointsError
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 from lbkit.selectors.base import Key
 
 __all__ = ["BalancedChannel"]
-
-
-def _done_code(call: Any) -> grpc.StatusCode | None:
-    """The status of a finished grpc.aio call, read without awaiting (None if unavailable)."""
-    try:
-        return CYGRPC_STATUS_CODE_TO_STATUS_CODE[call._cython_call._status.code()]
-    except (AttributeError, KeyError):
-        return None
 
 
 class AsyncDriver(BalancerBase):
@@ -64,7 +56,7 @@ class _Spec(CallSpecBase[AsyncDriver]):
             raise
 
         def done(call: Any) -> None:
-            code = _done_code(call)
+            code = finished_code(call)
             st.finish(t0, not lb.is_failure(code) if code is not None else True, observe_latency=observe)
             if code is grpc.StatusCode.OK:
                 lb.budget.on_success()

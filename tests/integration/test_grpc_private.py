@@ -1,0 +1,69 @@
+"""The private grpcio parts lbkit uses (``lbkit._grpc_private``), checked on real channels and calls, so a
+grpcio release that changes them fails here, loudly, rather than in production, quietly."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from lbkit._grpc_private import finished_code, request_connection
+
+from .conftest import async_wait_for, pb2, pb2_grpc, wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_request_connection_connects_an_idle_channel(make_servers) -> None:
+    (server,) = make_servers(1)
+    channel = grpc.insecure_channel(server.address)
+    seen: list[grpc.ChannelConnectivity] = []
+    ready = threading.Event()
+
+    def record(state: grpc.ChannelConnectivity) -> None:
+        seen.append(state)
+        if state is grpc.ChannelConnectivity.READY:
+            ready.set()
+
+    try:
+        channel.subscribe(record, try_to_connect=False)  # watches without asking to connect
+        wait_for(lambda: seen)
+        assert seen[0] is grpc.ChannelConnectivity.IDLE
+        assert request_connection(channel) is True
+        assert ready.wait(5), f"the channel never connected: {seen}"
+    finally:
+        channel.unsubscribe(record)
+        channel.close()
+
+
+def test_request_connection_on_a_closed_or_foreign_channel_is_false(make_servers) -> None:
+    (server,) = make_servers(1)
+    channel = grpc.insecure_channel(server.address)
+    channel.close()
+    assert request_connection(channel) is False
+    assert request_connection(object()) is False
+
+
+async def test_finished_code_reads_the_status_of_done_aio_calls(make_servers) -> None:
+    (ok_server,) = make_servers(1)
+    (failing,) = make_servers(1, fail_rate=1.0, fail_code=grpc.StatusCode.INTERNAL)
+    (hanging,) = make_servers(1, hang=True)
+    async with grpc.aio.insecure_channel(ok_server.address) as channel:
+        call = pb2_grpc.ModelServiceStub(channel).Predict(pb2.PredictRequest(), timeout=5)
+        await call
+        assert finished_code(call) is grpc.StatusCode.OK
+    async with grpc.aio.insecure_channel(failing.address) as channel:
+        call = pb2_grpc.ModelServiceStub(channel).Predict(pb2.PredictRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            await call
+        assert finished_code(call) is grpc.StatusCode.INTERNAL
+    async with grpc.aio.insecure_channel(hanging.address) as channel:
+        call = pb2_grpc.ModelServiceStub(channel).Predict(pb2.PredictRequest(), timeout=5)
+        await async_wait_for(lambda: hanging.calls["Predict"] == 1)
+        assert finished_code(call) is None  # still running: no status yet
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert finished_code(call) is grpc.StatusCode.CANCELLED
