@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "Endpoint": "lbkit.endpoint",
     "EndpointDiff": "lbkit.endpoint",
     "EndpointSet": "lbkit.endpoint",
+    "Cause": "lbkit.events",
     "Event": "lbkit.events",
     "EventKind": "lbkit.events",
     "EndpointStats": "lbkit.stats",
@@ -58,6 +59,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "BalancedChannel",
     "Balancer",
+    "Cause",
     "ConfigError",
     "ConsistentHash",
     "ConsulDiscovery",
@@ -105,7 +107,7 @@ if TYPE_CHECKING:
         NoReadyEndpointError,
         RegistrationError,
     )
-    from lbkit.events import Event, EventKind
+    from lbkit.events import Cause, Event, EventKind
     from lbkit.health.active import HealthCheck
     from lbkit.health.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
     from lbkit.health.slow_start import SlowStart

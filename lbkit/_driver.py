@@ -16,7 +16,7 @@ from lbkit.discovery.base import Discovery, DiscoveryStatus
 from lbkit.discovery.static import StaticDiscovery
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError, NoEndpointsError, NoReadyEndpointError
-from lbkit.events import Event
+from lbkit.events import Cause, Event
 from lbkit.health.active import HealthCheck
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
@@ -58,8 +58,8 @@ class Member:
         """When draining started (the endpoint left discovery); None while it is a member."""
         self.ready = False
         """The channel's last connectivity was READY."""
-        self.health_report: tuple[bool, str] | None = None
-        """The last active health answer (serving, reason), if any."""
+        self.health_report: tuple[bool, Cause, str] | None = None
+        """The last active health answer (serving, cause, reason), if any."""
         self.closed = False
         """The channel is closed: no new multicallable may be made on it."""
         self.lock = threading.Lock()
@@ -239,14 +239,14 @@ class BalancerBase:
         if member.health_report is not None:
             self.core.set_health(member.address, *member.health_report)
 
-    def on_health(self, address: str, serving: bool, reason: str) -> None:
+    def on_health(self, address: str, serving: bool, cause: Cause, reason: str) -> None:
         """An active health answer for ``address`` (from a health watcher)."""
         member = self.members.get(address)
         if member is None:
             return
-        member.health_report = (serving, reason)
+        member.health_report = (serving, cause, reason)
         if member.closing_at is None:
-            self.core.set_health(address, serving, reason)
+            self.core.set_health(address, serving, cause, reason)
 
     def pick_endpoint(self, key: Key = None) -> Endpoint:
         """Pick an endpoint now from the current picker (raises NoEndpointsError if none is ready)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lbkit.endpoint import Endpoint, EndpointSet
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.health.outlier import OutlierDetection, OutlierDetector
 from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import EmptyPicker, Picker, Selector
@@ -133,14 +133,14 @@ class BalancerCore:
                     e, healthy=True, health_known=not self.health_checked, warm=first
                 )
                 self.stats[e.address]
-                self._emit(EventKind.ADDED, e.address, "discovered", now)
+                self._emit(EventKind.ADDED, e.address, "discovered", now, Cause.DISCOVERED)
             for e in diff.changed:
                 self.members[e.address].endpoint = e
             for e in diff.removed:
                 del self.members[e.address]
                 if self.outlier is not None:
                     self.outlier.forget(e.address)
-                self._emit(EventKind.REMOVED, e.address, "gone from discovery", now)
+                self._emit(EventKind.REMOVED, e.address, "gone from discovery", now, Cause.DISCOVERY_REMOVED)
             if diff:
                 self._changed(now)
         self._flush()
@@ -155,12 +155,13 @@ class BalancerCore:
             m.ready = ready
             now = self.clock()
             kind = EventKind.READY if ready else EventKind.NOT_READY
-            self._emit(kind, address, reason or ("channel READY" if ready else "channel not READY"), now)
+            text = reason or ("channel READY" if ready else "channel not READY")
+            self._emit(kind, address, text, now, Cause.CHANNEL_STATE)
             self._changed(now)
         self._flush()
 
-    def set_health(self, address: str, serving: bool, reason: str = "") -> None:
-        """Record an active health-check answer for an endpoint."""
+    def set_health(self, address: str, serving: bool, cause: Cause, reason: str = "") -> None:
+        """Record a health answer for an endpoint: ``cause`` says which, ``reason`` in words."""
         with self._lock:
             m = self.members.get(address)
             if m is None or (m.health_known and m.healthy == serving):
@@ -171,7 +172,7 @@ class BalancerCore:
             now = self.clock()
             if not (serving and first):  # a first answer of SERVING changes no state worth an event
                 kind = EventKind.HEALTHY if serving else EventKind.UNHEALTHY
-                self._emit(kind, address, reason or ("SERVING" if serving else "NOT_SERVING"), now)
+                self._emit(kind, address, reason or cause.value, now, cause)
             self._changed(now)
         self._flush()
 
@@ -211,8 +212,10 @@ class BalancerCore:
     def set_discovery_status(self, stale: bool, reason: str) -> None:
         """Record that discovery started failing (``stale``) or answers again."""
         with self._lock:
-            kind = EventKind.DISCOVERY_ERROR if stale else EventKind.DISCOVERY_RECOVERED
-            self._emit(kind, "", reason, self.clock())
+            if stale:
+                self._emit(EventKind.DISCOVERY_ERROR, "", reason, self.clock(), Cause.DISCOVERY_FAILED)
+            else:
+                self._emit(EventKind.DISCOVERY_RECOVERED, "", reason, self.clock(), Cause.DISCOVERY_ANSWERED)
         self._flush()
 
     def forget(self, address: str) -> None:
@@ -311,9 +314,11 @@ class BalancerCore:
                     f"{len(healthy)} of {len(connected)} connected endpoints healthy, below the panic "
                     f"threshold {self.panic_threshold:g}%: balancing over all connected endpoints",
                     now,
+                    Cause.PANIC_THRESHOLD,
                 )
             else:
-                self._emit(EventKind.PANIC_END, "", f"{len(healthy)} of {len(connected)} healthy", now)
+                reason = f"{len(healthy)} of {len(connected)} healthy"
+                self._emit(EventKind.PANIC_END, "", reason, now, Cause.PANIC_THRESHOLD)
         chosen = connected if panic else healthy
         self._ramping = False
         if self.slow_start is not None:
@@ -340,8 +345,8 @@ class BalancerCore:
         assert self.slow_start is not None
         return max(self.slow_start.window / 20.0, 0.05)
 
-    def _emit(self, kind: EventKind, address: str, reason: str, now: float) -> None:
-        self._pending.append(Event(kind, address, reason, now))
+    def _emit(self, kind: EventKind, address: str, reason: str, now: float, cause: Cause) -> None:
+        self._pending.append(Event(kind, address, reason, now, cause))
 
     def _flush(self) -> None:
         """Deliver events and picker notifications outside the lock."""

@@ -5,8 +5,9 @@ The call path pays nothing for them: a scrape reads each endpoint's :class:`~lbk
 ejections and other events are counted as they happen, by an event listener (events are rare).
 
 Every metric is named ``lbkit_*`` and labelled by ``service`` (the balancer's) and, per endpoint, by
-``endpoint`` (its address), plus bounded labels (``state``, ``outcome``, ``reason``, ``kind``) whose
-values lbkit fixes: never a hash key, a user id or a token. See docs/metrics.md.
+``endpoint`` (its address), plus bounded labels (``state``, ``outcome``, ``reason``, ``kind``, ``cause``)
+whose values lbkit fixes: never a hash key, a user id, a token or an event's text (the ``reason`` and
+``cause`` labels are an event's typed :class:`~lbkit.events.Cause`). See docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from prometheus_client.metrics_core import (
 from lbkit._driver import BalancerBase
 from lbkit.discovery.base import DiscoveryStatus
 from lbkit.errors import ConfigError
-from lbkit.events import Event, EventKind
+from lbkit.events import KIND_CAUSES, Event, EventKind
 from lbkit.stats import LATENCY_BUCKETS
 
 __all__ = [
     "EJECTION_REASONS",
     "ENDPOINT_STATES",
+    "EVENT_CAUSES",
     "BalancerCollector",
-    "ejection_reason",
     "instrument",
     "start_http_server",
 ]
@@ -53,25 +54,13 @@ if not any(isinstance(h, logging.NullHandler) for h in _package_log.handlers):
 ENDPOINT_STATES: tuple[str, ...] = ("ready", "connecting", "unhealthy", "ejected", "draining")
 """Values of the ``state`` label."""
 
-EJECTION_REASONS: tuple[str, ...] = ("consecutive_failures", "success_rate", "failure_percentage", "other")
-"""Values of the ``reason`` label of ejections."""
+EJECTION_REASONS: tuple[str, ...] = tuple(c.value for c in KIND_CAUSES[EventKind.EJECTED])
+"""Values of the ``reason`` label of ejections: the causes an EJECTED event carries."""
 
-_REASON_MARKERS = (
-    ("consecutive failures", "consecutive_failures"),
-    ("success rate", "success_rate"),
-    ("failure percentage", "failure_percentage"),
+EVENT_CAUSES: tuple[tuple[str, str], ...] = tuple(
+    (kind.value, cause.value) for kind, causes in KIND_CAUSES.items() for cause in causes
 )
-
-_EVENT_KINDS: tuple[str, ...] = tuple(k.value for k in EventKind)
-
-
-def ejection_reason(text: str) -> str:
-    """The bounded ``reason`` label for an EJECTED event's free-text reason (one of EJECTION_REASONS)."""
-    lowered = text.lower()
-    for marker, reason in _REASON_MARKERS:
-        if marker in lowered:
-            return reason
-    return "other"
+"""The (``kind``, ``cause``) label pairs of ``lbkit_events_total``, each exported from 0."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,11 +116,14 @@ _EWMA = _Spec(
 _EJECTIONS = _Spec(
     "lbkit_endpoint_ejections",
     "counter",
-    "Outlier ejections of the endpoint, by reason.",
+    "Outlier ejections of the endpoint, by reason (the ejection's cause).",
     ("service", "endpoint", "reason"),
 )
 _EVENTS = _Spec(
-    "lbkit_events", "counter", "Endpoint and balancer state changes, by kind.", ("service", "kind")
+    "lbkit_events",
+    "counter",
+    "Endpoint and balancer state changes, by kind and cause.",
+    ("service", "kind", "cause"),
 )
 _RETRIED = _Spec("lbkit_calls_retried", "counter", "Retries of calls on another endpoint.", _S)
 _REFUSED = _Spec("lbkit_retry_budget_refused", "counter", "Retries the retry budget refused.", _S)
@@ -267,7 +259,7 @@ class BalancerCollector:
         self.service = lb.service
         """The ``service`` label of this balancer's samples."""
         self._lock = threading.Lock()
-        self._events = dict.fromkeys(_EVENT_KINDS, 0)
+        self._events: dict[tuple[str, str], int] = dict.fromkeys(EVENT_CAUSES, 0)
         self._ejections: dict[tuple[str, str], int] = {}
         self._created = time.monotonic()
         lb.add_listener(self._on_event)
@@ -285,10 +277,10 @@ class BalancerCollector:
 
     def _on_event(self, event: Event) -> None:
         with self._lock:
-            kind = event.kind.value
-            self._events[kind] = self._events.get(kind, 0) + 1
+            pair = (event.kind.value, event.cause.value)
+            self._events[pair] = self._events.get(pair, 0) + 1
             if event.kind is EventKind.EJECTED:
-                key = (event.address, ejection_reason(event.reason))
+                key = (event.address, event.cause.value)
                 self._ejections[key] = self._ejections.get(key, 0) + 1
 
     def describe(self) -> Iterator[Metric]:
@@ -341,9 +333,12 @@ class BalancerCollector:
         for address in known:
             for reason in EJECTION_REASONS:
                 sink.add(_EJECTIONS, (service, address, reason), ejections.get((address, reason), 0))
-        for kind, n in events.items():
-            sink.add(_EVENTS, (service, kind), n)
-        sink.add(_PANIC_STARTS, (service,), events.get(EventKind.PANIC_START.value, 0))
+        panic_starts = 0
+        for (kind, cause), n in events.items():
+            sink.add(_EVENTS, (service, kind, cause), n)
+            if kind == EventKind.PANIC_START.value:
+                panic_starts += n
+        sink.add(_PANIC_STARTS, (service,), panic_starts)
         sink.add(_PANIC, (service,), 1.0 if lb.panic else 0.0)
         sink.add(_RETRIED, (service,), lb.calls_retried)
         sink.add(_REFUSED, (service,), lb.budget.refused)

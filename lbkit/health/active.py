@@ -8,7 +8,8 @@ NOT_FOUND means the server does not know the service: unhealthy. A broken stream
 restart) is reopened after a jittered exponential backoff, and the last status holds meanwhile:
 connectivity is the balancer's business, not the health check's.
 
-``on_status(address, serving, reason)`` is called at the first answer and whenever ``serving`` flips.
+``on_status(address, serving, cause, reason)`` is called at the first answer and whenever ``serving``
+flips; ``cause`` is the typed :class:`~lbkit.events.Cause` of the answer, ``reason`` its words.
 
 :class:`HealthTracker` holds what the sync and asyncio watchers share (reading answers, reporting,
 backoff) and does no I/O; :class:`HealthWatcher` runs it in a thread, ``AsyncHealthWatcher`` (in
@@ -28,13 +29,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbkit._config import check_choice, check_float, config
 from lbkit.errors import ConfigError
+from lbkit.events import Cause
 
 __all__ = ["Backoff", "HealthCheck", "HealthTracker", "HealthWatcher", "OnStatus", "interpret"]
 
 log = logging.getLogger("lbkit.health")
 
-OnStatus = Callable[[str, bool, str], None]
-"""Called with (address, serving, reason) when an endpoint's health is first known and when it flips."""
+OnStatus = Callable[[str, bool, Cause, str], None]
+"""Called with (address, serving, cause, reason) when an endpoint's health is first known and when it
+flips."""
 
 UNIMPLEMENTED_REASON = "health service unimplemented"
 
@@ -67,13 +70,21 @@ class HealthCheck:
         check_float(owner, "backoff_max", self.backoff_max, minimum=self.backoff_base)
 
 
-def interpret(status: int) -> tuple[bool, str]:
-    """Read a ``HealthCheckResponse.status``: (serving, its name). Only SERVING is serving."""
+_STATUS_CAUSES = {
+    health_pb2.HealthCheckResponse.SERVING: Cause.HEALTH_SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: Cause.HEALTH_NOT_SERVING,
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: Cause.HEALTH_SERVICE_UNKNOWN,
+}
+
+
+def interpret(status: int) -> tuple[bool, Cause, str]:
+    """Read a ``HealthCheckResponse.status``: (serving, its cause, its name). Only SERVING is serving."""
     try:
         name = str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     except ValueError:
         name = f"status {status}"
-    return status == health_pb2.HealthCheckResponse.SERVING, name
+    cause = _STATUS_CAUSES.get(status, Cause.HEALTH_UNKNOWN)
+    return cause is Cause.HEALTH_SERVING, cause, name
 
 
 class Backoff:
@@ -143,17 +154,18 @@ class HealthTracker:
         if code is None and status is not None:
             self._report(*interpret(status))
         elif code is grpc.StatusCode.NOT_FOUND:
-            self._report(False, "SERVICE_UNKNOWN")
+            self._report(False, Cause.HEALTH_SERVICE_UNKNOWN, "SERVICE_UNKNOWN (Check: NOT_FOUND)")
         elif code is grpc.StatusCode.UNIMPLEMENTED:
-            self._report(self.config.unimplemented == "healthy", UNIMPLEMENTED_REASON)
+            serving = self.config.unimplemented == "healthy"
+            self._report(serving, Cause.HEALTH_UNIMPLEMENTED, UNIMPLEMENTED_REASON)
         return self.config.interval
 
-    def _report(self, serving: bool, reason: str) -> None:
+    def _report(self, serving: bool, cause: Cause, reason: str) -> None:
         if serving == self.serving or not self.enabled:
             return
         self.serving = serving
         try:
-            self._on_status(self.address, serving, reason)
+            self._on_status(self.address, serving, cause, reason)
         except Exception:
             log.exception("health status callback failed for %s", self.address)
 

@@ -36,7 +36,7 @@ import grpc
 
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.stats import EndpointStats, Stats
 
 __all__ = [
@@ -265,7 +265,9 @@ class OutlierDetector:
             if address not in current or address in self._ejected:
                 return None
             event = (
-                self._eject(address, f"{threshold} consecutive failures", self._clock())
+                self._eject(
+                    address, Cause.CONSECUTIVE_FAILURES, f"{threshold} consecutive failures", self._clock()
+                )
                 if self._room(current)
                 else None
             )
@@ -327,7 +329,7 @@ class OutlierDetector:
         allowed = max(1, math.floor(len(current) * self.config.max_ejection_percent / 100.0 + _EPSILON))
         return len(self._ejected & current) < allowed
 
-    def _eject(self, address: str, why: str, now: float) -> Event:
+    def _eject(self, address: str, cause: Cause, why: str, now: float) -> Event:
         cfg = self.config
         entry = self._entries.setdefault(address, _Entry())
         entry.multiplier = min(entry.multiplier + 1, self._max_multiplier)
@@ -337,7 +339,7 @@ class OutlierDetector:
         entry.ejected_at = now
         entry.until = now + duration
         self._ejected = self._ejected | {address}
-        return Event(EventKind.EJECTED, address, f"{why}; ejected for {duration:.1f}s", now)
+        return Event(EventKind.EJECTED, address, f"{why}; ejected for {duration:.1f}s", now, cause)
 
     def _expire(self, now: float) -> list[Event]:
         events: list[Event] = []
@@ -345,7 +347,8 @@ class OutlierDetector:
             if entry.ejected_at is not None and entry.until <= now:
                 held = entry.until - entry.ejected_at
                 entry.ejected_at = None
-                events.append(Event(EventKind.RETURNED, address, f"ejection of {held:.1f}s ended", now))
+                reason = f"ejection of {held:.1f}s ended"
+                events.append(Event(EventKind.RETURNED, address, reason, now, Cause.EJECTION_ENDED))
         if events:
             self._ejected = self._ejected - {e.address for e in events}
         return events
@@ -385,7 +388,7 @@ class OutlierDetector:
             if address in self._ejected or not self._enforced(sr.enforcement_percentage):
                 continue
             why = f"success rate {rate:.1%} below {limit:.1%} (mean {mean:.1%} of {len(rates)} endpoints)"
-            events.append(self._eject(address, why, now))
+            events.append(self._eject(address, Cause.SUCCESS_RATE, why, now))
         return events
 
     def _failure_percentage(
@@ -406,7 +409,7 @@ class OutlierDetector:
             if address in self._ejected or not self._enforced(fp.enforcement_percentage):
                 continue
             why = f"failure percentage {percent:.1f}% at or above {fp.threshold:g}%"
-            events.append(self._eject(address, why, now))
+            events.append(self._eject(address, Cause.FAILURE_PERCENTAGE, why, now))
         return events
 
     # -- stats (the detector's lock is not held) -------------------------------------------------

@@ -13,10 +13,15 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lbkit.errors import ConfigError
+from lbkit.events import Cause
 from lbkit.health.active import Backoff, HealthCheck, HealthTracker, HealthWatcher, interpret
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UP = (True, Cause.HEALTH_SERVING)
+"""A report of SERVING."""
+DOWN = (False, Cause.HEALTH_NOT_SERVING)
+"""A report of NOT_SERVING."""
 
 FAST = HealthCheck(timeout=1.0, interval=0.05, backoff_base=0.05, backoff_max=0.2)
 """Short polling and backoff, so tests stay fast."""
@@ -70,26 +75,28 @@ class Server:
 
 
 class Reports:
-    """An ``on_status`` callback that records (serving, reason) and lets a test wait for them."""
+    """An ``on_status`` callback that records (serving, cause) and lets a test wait for them."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[bool, str]] = []
+        self.items: list[tuple[bool, Cause]] = []
+        self.reasons: list[str] = []
         self.addresses: set[str] = set()
         self._cond = threading.Condition()
 
-    def __call__(self, address: str, serving: bool, reason: str) -> None:
+    def __call__(self, address: str, serving: bool, cause: Cause, reason: str) -> None:
         with self._cond:
             self.addresses.add(address)
-            self.items.append((serving, reason))
+            self.items.append((serving, cause))
+            self.reasons.append(reason)
             self._cond.notify_all()
 
-    def wait(self, count: int, timeout: float = 5.0) -> list[tuple[bool, str]]:
+    def wait(self, count: int, timeout: float = 5.0) -> list[tuple[bool, Cause]]:
         """Block until ``count`` reports arrived (or ``timeout``); return them all."""
         with self._cond:
             self._cond.wait_for(lambda: len(self.items) >= count, timeout)
             return list(self.items)
 
-    async def await_count(self, count: int, timeout: float = 5.0) -> list[tuple[bool, str]]:
+    async def await_count(self, count: int, timeout: float = 5.0) -> list[tuple[bool, Cause]]:
         """The asyncio form of :meth:`wait`: poll every 5 ms."""
         import asyncio
 
@@ -136,11 +143,12 @@ def watch() -> Iterator[Callable[..., tuple[HealthWatcher, Reports]]]:
 
 
 def test_interpret_only_serving_is_serving() -> None:
-    assert interpret(SERVING) == (True, "SERVING")
-    assert interpret(NOT_SERVING) == (False, "NOT_SERVING")
-    assert interpret(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN) == (False, "SERVICE_UNKNOWN")
-    assert interpret(health_pb2.HealthCheckResponse.UNKNOWN) == (False, "UNKNOWN")
-    assert interpret(42) == (False, "status 42")
+    assert interpret(SERVING) == (True, Cause.HEALTH_SERVING, "SERVING")
+    assert interpret(NOT_SERVING) == (False, Cause.HEALTH_NOT_SERVING, "NOT_SERVING")
+    unknown_service = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    assert interpret(unknown_service) == (False, Cause.HEALTH_SERVICE_UNKNOWN, "SERVICE_UNKNOWN")
+    assert interpret(health_pb2.HealthCheckResponse.UNKNOWN) == (False, Cause.HEALTH_UNKNOWN, "UNKNOWN")
+    assert interpret(42) == (False, Cause.HEALTH_UNKNOWN, "status 42")
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
@@ -165,13 +173,13 @@ def test_tracker_keeps_last_status_through_errors_and_backs_off() -> None:
     assert tracker.on_watch_end(None) <= 1.2
     assert tracker.on_watch_end(grpc.StatusCode.UNIMPLEMENTED) == 0.0 and tracker.polling
     assert tracker.on_check(None, grpc.StatusCode.DEADLINE_EXCEEDED) == tracker.config.interval
-    assert reports.items == [(True, "SERVING")]
+    assert reports.items == [UP]
     tracker.on_check(None, grpc.StatusCode.NOT_FOUND)
-    assert reports.items[-1] == (False, "SERVICE_UNKNOWN")
+    assert reports.items[-1] == (False, Cause.HEALTH_SERVICE_UNKNOWN)
 
 
 def test_tracker_survives_a_failing_callback_and_goes_quiet_when_disabled(caplog: Any) -> None:
-    def boom(address: str, serving: bool, reason: str) -> None:
+    def boom(address: str, serving: bool, cause: Cause, reason: str) -> None:
         raise RuntimeError("callback broke")
 
     tracker = HealthTracker(HealthCheck(), "a:1", boom)
@@ -199,62 +207,62 @@ def test_health_check_options_are_validated() -> None:
 def test_watch_reports_flips_quickly_and_only_flips(servers: Any, watch: Any) -> None:
     server = servers()
     _, reports = watch(server.address)
-    assert reports.wait(1) == [(True, "SERVING")]
+    assert reports.wait(1) == [UP]
     started = time.monotonic()
     server.set("", NOT_SERVING)
-    assert reports.wait(2)[1] == (False, "NOT_SERVING")
+    assert reports.wait(2)[1] == DOWN
     assert time.monotonic() - started < 0.2
     server.set("", NOT_SERVING)  # the server repeats itself: no report
     server.set("", SERVING)
-    assert reports.wait(3) == [(True, "SERVING"), (False, "NOT_SERVING"), (True, "SERVING")]
+    assert reports.wait(3) == [UP, DOWN, UP]
     assert reports.addresses == {server.address}
 
 
 def test_named_service_unknown_then_known(servers: Any, watch: Any) -> None:
     server = servers()
     _, reports = watch(server.address, HealthCheck(service="lbkit.Model", backoff_base=0.05))
-    assert reports.wait(1) == [(False, "SERVICE_UNKNOWN")]
+    assert reports.wait(1) == [(False, Cause.HEALTH_SERVICE_UNKNOWN)]
     server.set("lbkit.Model", SERVING)
-    assert reports.wait(2)[1] == (True, "SERVING")
+    assert reports.wait(2)[1] == UP
 
 
 @pytest.mark.parametrize(("unimplemented", "serving"), [("healthy", True), ("unhealthy", False)])
 def test_server_without_health_service(servers: Any, watch: Any, unimplemented: str, serving: bool) -> None:
     server = servers(health_service=False)
     _, reports = watch(server.address, HealthCheck(interval=0.05, unimplemented=unimplemented))
-    assert reports.wait(1) == [(serving, "health service unimplemented")]
+    assert reports.wait(1) == [(serving, Cause.HEALTH_UNIMPLEMENTED)]
 
 
 def test_polls_check_when_watch_is_unimplemented(servers: Any, watch: Any) -> None:
     servicer = CheckOnlyServicer()
     server = servers(servicer=servicer)
     _, reports = watch(server.address)
-    assert reports.wait(1) == [(True, "SERVING")]
+    assert reports.wait(1) == [UP]
     servicer.statuses[""] = NOT_SERVING
-    assert reports.wait(2)[1] == (False, "NOT_SERVING")
+    assert reports.wait(2)[1] == DOWN
     servicer.statuses[""] = SERVING
-    assert reports.wait(3)[2] == (True, "SERVING")
+    assert reports.wait(3)[2] == UP
     assert servicer.checks >= 3
 
 
 def test_check_not_found_means_service_unknown(servers: Any, watch: Any) -> None:
     server = servers(servicer=CheckOnlyServicer())
     _, reports = watch(server.address, HealthCheck(service="nope", interval=0.05))
-    assert reports.wait(1) == [(False, "SERVICE_UNKNOWN")]
+    assert reports.wait(1) == [(False, Cause.HEALTH_SERVICE_UNKNOWN)]
 
 
 def test_reconnects_after_server_restart(servers: Any, watch: Any) -> None:
     first = servers()
     _, reports = watch(first.address)
-    assert reports.wait(1) == [(True, "SERVING")]
+    assert reports.wait(1) == [UP]
     first.stop()
     second = Server(port=first.port)
     second.set("", NOT_SERVING)
     second.start()
     try:
-        assert reports.wait(2) == [(True, "SERVING"), (False, "NOT_SERVING")]
+        assert reports.wait(2) == [UP, DOWN]
         second.set("", SERVING)
-        assert reports.wait(3)[2] == (True, "SERVING")
+        assert reports.wait(3)[2] == UP
     finally:
         second.stop()
 
@@ -269,7 +277,7 @@ def test_stop_returns_promptly_and_reports_nothing_after(servers: Any, watch: An
     assert not watcher.running
     server.set("", NOT_SERVING)
     time.sleep(0.05)  # give a stray report the chance to show up
-    assert reports.items == [(True, "SERVING")]
+    assert reports.items == [UP]
 
 
 def test_stop_returns_promptly_while_waiting_for_a_dead_server(servers: Any, watch: Any) -> None:

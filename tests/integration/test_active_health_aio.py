@@ -11,13 +11,16 @@ import grpc
 import grpc.aio
 import pytest
 
+from lbkit.events import Cause
 from lbkit.health.active import HealthCheck
 from lbkit.health.active_aio import AsyncHealthWatcher
 from tests.integration.test_active_health import (
     CHANNEL_OPTIONS,
+    DOWN,
     FAST,
     NOT_SERVING,
     SERVING,
+    UP,
     CheckOnlyServicer,
     Reports,
     Server,
@@ -49,23 +52,23 @@ async def watch() -> AsyncIterator[Callable[..., tuple[AsyncHealthWatcher, Repor
 async def test_watch_reports_flips_quickly_and_only_flips(servers: Any, watch: Any) -> None:
     server = servers()
     _, reports = watch(server.address)
-    assert await reports.await_count(1) == [(True, "SERVING")]
+    assert await reports.await_count(1) == [UP]
     started = time.monotonic()
     server.set("", NOT_SERVING)
-    assert (await reports.await_count(2))[1] == (False, "NOT_SERVING")
+    assert (await reports.await_count(2))[1] == DOWN
     assert time.monotonic() - started < 0.2
     server.set("", NOT_SERVING)
     server.set("", SERVING)
-    assert await reports.await_count(3) == [(True, "SERVING"), (False, "NOT_SERVING"), (True, "SERVING")]
+    assert await reports.await_count(3) == [UP, DOWN, UP]
     assert reports.addresses == {server.address}
 
 
 async def test_named_service_unknown_then_known(servers: Any, watch: Any) -> None:
     server = servers()
     _, reports = watch(server.address, HealthCheck(service="lbkit.Model", backoff_base=0.05))
-    assert await reports.await_count(1) == [(False, "SERVICE_UNKNOWN")]
+    assert await reports.await_count(1) == [(False, Cause.HEALTH_SERVICE_UNKNOWN)]
     server.set("lbkit.Model", SERVING)
-    assert (await reports.await_count(2))[1] == (True, "SERVING")
+    assert (await reports.await_count(2))[1] == UP
 
 
 @pytest.mark.parametrize(("unimplemented", "serving"), [("healthy", True), ("unhealthy", False)])
@@ -74,39 +77,39 @@ async def test_server_without_health_service(
 ) -> None:
     server = servers(health_service=False)
     _, reports = watch(server.address, HealthCheck(interval=0.05, unimplemented=unimplemented))
-    assert await reports.await_count(1) == [(serving, "health service unimplemented")]
+    assert await reports.await_count(1) == [(serving, Cause.HEALTH_UNIMPLEMENTED)]
 
 
 async def test_polls_check_when_watch_is_unimplemented(servers: Any, watch: Any) -> None:
     servicer = CheckOnlyServicer()
     server = servers(servicer=servicer)
     _, reports = watch(server.address)
-    assert await reports.await_count(1) == [(True, "SERVING")]
+    assert await reports.await_count(1) == [UP]
     servicer.statuses[""] = NOT_SERVING
-    assert (await reports.await_count(2))[1] == (False, "NOT_SERVING")
+    assert (await reports.await_count(2))[1] == DOWN
     servicer.statuses[""] = SERVING
-    assert (await reports.await_count(3))[2] == (True, "SERVING")
+    assert (await reports.await_count(3))[2] == UP
     assert servicer.checks >= 3
 
 
 async def test_check_not_found_means_service_unknown(servers: Any, watch: Any) -> None:
     server = servers(servicer=CheckOnlyServicer())
     _, reports = watch(server.address, HealthCheck(service="nope", interval=0.05))
-    assert await reports.await_count(1) == [(False, "SERVICE_UNKNOWN")]
+    assert await reports.await_count(1) == [(False, Cause.HEALTH_SERVICE_UNKNOWN)]
 
 
 async def test_reconnects_after_server_restart(servers: Any, watch: Any) -> None:
     first = servers()
     _, reports = watch(first.address)
-    assert await reports.await_count(1) == [(True, "SERVING")]
+    assert await reports.await_count(1) == [UP]
     await asyncio.to_thread(first.stop)
     second = Server(port=first.port)
     second.set("", NOT_SERVING)
     second.start()
     try:
-        assert await reports.await_count(2) == [(True, "SERVING"), (False, "NOT_SERVING")]
+        assert await reports.await_count(2) == [UP, DOWN]
         second.set("", SERVING)
-        assert (await reports.await_count(3))[2] == (True, "SERVING")
+        assert (await reports.await_count(3))[2] == UP
     finally:
         await asyncio.to_thread(second.stop)
 
@@ -121,7 +124,7 @@ async def test_stop_returns_promptly_and_reports_nothing_after(servers: Any, wat
     assert not watcher.running
     server.set("", NOT_SERVING)
     await asyncio.sleep(0.05)  # give a stray report the chance to show up
-    assert reports.items == [(True, "SERVING")]
+    assert reports.items == [UP]
 
 
 async def test_stop_returns_promptly_while_waiting_for_a_dead_server(servers: Any, watch: Any) -> None:

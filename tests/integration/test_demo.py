@@ -20,7 +20,7 @@ from lbkit._demo.command import DemoOptions, _detect
 from lbkit._demo.load import PacedLoad, Record
 from lbkit._demo.report import Fault, SelectorRun, render_run, write_plot
 from lbkit.errors import ConfigError
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.testing.consul import ConsulServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,11 +228,11 @@ def test_paced_load_sends_rate_times_duration_calls_with_bounded_concurrency() -
 def test_detect_takes_the_first_matching_event_after_the_fault() -> None:
     start = 100.0
     events = [
-        Event(EventKind.EJECTED, "a:1", "before the fault", 100.5),
-        Event(EventKind.READY, "a:1", "", 101.2),
-        Event(EventKind.EJECTED, "b:1", "another server", 101.1),
-        Event(EventKind.EJECTED, "a:1", "5 consecutive failures", 101.25),
-        Event(EventKind.REMOVED, "a:1", "gone", 101.5),
+        Event(EventKind.EJECTED, "a:1", "before the fault", 100.5, Cause.CONSECUTIVE_FAILURES),
+        Event(EventKind.READY, "a:1", "", 101.2, Cause.CHANNEL_STATE),
+        Event(EventKind.EJECTED, "b:1", "another server", 101.1, Cause.CONSECUTIVE_FAILURES),
+        Event(EventKind.EJECTED, "a:1", "5 consecutive failures", 101.25, Cause.CONSECUTIVE_FAILURES),
+        Event(EventKind.REMOVED, "a:1", "gone", 101.5, Cause.DISCOVERY_REMOVED),
     ]
     fault = Fault("a:1", "failing", "starts failing", at=1.0)
     _detect(fault, start, frozenset({EventKind.EJECTED, EventKind.REMOVED}), events, [])

@@ -20,11 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 import lbkit
 import lbkit.aio
 from lbkit.errors import ConfigError
+from lbkit.events import KIND_CAUSES, Cause, Event, EventKind
 from lbkit.metrics import (
     EJECTION_REASONS,
     ENDPOINT_STATES,
+    EVENT_CAUSES,
     BalancerCollector,
-    ejection_reason,
     instrument,
     start_http_server,
 )
@@ -121,7 +122,7 @@ def test_counts_match_calls_and_in_flight_returns_to_zero(make_servers, expositi
     assert m.total("lbkit_endpoint_calls_total", service="models") == 156
     assert m.one("lbkit_endpoints", service="models", state="ready") == 3
     assert sum(m.one("lbkit_endpoints", service="models", state=s) for s in ENDPOINT_STATES) == 3
-    assert m.one("lbkit_events_total", service="models", kind="added") == 3
+    assert m.one("lbkit_events_total", service="models", kind="added", cause="discovered") == 3
     assert m.one("lbkit_panic", service="models") == 0
     assert m.one("lbkit_discovery_updates_total", service="models") == 1
     assert m.one("lbkit_discovery_errors_total", service="models") == 0
@@ -167,7 +168,9 @@ def test_failing_server_shows_failures_ejection_and_panic(make_servers, expositi
     assert m.one("lbkit_endpoint_state", state="ejected", **b) == 1
     assert m.one("lbkit_endpoint_state", state="ready", **g) == 1
     assert m.one("lbkit_endpoints", service="models", state="ejected") == 1
-    assert m.one("lbkit_events_total", service="models", kind="ejected") == 1
+    assert m.one("lbkit_events_total", service="models", kind="ejected", cause="consecutive_failures") == 1
+    assert m.total("lbkit_events_total", service="models", kind="ejected") == 1
+    assert m.one("lbkit_events_total", service="models", kind="panic_start", cause="panic_threshold") == 1
     assert m.one("lbkit_panic", service="models") == 1
     assert m.one("lbkit_panic_starts_total", service="models") == 1
     assert "injected failure" not in m.text and "consecutive failures" not in m.text
@@ -223,6 +226,7 @@ def test_hash_keys_never_become_labels(make_servers, exposition):
         "outcome": {"ok", "failed"},
         "reason": set(EJECTION_REASONS),
         "kind": {k.value for k in lbkit.EventKind},
+        "cause": {c.value for c in lbkit.Cause},
         "endpoint": {s.address for s in servers},
         "service": {"models"},
     }
@@ -391,17 +395,27 @@ def test_registry_with_other_lbkit_collector_is_refused():
         instrument(object(), CollectorRegistry())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("text", "reason"),
-    [
-        ("5 consecutive failures; ejected for 30.0s", "consecutive_failures"),
-        ("success rate 40.0% below 80.0% (mean 95.0% of 6 endpoints); ejected for 30.0s", "success_rate"),
-        ("failure percentage 90.0% at or above 85%; ejected for 33.1s", "failure_percentage"),
-        ("operator ejected user-42 by hand", "other"),
-    ],
-)
-def test_ejection_reason_is_bounded(text, reason):
-    assert ejection_reason(text) == reason
+def test_labels_come_from_the_typed_cause_never_the_text():
+    # No sockets: the balancer is never started; its listeners are fed events directly.
+    lb = lbkit.Balancer(["127.0.0.1:1"], service="models")
+    collector = BalancerCollector(lb)
+    lb.core.set_endpoints(lbkit.EndpointSet(["127.0.0.1:1"]))  # known to the core: its series exist
+    misleading = "5 consecutive failures; success rate 1% (user-42)"  # the text names other causes
+    for listener in lb.core.listeners:
+        listener(Event(EventKind.EJECTED, "127.0.0.1:1", misleading, 0.0, Cause.FAILURE_PERCENTAGE))
+        listener(Event(EventKind.UNHEALTHY, "127.0.0.1:1", "check 'db' critical", 0.0, Cause.CONSUL_CRITICAL))
+    samples = [(s.name, s.labels, s.value) for family in collector.collect() for s in family.samples]
+    ejections = {lab["reason"]: v for n, lab, v in samples if n == "lbkit_endpoint_ejections_total"}
+    assert ejections == {"consecutive_failures": 0, "success_rate": 0, "failure_percentage": 1}
+    events = {(lab["kind"], lab["cause"]): v for n, lab, v in samples if n == "lbkit_events_total"}
+    assert set(events) == set(EVENT_CAUSES)  # every pair the table allows is exported, from 0
+    assert {pair for pair, v in events.items() if v} == {
+        ("added", "discovered"),
+        ("ejected", "failure_percentage"),
+        ("unhealthy", "consul_critical"),
+    }
+    assert tuple(c.value for c in KIND_CAUSES[EventKind.EJECTED]) == EJECTION_REASONS
+    assert all("user-42" not in str(lab) for _, lab, _ in samples)
 
 
 async def test_asyncio_balancer(make_servers, exposition):

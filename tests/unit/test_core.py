@@ -10,7 +10,7 @@ import pytest
 from lbkit.core import BalancerCore
 from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import NoEndpointsError
-from lbkit.events import EventKind
+from lbkit.events import KIND_CAUSES, Cause, EventKind
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import Picker, Selector
@@ -108,13 +108,13 @@ def test_health_checked_endpoint_waits_for_first_answer_and_leaves_on_not_servin
     core.set_ready(ADDRS[0], True)
     core.set_ready(ADDRS[1], True)
     assert picked(core) == set()  # no health answer yet
-    core.set_health(ADDRS[0], True)
-    core.set_health(ADDRS[1], True)
+    core.set_health(ADDRS[0], True, Cause.HEALTH_SERVING)
+    core.set_health(ADDRS[1], True, Cause.HEALTH_SERVING)
     assert picked(core) == set(ADDRS[:2])
-    core.set_health(ADDRS[1], False, "NOT_SERVING")
+    core.set_health(ADDRS[1], False, Cause.HEALTH_NOT_SERVING, "NOT_SERVING")
     assert picked(core) == {ADDRS[0]}
     assert any(e.kind is EventKind.UNHEALTHY and e.address == ADDRS[1] for e in events)
-    core.set_health(ADDRS[1], True)
+    core.set_health(ADDRS[1], True, Cause.HEALTH_SERVING)
     assert picked(core) == set(ADDRS[:2])
 
 
@@ -123,14 +123,14 @@ def test_panic_mode_balances_over_all_connected_when_too_few_healthy():
     core.set_endpoints(EndpointSet(ADDRS))
     for a in ADDRS:
         core.set_ready(a, True)
-        core.set_health(a, True)
-    core.set_health(ADDRS[0], False)
-    core.set_health(ADDRS[1], False)
+        core.set_health(a, True, Cause.HEALTH_SERVING)
+    core.set_health(ADDRS[0], False, Cause.HEALTH_NOT_SERVING)
+    core.set_health(ADDRS[1], False, Cause.HEALTH_NOT_SERVING)
     assert picked(core) == set(ADDRS[2:]) and not core.panic  # 2 of 4 healthy: at the threshold
-    core.set_health(ADDRS[2], False)
+    core.set_health(ADDRS[2], False, Cause.HEALTH_NOT_SERVING)
     assert core.panic and picked(core) == set(ADDRS)
     assert any(e.kind is EventKind.PANIC_START for e in events)
-    core.set_health(ADDRS[2], True)
+    core.set_health(ADDRS[2], True, Cause.HEALTH_SERVING)
     assert not core.panic and picked(core) == set(ADDRS[2:])
     assert any(e.kind is EventKind.PANIC_END for e in events)
 
@@ -140,7 +140,7 @@ def test_panic_threshold_zero_never_panics():
     core.set_endpoints(EndpointSet(ADDRS[:2]))
     for a in ADDRS[:2]:
         core.set_ready(a, True)
-        core.set_health(a, False)
+        core.set_health(a, False, Cause.HEALTH_NOT_SERVING)
     assert not core.panic and picked(core) == set()
 
 
@@ -164,6 +164,52 @@ def test_failure_streak_ejects_and_time_returns_it():
     core.tick()
     assert picked(core) == set(ADDRS[:2])
     assert any(e.kind is EventKind.RETURNED for e in events)
+
+
+def test_every_event_carries_the_typed_cause_of_what_happened():
+    od = OutlierDetection(consecutive_failures=2, base_ejection_time=10, jitter=0.0, max_ejection_percent=50)
+    core, _, clock, events = make(health_checked=True, outlier_detection=od, panic_threshold=50.0)
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    for a in ADDRS[:2]:
+        core.set_ready(a, True)
+        core.set_health(a, True, Cause.HEALTH_SERVING)  # first answers: no event
+    core.set_health(ADDRS[1], False, Cause.HEALTH_SERVICE_UNKNOWN)  # 1 of 2 healthy: at the threshold
+    entry = core.stats[ADDRS[0]]
+    for _ in range(2):
+        entry.finish(entry.start(), ok=False)  # ejected: 0 of 2 healthy, panic
+    clock.now += 10.0
+    core.tick()  # back
+    core.set_health(ADDRS[1], True, Cause.HEALTH_SERVING)
+    core.set_discovery_status(True, "connection refused")
+    core.set_discovery_status(False, "answering again")
+    core.set_endpoints(EndpointSet(ADDRS[1:2]))
+    core.set_ready(ADDRS[1], False)
+
+    a, b = ADDRS[:2]
+    assert [(e.kind, e.address, e.cause) for e in events] == [
+        (EventKind.ADDED, a, Cause.DISCOVERED),
+        (EventKind.ADDED, b, Cause.DISCOVERED),
+        (EventKind.READY, a, Cause.CHANNEL_STATE),
+        (EventKind.READY, b, Cause.CHANNEL_STATE),
+        (EventKind.UNHEALTHY, b, Cause.HEALTH_SERVICE_UNKNOWN),
+        (EventKind.EJECTED, a, Cause.CONSECUTIVE_FAILURES),
+        (EventKind.PANIC_START, "", Cause.PANIC_THRESHOLD),
+        (EventKind.RETURNED, a, Cause.EJECTION_ENDED),
+        (EventKind.PANIC_END, "", Cause.PANIC_THRESHOLD),
+        (EventKind.HEALTHY, b, Cause.HEALTH_SERVING),
+        (EventKind.DISCOVERY_ERROR, "", Cause.DISCOVERY_FAILED),
+        (EventKind.DISCOVERY_RECOVERED, "", Cause.DISCOVERY_ANSWERED),
+        (EventKind.REMOVED, a, Cause.DISCOVERY_REMOVED),
+        (EventKind.NOT_READY, b, Cause.CHANNEL_STATE),
+    ]
+    assert all(e.cause in KIND_CAUSES[e.kind] for e in events)
+    assert events[4].reason == "health_service_unknown"  # no words given: the cause's name
+    assert events[5].reason.startswith("2 consecutive failures")
+
+
+def test_every_kind_has_causes_and_every_cause_a_kind():
+    assert set(KIND_CAUSES) == set(EventKind)
+    assert {c for causes in KIND_CAUSES.values() for c in causes} == set(Cause)
 
 
 def test_outlier_failure_codes_follow_config():

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from lbkit.errors import ConfigError
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.health.outlier import (
     FailurePercentageEjection,
     OutlierDetection,
@@ -140,6 +140,7 @@ def test_streak_ejects_exactly_at_threshold() -> None:
     assert rig.events == [] and not rig.detector.is_ejected(a)
     rig.calls(a, failed=1)
     assert [(e.kind, e.address) for e in rig.events] == [(EventKind.EJECTED, a)]
+    assert rig.events[0].cause is Cause.CONSECUTIVE_FAILURES
     assert rig.events[0].reason.startswith("5 consecutive failures")
     assert rig.events[0].time == rig.clock.now
     assert rig.detector.ejected == frozenset({a})
@@ -245,6 +246,7 @@ def test_endpoint_returns_exactly_when_its_time_passes_with_a_fresh_streak() -> 
     rig.clock.now = start + 30.0
     (event,) = rig.detector.expire()
     assert (event.kind, event.address, event.time) == (EventKind.RETURNED, a, start + 30.0)
+    assert event.cause is Cause.EJECTION_ENDED
     assert not rig.detector.is_ejected(a)
     assert rig.detector.ejected_until(a) is None
     assert rig.stats[a].consecutive_failures == 0
@@ -311,6 +313,7 @@ def test_success_rate_ejects_the_one_bad_endpoint_among_six() -> None:
     rig.calls(bad, ok=50, failed=50)
     events = rig.detector.evaluate(rig.addresses)
     assert [(e.kind, e.address) for e in events] == [(EventKind.EJECTED, bad)]
+    assert events[0].cause is Cause.SUCCESS_RATE
     assert "success rate 50.0%" in events[0].reason
 
 
@@ -387,6 +390,7 @@ def test_failure_percentage_ejects_at_or_above_threshold() -> None:
         (EventKind.EJECTED, rig.addresses[0]),
         (EventKind.EJECTED, rig.addresses[2]),
     ]
+    assert {e.cause for e in events} == {Cause.FAILURE_PERCENTAGE}
     assert "failure percentage 90.0%" in events[0].reason
 
 

@@ -15,6 +15,7 @@ import lbkit.aio
 LBKIT_ALL = [
     "BalancedChannel",
     "Balancer",
+    "Cause",
     "ConfigError",
     "ConsistentHash",
     "ConsulDiscovery",
