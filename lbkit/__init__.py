@@ -48,6 +48,7 @@ _LAZY: dict[str, str] = {
     "SuccessRateEjection": "lbkit.health.outlier",
     "FailurePercentageEjection": "lbkit.health.outlier",
     "SlowStart": "lbkit.health.slow_start",
+    "Subsetting": "lbkit.subsetting",
     "HealthCheck": "lbkit.health.active",
     "RoundRobin": "lbkit.selectors.round_robin",
     "LeastConnections": "lbkit.selectors.least_connections",
@@ -87,6 +88,7 @@ __all__ = [
     "SlowStart",
     "StaticDiscovery",
     "Stats",
+    "Subsetting",
     "SuccessRateEjection",
     "Weighted",
     "__version__",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:
     from lbkit.selectors.round_robin import RoundRobin
     from lbkit.selectors.weighted import Weighted
     from lbkit.stats import EndpointStats, Stats
+    from lbkit.subsetting import Subsetting
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

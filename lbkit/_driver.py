@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from lbkit.core import BalancerCore
+from lbkit.core import BalancerCore, PoolPlan
 from lbkit.discovery.base import Discovery, DiscoveryStatus
 from lbkit.discovery.static import StaticDiscovery
 from lbkit.endpoint import Endpoint, EndpointSet
@@ -24,6 +24,7 @@ from lbkit.options import BalancerOptions
 from lbkit.retry import RetryBudget, RetryPolicy
 from lbkit.selectors.base import Key, Selector
 from lbkit.stats import EndpointStats, Stats
+from lbkit.subsetting import Subsetting
 
 __all__ = ["BalancerBase", "KeyFn", "Member", "as_discovery"]
 
@@ -118,6 +119,7 @@ class BalancerBase:
         credentials: grpc.ChannelCredentials | None = None,
         service: str | None = None,
         latency_decay: float = 10.0,
+        subset: Subsetting | None = None,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,6 +145,7 @@ class BalancerBase:
             credentials=credentials,
             service=service,
             latency_decay=latency_decay,
+            subset=subset,
         )
         opts = self.options
         self.service = opts.service or self.discovery.service
@@ -157,6 +160,7 @@ class BalancerBase:
             health_checked=opts.health_check is not None,
             clock=clock,
             stats=Stats(clock=clock, decay=opts.latency_decay),
+            subsetting=opts.subset,
         )
         if on_event is not None:
             self.core.add_listener(on_event)
@@ -188,7 +192,16 @@ class BalancerBase:
 
     def _apply_update(self, endpoint_set: EndpointSet) -> None:
         """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
-        plan = self.core.set_endpoints(endpoint_set)
+        self._apply_plan(self.core.set_endpoints(endpoint_set))
+
+    def _apply_pending(self) -> None:
+        """Apply the pool changes the core asked for since the last update (a subset widened or narrowed)."""
+        plan = self.core.take_plan()
+        if plan:
+            self._apply_plan(plan)
+
+    def _apply_plan(self, plan: PoolPlan) -> None:
+        """Drain the channels of ``plan.close``, then keep what came back while draining and open the rest."""
         now = self.clock()
         for address in plan.close:
             member = self.members.get(address)

@@ -42,6 +42,7 @@ class Balancer(SyncDriver):
         self.core.on_picker.append(self._notify_picker)
         self.core.on_deadline.append(self._wake.set)
         self._follow_clock(self._on_clock_advanced)
+        self.core.on_pool.append(self._wake.set)
         self._threads = [
             threading.Thread(target=self._run_discovery, name=f"lbkit-discovery-{self.service}", daemon=True),
             threading.Thread(target=self._run_timers, name=f"lbkit-timers-{self.service}", daemon=True),
@@ -191,7 +192,8 @@ class Balancer(SyncDriver):
         member.ready = state is grpc.ChannelConnectivity.READY
         if self.members.get(member.address) is not member or member.closing_at is not None:
             return
-        self.core.set_ready(member.address, member.ready, f"channel {state.name}")
+        failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
         if state is grpc.ChannelConnectivity.IDLE and not self._closed:
             self._reconnect(member)
 
@@ -239,6 +241,9 @@ class Balancer(SyncDriver):
     def _run_timers(self) -> None:
         core = self.core
         while not self._stop.is_set():
+            with self._lock:
+                if not self._closed:
+                    self._apply_pending()
             next_core = core.tick()
             next_drain = self._drain()
             deadlines = [d for d in (next_core, next_drain) if d is not None]

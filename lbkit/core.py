@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from lbkit.endpoint import Endpoint, EndpointSet
@@ -20,6 +20,7 @@ from lbkit.health.outlier import OutlierDetection, OutlierDetector
 from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import EmptyPicker, Picker, Selector
 from lbkit.stats import EndpointStats, Stats
+from lbkit.subsetting import Subsetting, widened
 
 __all__ = ["BalancerCore", "EndpointState", "PoolPlan"]
 
@@ -33,9 +34,12 @@ class PoolPlan:
     """What the driver must do to its channel pool after an endpoint-set update."""
 
     open: tuple[Endpoint, ...]
-    """Endpoints to open a channel to."""
+    """Endpoints to open a channel to (or to keep, if one listed in ``close`` too is still draining)."""
     close: tuple[str, ...]
-    """Addresses whose channel to drain and close (calls in flight finish first)."""
+    """Addresses whose channel to drain and close (calls in flight finish first); done before ``open``."""
+
+    def __bool__(self) -> bool:
+        return bool(self.open or self.close)
 
 
 @dataclass(slots=True)
@@ -45,6 +49,8 @@ class EndpointState:
     endpoint: Endpoint
     ready: bool = False
     """The channel is READY."""
+    failed: bool = False
+    """The channel failed to connect (TRANSIENT_FAILURE) and has not been READY since."""
     healthy: bool = True
     """The active health check says SERVING (True when health checks are off)."""
     health_known: bool = True
@@ -83,8 +89,10 @@ class BalancerCore:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         stats: Stats | None = None,
+        subsetting: Subsetting | None = None,
     ) -> None:
         self.selector = selector
+        self.subsetting = subsetting
         self.service = service
         self.clock = clock
         self.rng = rng or random.Random()
@@ -107,6 +115,13 @@ class BalancerCore:
         """Called (outside the lock) after each new picker: drivers wake calls waiting for one."""
         self.on_deadline: list[Callable[[], None]] = []
         """Called (outside the lock) when :meth:`next_deadline` may have moved earlier."""
+        self.on_pool: list[Callable[[], None]] = []
+        """Called (outside the lock) when the subset widened or narrowed: :meth:`take_plan` has work."""
+        self._order: tuple[Endpoint, ...] = ()
+        """The endpoint set in the subsetting's preference order."""
+        self._plan_open: dict[str, Endpoint] = {}
+        self._plan_close: dict[str, None] = {}
+        self._plan_waiting = False
         self.rebuilds = 0
         self._lock = threading.RLock()
         self._pending: list[Event] = []
@@ -124,39 +139,43 @@ class BalancerCore:
     def set_endpoints(self, new: EndpointSet) -> PoolPlan:
         """Take a new endpoint set from discovery; return what to open and close."""
         with self._lock:
-            diff = self.endpoint_set.diff(new)
-            first = not self.members
+            old = self.endpoint_set
             self.endpoint_set = new
+            if self.subsetting is None:
+                self._order = new.endpoints
+            elif old.by_address.keys() != new.by_address.keys() or not self._order:
+                self._order = self.subsetting.order(new.endpoints)
+            else:  # same addresses: keep the order, take the new fields (weights, tags, ...)
+                self._order = tuple(new.by_address[e.address] for e in self._order)
             now = self.clock()
-            for e in diff.added:
-                self.members[e.address] = EndpointState(
-                    e, healthy=True, health_known=not self.health_checked, warm=first
-                )
-                self.stats[e.address]
-                self._emit(EventKind.ADDED, e.address, "discovered", now, Cause.DISCOVERED)
-            for e in diff.changed:
-                self.members[e.address].endpoint = e
-            for e in diff.removed:
-                del self.members[e.address]
-                if self.outlier is not None:
-                    self.outlier.forget(e.address)
-                self._emit(EventKind.REMOVED, e.address, "gone from discovery", now, Cause.DISCOVERY_REMOVED)
-            if diff:
+            if self._update_members(now, Cause.DISCOVERED, first=not self.members):
                 self._changed(now)
+            plan = self.take_plan()
         self._flush()
-        return PoolPlan(diff.added, tuple(e.address for e in diff.removed))
+        return plan
 
-    def set_ready(self, address: str, ready: bool, reason: str = "") -> None:
-        """Record the connectivity of an endpoint's channel (READY or not)."""
+    def set_ready(self, address: str, ready: bool, reason: str = "", *, failed: bool = False) -> None:
+        """Record the connectivity of an endpoint's channel: READY or not, and ``failed`` when it is in
+        TRANSIENT_FAILURE (which subsetting counts as down until the channel is READY again)."""
         with self._lock:
             m = self.members.get(address)
-            if m is None or m.ready == ready:
+            if m is None:
                 return
-            m.ready = ready
+            newly_failed = failed and not ready and not m.failed
+            if m.ready == ready and not newly_failed:
+                return
+            if ready:
+                m.failed = False
+            elif failed:
+                m.failed = True
             now = self.clock()
-            kind = EventKind.READY if ready else EventKind.NOT_READY
-            text = reason or ("channel READY" if ready else "channel not READY")
-            self._emit(kind, address, text, now, Cause.CHANNEL_STATE)
+            if m.ready != ready:
+                m.ready = ready
+                kind = EventKind.READY if ready else EventKind.NOT_READY
+                text = reason or ("channel READY" if ready else "channel not READY")
+                self._emit(kind, address, text, now, Cause.CHANNEL_STATE)
+            elif self.subsetting is None:
+                return  # a failure while not READY changes nothing but a subset
             self._changed(now)
         self._flush()
 
@@ -218,6 +237,15 @@ class BalancerCore:
                 self._emit(EventKind.DISCOVERY_RECOVERED, "", reason, self.clock(), Cause.DISCOVERY_ANSWERED)
         self._flush()
 
+    def take_plan(self) -> PoolPlan:
+        """The pool changes asked for since the last call (the subset widened or narrowed), once."""
+        with self._lock:
+            plan = PoolPlan(tuple(self._plan_open.values()), tuple(self._plan_close))
+            self._plan_open = {}
+            self._plan_close = {}
+            self._plan_waiting = False
+            return plan
+
     def forget(self, address: str) -> None:
         """Drop the stats of an endpoint whose channel has been closed (unless it came back)."""
         with self._lock:
@@ -276,12 +304,61 @@ class BalancerCore:
         cost = self._rebuild_cost
         return 0.0 if cost < 0.001 else min(10.0 * cost, 0.1)
 
+    def _down(self, m: EndpointState) -> bool:
+        """Known to be unusable: failed to connect, unhealthy or ejected (not merely still connecting)."""
+        return m.failed or (m.health_known and not m.healthy) or self.is_ejected(m.endpoint.address)
+
+    def _is_down(self, address: str) -> bool:
+        m = self.members.get(address)
+        return m is not None and self._down(m)
+
+    def _update_members(self, now: float, cause: Cause, first: bool = False) -> bool:
+        """Make the members the wanted endpoints, queueing the channels to open and close; True if
+        anything changed. ``cause``: why endpoints join."""
+        if self.subsetting is None:
+            wanted: Sequence[Endpoint] = self._order
+        else:
+            wanted = widened(self._order, self.subsetting.size, self._is_down)
+        members = self.members
+        keep = {e.address for e in wanted}
+        changed = False
+        for address in [a for a in members if a not in keep]:
+            del members[address]
+            changed = True
+            if self.outlier is not None:
+                self.outlier.forget(address)
+            if self._plan_open.pop(address, None) is None:
+                self._plan_close[address] = None
+            if address in self.endpoint_set.by_address:
+                self._emit(EventKind.REMOVED, address, "left the subset", now, Cause.SUBSET_LEFT)
+            else:
+                self._emit(EventKind.REMOVED, address, "gone from discovery", now, Cause.DISCOVERY_REMOVED)
+        for e in wanted:
+            m = members.get(e.address)
+            if m is not None:
+                if m.endpoint != e:
+                    m.endpoint = e
+                    changed = True
+                continue
+            members[e.address] = EndpointState(
+                e, healthy=True, health_known=not self.health_checked, warm=first
+            )
+            self.stats[e.address]
+            self._plan_open[e.address] = e
+            changed = True
+            reason = "discovered" if cause is Cause.DISCOVERED else "subset widened: one of it is down"
+            self._emit(EventKind.ADDED, e.address, reason, now, cause)
+        return changed
+
     def _changed(self, now: float) -> None:
-        """Publish a new picker now, or soon when rebuilds are slow and one was just made.
+        """Widen or narrow the subset, then publish a new picker now, or soon when rebuilds are slow and
+        one was just made.
 
         A Maglev table over many endpoints takes tens of milliseconds to build; a thousand endpoints
         turning READY one by one must not build it a thousand times.
         """
+        if self.subsetting is not None and self._update_members(now, Cause.SUBSET_WIDENED):
+            self._plan_waiting = True
         if now >= self._last_rebuild + self._coalesce_window():
             self._rebuild(now)
         elif not self._dirty:
@@ -356,6 +433,7 @@ class BalancerCore:
             self._picker_changed = False
             moved = self._deadline_moved
             self._deadline_moved = False
+            pool = self._plan_waiting and bool(self._plan_open or self._plan_close)
         for event in events:
             _log_event(self.service, event)
             for listener in self.listeners:
@@ -368,6 +446,9 @@ class BalancerCore:
                 hook()
         if moved:
             for hook in self.on_deadline:
+                hook()
+        if pool:
+            for hook in self.on_pool:
                 hook()
 
     def add_listener(self, listener: EventListener) -> None:

@@ -54,6 +54,11 @@ class Cause(str, enum.Enum):
     """Discovery lists the endpoint (ADDED)."""
     DISCOVERY_REMOVED = "discovery_removed"
     """Discovery no longer lists the endpoint (REMOVED)."""
+    SUBSET_WIDENED = "subset_widened"
+    """An endpoint of the balancer's subset is down: the next in the subset's order joins (ADDED)."""
+    SUBSET_LEFT = "subset_left"
+    """Still discovered, but no longer in the subset: it narrowed back after a recovery, or the endpoint
+    set changed which endpoints it holds (REMOVED)."""
     MAINTENANCE = "maintenance"
     """The endpoint's service or node is in Consul maintenance mode: drained as if removed (REMOVED)."""
     CHANNEL_STATE = "channel_state"
@@ -90,8 +95,8 @@ class Cause(str, enum.Enum):
 
 KIND_CAUSES: Mapping[EventKind, tuple[Cause, ...]] = MappingProxyType(
     {
-        EventKind.ADDED: (Cause.DISCOVERED,),
-        EventKind.REMOVED: (Cause.DISCOVERY_REMOVED, Cause.MAINTENANCE),
+        EventKind.ADDED: (Cause.DISCOVERED, Cause.SUBSET_WIDENED),
+        EventKind.REMOVED: (Cause.DISCOVERY_REMOVED, Cause.MAINTENANCE, Cause.SUBSET_LEFT),
         EventKind.READY: (Cause.CHANNEL_STATE,),
         EventKind.NOT_READY: (Cause.CHANNEL_STATE,),
         EventKind.HEALTHY: (Cause.HEALTH_SERVING, Cause.HEALTH_UNIMPLEMENTED, Cause.CONSUL_PASSING),

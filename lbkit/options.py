@@ -13,6 +13,7 @@ from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.retry import RetryPolicy
 from lbkit.selectors.base import Selector
+from lbkit.subsetting import Subsetting
 
 if TYPE_CHECKING:
     from lbkit.health.active import HealthCheck
@@ -69,6 +70,8 @@ class BalancerOptions:
     """The name in errors, logs and metric labels; None: the discovery's service name."""
     latency_decay: float = 10.0
     """Seconds of the peak-EWMA latency decay window (Finagle's and Linkerd's default is 10 s)."""
+    subset: Subsetting | None = None
+    """Hold channels to a subset of the endpoints (widened while some are down); None: to all of them."""
 
     def __post_init__(self) -> None:
         o = "Balancer"
@@ -89,6 +92,7 @@ class BalancerOptions:
         for name, kind in (
             ("outlier_detection", OutlierDetection),
             ("slow_start", SlowStart),
+            ("subset", Subsetting),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):

@@ -45,6 +45,7 @@ class Balancer(AsyncDriver):
         self.core.on_picker.append(self._threadsafe(self._picker_changed))
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
         self._follow_clock(self._threadsafe(self._on_clock_advanced))
+        self.core.on_pool.append(self._threadsafe(self._wake.set))
         self._tasks = [
             asyncio.create_task(self._run_discovery(), name=f"lbkit-discovery-{self.service}"),
             asyncio.create_task(self._run_timers(), name=f"lbkit-timers-{self.service}"),
@@ -186,7 +187,8 @@ class Balancer(AsyncDriver):
         while not self._closed and self.members.get(member.address) is member:
             member.ready = state is grpc.ChannelConnectivity.READY
             if member.closing_at is None:
-                self.core.set_ready(member.address, member.ready, f"channel {state.name}")
+                failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+                self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
             if state is grpc.ChannelConnectivity.IDLE:
                 channel.get_state(try_to_connect=True)  # kick a connect; keep waiting on what we saw
             await channel.wait_for_state_change(state)
@@ -232,6 +234,7 @@ class Balancer(AsyncDriver):
     async def _run_timers(self) -> None:
         core = self.core
         while not self._closed:
+            self._apply_pending()
             next_core = core.tick()
             next_drain = await self._drain()
             deadlines = [d for d in (next_core, next_drain) if d is not None]

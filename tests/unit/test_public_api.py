@@ -43,6 +43,7 @@ LBKIT_ALL = [
     "SlowStart",
     "StaticDiscovery",
     "Stats",
+    "Subsetting",
     "SuccessRateEjection",
     "Weighted",
     "__version__",
