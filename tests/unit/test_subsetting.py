@@ -254,3 +254,13 @@ def _identity(algorithm: str) -> dict[str, object]:
     if algorithm == "rendezvous":
         return {"client_id": "web-3"}
     return {"algorithm": "deterministic", "client_index": 3, "client_count": 7}
+
+
+def test_both_balancers_take_a_subsetting_and_refuse_anything_else() -> None:
+    import lbkit.aio
+
+    subset = Subsetting(3, client_id="a")
+    for balancer in (lbkit.Balancer, lbkit.aio.Balancer):
+        assert balancer(["127.0.0.1:1"], subset=subset).core.subsetting is subset
+        with pytest.raises(ConfigError, match="subset must be a Subsetting or None, got 3"):
+            balancer(["127.0.0.1:1"], subset=3)  # type: ignore[arg-type]
