@@ -38,6 +38,11 @@ class Behavior:
     fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     hang: bool = False
     """Answer nothing until the call's deadline passes or it is cancelled."""
+    stall_rate: float = 0.0
+    """Share of calls, in [0, 1], that first stall for ``stall`` seconds (a noisy neighbour), unless
+    cancelled meanwhile."""
+    stall: float = 0.2
+    """Seconds a stalled call waits before it is served."""
     tokens: int = 8
     """Tokens StreamPredict sends when the request asks for none."""
     model_version: str = "v1"
@@ -50,19 +55,28 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         self.name = name
         self.behavior = behavior
         self.calls: Counter[str] = Counter()
+        self.stalled = 0
+        """Calls that stalled (see ``Behavior.stall_rate``)."""
         self._lock = threading.Lock()
         self._rng = random.Random()
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        b = self.behavior
         with self._lock:
             self.calls[method] += 1
-            fail = self._rng.random() < self.behavior.fail_rate
+            fail = self._rng.random() < b.fail_rate
+            stall = b.stall_rate > 0 and self._rng.random() < b.stall_rate
         context.set_trailing_metadata((("lb-served-by", self.name),))
-        b = self.behavior
         if b.hang:
             while context.is_active():
                 time.sleep(0.005)
             return
+        if stall:
+            with self._lock:
+                self.stalled += 1
+            until = time.monotonic() + b.stall
+            while context.is_active() and time.monotonic() < until:
+                time.sleep(min(0.005, max(until - time.monotonic(), 0.0)))
         if fail:
             context.abort(b.fail_code, f"{self.name}: injected failure")
 
