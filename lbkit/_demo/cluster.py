@@ -67,10 +67,22 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a ConnectionRefusedError is among ``exc``'s causes (requests and urllib3 chain them)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if "refused" in text.lower():
+    if _refused(exc):
         return "connection refused (is a Consul agent listening there?)"
+    text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
 
 

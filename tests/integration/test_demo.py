@@ -257,3 +257,19 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_reason(
     why = write_plot([], str(tmp_path / "x.png"))
     assert why is not None and "matplotlib is not installed" in why
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_refused_consul_is_told_by_the_error_type_not_its_text() -> None:
+    from lbkit._demo.cluster import _short
+    from lbkit.errors import RegistrationError
+    from lbkit.registration import Registration
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    with pytest.raises(RegistrationError) as info:
+        Registration("demo", "127.0.0.1:5000", consul_address=f"127.0.0.1:{port}").register()
+    assert _short(info.value) == "connection refused (is a Consul agent listening there?)"
+    # An agent's answer that merely says "refused" is shown as it is.
+    answer = RegistrationError(403, "ACL refused: permission denied")
+    assert _short(answer) == "ACL refused: permission denied"
