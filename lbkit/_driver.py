@@ -266,14 +266,24 @@ class BalancerBase:
         try:
             return self.core.picker.pick(key)
         except NoEndpointsError:
-            raise self.no_endpoint_error() from None
+            pass
+        raise self.no_endpoint_error()  # outside the except: the picker's error is no context of it
 
     def no_endpoint_error(self) -> NoEndpointsError:
-        """The error for a call that found nothing to pick, saying which service and why."""
+        """The error for a call that found nothing to pick, saying which service and why.
+
+        With no endpoint known while discovery fails, the discovery's :class:`DiscoveryError` is its
+        ``__cause__`` and its text ends the message.
+        """
         reason = self.core.no_pick_reason()
-        if not self.core.members:
+        if self.core.members:
+            return NoReadyEndpointError(reason)
+        failure = self.discovery.status.error
+        if failure is None:
             return NoEndpointsError(reason)
-        return NoReadyEndpointError(reason)
+        error = NoEndpointsError(f"{reason}; discovery is failing: {failure}")
+        error.__cause__ = failure
+        return error
 
     def endpoint_states(self) -> dict[str, str]:
         """Each endpoint's state: ready, connecting, unhealthy, ejected (or draining)."""

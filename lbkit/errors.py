@@ -23,7 +23,18 @@ class ConfigError(LbkitError, ValueError):
 
 
 class DiscoveryError(LbkitError):
-    """Discovery could not produce an endpoint set; the cause is chained."""
+    """Discovery is failing: its last query got no usable answer.
+
+    The discovery loops do not raise it (they keep the last good endpoint set and retry): it is
+    ``discovery.status.error`` while the failure lasts, and the ``__cause__`` of the
+    :class:`NoEndpointsError` of a call that found no endpoint because discovery never answered.
+    ``status`` is the HTTP status of a refused answer (0: no answer, or an unusable one); the
+    transport error, if any, is chained as ``__cause__``. The text never holds a token.
+    """
+
+    def __init__(self, text: str, *, status: int = 0) -> None:
+        super().__init__(text)
+        self.status = status
 
 
 class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lbkit.endpoint import EndpointSet
+from lbkit.errors import DiscoveryError
 
 __all__ = ["Discovery", "DiscoveryStatus", "OnUpdate"]
 
@@ -28,13 +29,19 @@ class DiscoveryStatus:
     """When the last good answer came."""
     last_error: str = ""
     """The last failure, as text (never holding a token)."""
+    error: DiscoveryError | None = None
+    """The failure in force: set by each failed query, None again at the next good answer."""
     listeners: list[Callable[[DiscoveryStatus], None]] = field(
         default_factory=list, repr=False, compare=False
     )
     """Called when an outage starts (the first failed query) and when it ends (the next good answer)."""
 
-    def failed(self, text: str) -> None:
-        """Record a failed query (``text`` must hold no secret); tell listeners if an outage starts."""
+    def failed(self, text: str, *, status: int = 0, cause: BaseException | None = None) -> None:
+        """Record a failed query (``text`` must hold no secret; ``status``: the HTTP status, 0 if none;
+        ``cause``: the transport error, chained to :attr:`error`); tell listeners if an outage starts."""
+        error = DiscoveryError(text, status=status)
+        error.__cause__ = cause
+        self.error = error
         self.errors += 1
         self.consecutive_errors += 1
         self.last_error = text
@@ -45,6 +52,7 @@ class DiscoveryStatus:
         """Record a good answer at ``now``; tell listeners if it ends an outage."""
         was_stale = self.consecutive_errors > 0
         self.consecutive_errors = 0
+        self.error = None
         self.last_success = now
         if was_stale:
             self._notify()

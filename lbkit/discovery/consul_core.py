@@ -647,7 +647,7 @@ class ConsulWatchCore:
         """Take an HTTP answer; return the endpoint set to publish, or None (no change, or a failure)."""
         if status != 200:
             text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-            self._fail(_status_kind(status), f"HTTP {status}: {' '.join(text.split())}")
+            self._fail(_status_kind(status), f"HTTP {status}: {' '.join(text.split())}", status=status)
             return None
         raw_index = _header(headers, "X-Consul-Index")
         if raw_index is None or not raw_index.strip().isdigit():
@@ -689,7 +689,7 @@ class ConsulWatchCore:
     def on_error(self, error: BaseException) -> None:
         """Take a transport failure (refused, reset, timed out)."""
         text = str(error) or type(error).__name__
-        self._fail("transport", f"{type(error).__name__}: {text}")
+        self._fail("transport", f"{type(error).__name__}: {text}", cause=error)
 
     def _succeed(self) -> None:
         now = self._clock()
@@ -705,12 +705,12 @@ class ConsulWatchCore:
         self._outage_start = None
         self._error_kind = ""
 
-    def _fail(self, kind: str, text: str) -> None:
+    def _fail(self, kind: str, text: str, *, status: int = 0, cause: BaseException | None = None) -> None:
         now = self._clock()
         text = self.connection.redact(text)
         if len(text) > _ERROR_TEXT_LIMIT:
             text = text[: _ERROR_TEXT_LIMIT - 3] + "..."
-        self.status.failed(text)
+        self.status.failed(text, status=status, cause=cause)
         attempt = self.status.consecutive_errors
         self._retry_at = now + float(self._backoff(cast(Any, _Attempt(attempt))))
         kept = len(self.published) if self.published is not None else 0
