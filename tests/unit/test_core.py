@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import grpc
 import pytest
@@ -267,18 +268,20 @@ def test_slow_start_applies_to_a_first_set_endpoint_once_it_has_dropped_out():
 
 
 class SlowRecording(Recording):
-    """A selector whose builds take 5 ms, like a Maglev table over many endpoints."""
+    """A selector whose builds take 5 ms of the core's clock, like a Maglev table over many endpoints."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
 
     def _build(self, endpoints: tuple[Endpoint, ...], stats: Stats) -> Picker:
-        import time
-
-        time.sleep(0.005)
+        self.clock.advance(0.005)
         return super()._build(endpoints, stats)
 
 
 def test_slow_rebuilds_are_coalesced_and_the_timer_publishes_the_rest():
     clock = FakeClock()
-    sel = SlowRecording()
+    sel = SlowRecording(clock)
     core = BalancerCore(sel, service="svc", clock=clock, rng=random.Random(1))
     woken: list[int] = []
     core.on_deadline.append(lambda: woken.append(1))
@@ -297,9 +300,24 @@ def test_slow_rebuilds_are_coalesced_and_the_timer_publishes_the_rest():
 
 
 def test_fast_rebuilds_publish_every_change_at_once():
-    core, _, _, _ = make()
+    core, sel, _, _ = make()
     core.set_endpoints(EndpointSet(ADDRS))
     for a in ADDRS:
         core.set_ready(a, True)
         assert a in picked(core)
     assert core.next_deadline() is None
+
+    # What a build costs is read on the core's clock: a build slowed by a busy machine (real time, the
+    # fake clock standing still) does not defer the next change, so a test's picker is never stale.
+    real_build = sel._build
+
+    def busy_build(endpoints: tuple[Endpoint, ...], stats: Stats) -> Picker:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.003:
+            pass
+        return real_build(endpoints, stats)
+
+    sel._build = busy_build  # type: ignore[method-assign]
+    core.set_ready(ADDRS[0], False)
+    core.set_ready(ADDRS[1], False)
+    assert picked(core) == set(ADDRS[2:])
