@@ -30,6 +30,7 @@ LIST = "list"
 Schema = Any  # dict[str, Schema] (struct) | (MAP, Schema|None) | (LIST, Schema|None) | type (leaf)
 
 _TAGGED_ADDR: Schema = (MAP, {"Address": str, "Port": int})
+_LOCALITY: Schema = {"Region": str, "Zone": str}
 NODE: Schema = {
     "ID": str,
     "Node": str,
@@ -37,6 +38,8 @@ NODE: Schema = {
     "Datacenter": str,
     "TaggedAddresses": (MAP, None),
     "Meta": (MAP, None),
+    "Locality": _LOCALITY,
+    "Partition": str,
 }
 CHECK: Schema = {
     "Node": str,
@@ -49,6 +52,8 @@ CHECK: Schema = {
     "ServiceName": str,
     "ServiceTags": (LIST, None),
     "Type": str,
+    "Namespace": str,
+    "Partition": str,
 }
 _WEIGHTS: Schema = {"Passing": int, "Warning": int}
 AGENT_SERVICE: Schema = {
@@ -63,6 +68,10 @@ AGENT_SERVICE: Schema = {
     "EnableTagOverride": bool,
     "TaggedAddresses": _TAGGED_ADDR,
     "Connect": {"Native": bool},
+    "Locality": _LOCALITY,
+    "Namespace": str,
+    "Partition": str,
+    "PeerName": str,
 }
 SERVICE_NODE: Schema = {
     "ID": str,
@@ -82,6 +91,9 @@ SERVICE_NODE: Schema = {
     "ServiceWeights": _WEIGHTS,
     "ServiceEnableTagOverride": bool,
     "ServiceConnect": {"Native": bool},
+    "ServiceLocality": _LOCALITY,
+    "Namespace": str,
+    "Partition": str,
 }
 HEALTH_ENTRY: Schema = {"Node": NODE, "Service": AGENT_SERVICE, "Checks": (LIST, CHECK)}
 SCHEMAS: dict[str, Schema] = {
