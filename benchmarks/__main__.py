@@ -22,7 +22,7 @@ from benchmarks._common import Result, machine_info, markdown_table, render_resu
 
 __all__ = ["MODULES", "main", "make_plots", "render_report", "run_suite"]
 
-MODULES = ("selectors", "hash_quality", "e2e", "faults", "consul_propagation", "consul_picker")
+MODULES = ("selectors", "hash_quality", "subsetting", "e2e", "faults", "consul_propagation", "consul_picker")
 """Benchmark modules, in the order they run and appear in the report."""
 
 Series = dict[str, list[tuple[float, float]]]
@@ -162,6 +162,13 @@ def make_plots(results: Mapping[str, Any], directory: str) -> tuple[dict[str, st
         ax.set_title("Latency CDF with one server of four at 200 ms")
         ax.legend(fontsize=7)
         save(fig, "faults", "latency CDF per selector with a slow server", "latency_cdf_slow_server.png")
+
+    subsetting = results.get("subsetting", {}).get("data")
+    if subsetting:
+        from benchmarks.subsetting import plot as plot_subsetting
+
+        title = "connections per server and churn per algorithm"
+        save(plot_subsetting(subsetting, plt), "subsetting", title, "subsetting.png")
 
     for module, words, title, xlabel, ylabel, filename in (
         (

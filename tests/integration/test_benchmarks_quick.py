@@ -37,7 +37,7 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     assert report.startswith("# lbkit benchmarks")
     assert data["machine"]["cores"] in report and data["machine"]["grpcio"] in report
     modules = data["modules"]
-    assert "e2e" in modules and "faults" in modules
+    assert "e2e" in modules and "faults" in modules and "subsetting" in modules
     for name, result in modules.items():
         assert "error" not in result, name
         if "skipped" in result:
@@ -51,6 +51,11 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
     assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
     assert "latency_cdf_slow_server.png" in report
+    # The subsetting simulation: its goals hold at the quick scale too, and its plot is drawn.
+    subsetting = modules["subsetting"]["data"]
+    assert subsetting["balance"]["lbkit deterministic"]["max_over_mean"] <= 1.10
+    assert subsetting["rendezvous_churn_goal_met"]
+    assert (plots / "subsetting.png").stat().st_size > 1000 and "subsetting.png" in report
 
 
 @pytest.mark.parametrize("quick", [True, False])
