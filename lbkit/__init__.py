@@ -1,7 +1,8 @@
 """lbkit: client-side load balancing for gRPC in Python.
 
-Selectors (round robin, least connections, weighted, consistent hash, peak EWMA), discovery (static,
-Consul), health (active checks, outlier ejection) and balanced channels that generated stubs accept.
+Selectors (round robin, least connections, weighted, consistent hash, peak EWMA, weighted round robin from
+the servers' load reports), discovery (static, Consul), health (active checks, outlier ejection) and
+balanced channels that generated stubs accept.
 Public names load lazily, so ``import lbkit`` costs little more than ``import grpc``.
 """
 
@@ -55,6 +56,7 @@ _LAZY: dict[str, str] = {
     "Weighted": "lbkit.selectors.weighted",
     "ConsistentHash": "lbkit.selectors.consistent_hash",
     "PeakEwma": "lbkit.selectors.peak_ewma",
+    "WeightedRoundRobin": "lbkit.selectors.weighted_round_robin",
 }
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "Subsetting",
     "SuccessRateEjection",
     "Weighted",
+    "WeightedRoundRobin",
     "__version__",
 ]
 
@@ -120,6 +123,7 @@ if TYPE_CHECKING:
     from lbkit.selectors.peak_ewma import PeakEwma
     from lbkit.selectors.round_robin import RoundRobin
     from lbkit.selectors.weighted import Weighted
+    from lbkit.selectors.weighted_round_robin import WeightedRoundRobin
     from lbkit.stats import EndpointStats, Stats
     from lbkit.subsetting import Subsetting
 

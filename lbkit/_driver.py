@@ -169,6 +169,8 @@ class BalancerBase:
         self.members: dict[str, Member] = {}
         self.budget = RetryBudget(self.retry_policy.budget_max_tokens, self.retry_policy.budget_token_ratio)
         self.keyed = self.selector.uses_key
+        self.load_reports = self.selector.uses_load_reports
+        """Whether calls read the servers' load reports (only for selectors that use them)."""
         outlier = self.core.outlier
         self.is_failure: Callable[[grpc.StatusCode | None], bool] = (
             outlier.is_failure if outlier is not None else _default_is_failure

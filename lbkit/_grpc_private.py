@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 
-__all__ = ["finished_code", "request_connection"]
+__all__ = ["finished_code", "finished_trailing_metadata", "request_connection"]
 
 
 def finished_code(call: Any) -> grpc.StatusCode | None:
@@ -24,6 +24,18 @@ def finished_code(call: Any) -> grpc.StatusCode | None:
     try:
         return CYGRPC_STATUS_CODE_TO_STATUS_CODE[call._cython_call._status.code()]
     except (AttributeError, KeyError):
+        return None
+
+
+def finished_trailing_metadata(call: Any) -> Any:
+    """The trailing metadata of a finished ``grpc.aio`` call, read without awaiting; None if unreadable.
+
+    Why private: as for :func:`finished_code`, ``call.trailing_metadata()`` is a coroutine; the call's
+    Cython object holds the trailers with the status (the call path reads them for load reports).
+    """
+    try:
+        return call._cython_call._status.trailing_metadata()
+    except AttributeError:
         return None
 
 

@@ -15,6 +15,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any,
 from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
 from lbkit._driver import BalancerBase, Member
 from lbkit.errors import NoEndpointsError
+from lbkit.orca import read_load_report
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 from lbkit.selectors.base import Key
 
@@ -100,12 +101,18 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         try:
             mc = member.callable(c.spec)
             timeout = attempt_left(deadline, c.attempt_timeout)
-            result = (
-                mc.with_call(request, timeout=timeout, **kw)
-                if with_call
-                else mc(request, timeout=timeout, **kw)
-            )
+            if lb.load_reports:
+                result, call = mc.with_call(request, timeout=timeout, **kw)
+                read_load_report(st, call.trailing_metadata())
+                if with_call:
+                    result = (result, call)
+            elif with_call:
+                result = mc.with_call(request, timeout=timeout, **kw)
+            else:
+                result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
+            if lb.load_reports:
+                read_load_report(st, err.trailing_metadata())
             st.finish(
                 t0, not lb.is_failure(server_code(err.code()))
             )  # a blocking call: never client-cancelled
@@ -189,6 +196,8 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
 def _finisher(lb: SyncDriver, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
     def done(call: Any) -> None:
         code = call.code()
+        if lb.load_reports:
+            read_load_report(st, call.trailing_metadata())
         st.finish(t0, not lb.is_failure(code), observe_latency=observe)
         if code is grpc.StatusCode.OK:
             lb.budget.on_success()
@@ -449,11 +458,18 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
             t0 = st.start()
             try:
                 mc = member.callable(c.spec)
-                if with_call:
+                if lb.load_reports:
+                    result, call = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
+                    read_load_report(st, call.trailing_metadata())
+                    if with_call:
+                        result = (result, call)
+                elif with_call:
                     result = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
                 else:
                     result = mc(tape.reader(), timeout=timeout_left(deadline), **kw)
             except grpc.RpcError as err:
+                if lb.load_reports:
+                    read_load_report(st, err.trailing_metadata())
                 code = server_code(err.code())
                 st.finish(t0, not lb.is_failure(code))
                 if (

@@ -1,4 +1,4 @@
-"""Per-endpoint call statistics: in-flight count, peak-EWMA latency, outcomes.
+"""Per-endpoint call statistics: in-flight count, peak-EWMA latency, outcomes, the latest load report.
 
 The balancer owns one :class:`Stats` for its lifetime; pickers read it and the call path
 writes it through :meth:`EndpointStats.start` and :meth:`EndpointStats.finish`. Entries
@@ -12,8 +12,12 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from lbkit._config import check_float
+
+if TYPE_CHECKING:
+    from lbkit.orca import LoadReport
 
 __all__ = ["DEFAULT_DECAY", "LATENCY_BUCKETS", "EndpointStats", "Stats"]
 
@@ -56,6 +60,14 @@ class EndpointStats:
         "interval_successes",
         "latency_buckets",
         "latency_sum",
+        "load_eps",
+        "load_qps",
+        "load_report",
+        "load_reports",
+        "load_reports_malformed",
+        "load_updated",
+        "load_usable_since",
+        "load_utilization",
         "successes",
         "weight_factor",
     )
@@ -86,6 +98,24 @@ class EndpointStats:
         """Peak-EWMA latency in seconds as of ``ewma_stamp``; :meth:`latency` decays it to now."""
         self.ewma_stamp = group.clock()
         """When ``ewma`` was last updated (``clock`` time)."""
+        self.load_report: LoadReport | None = None
+        """The latest well-formed ORCA load report the endpoint sent (read only for selectors that use
+        load reports, see :attr:`lbkit.Selector.uses_load_reports`)."""
+        self.load_reports = 0
+        """Well-formed load reports received."""
+        self.load_reports_malformed = 0
+        """Malformed load-report trailers received (ignored)."""
+        self.load_qps = 0.0
+        """Queries per second of the latest usable report (one with utilization and qps above 0)."""
+        self.load_eps = 0.0
+        """Errors per second of the latest usable report."""
+        self.load_utilization = 0.0
+        """Utilization of the latest usable report: its application utilization if set, else its CPU's."""
+        self.load_updated = -math.inf
+        """When the latest usable report came (``clock`` time); -inf before any."""
+        self.load_usable_since = math.inf
+        """When the current run of usable reports began (gRFC A58's ``non_empty_since``); +inf when no run
+        has begun since :meth:`restart_load_reports`."""
 
     def start(self) -> float:
         """Count a call as in flight; return its start time for :meth:`finish`."""
@@ -142,6 +172,34 @@ class EndpointStats:
             now = self._group.clock()
         return self.ewma * math.exp(-max(now - self.ewma_stamp, 0.0) / self._group.decay)
 
+    def record_load(self, report: LoadReport) -> None:
+        """Take a well-formed load report from a call just finished."""
+        group = self._group
+        now = group.clock()
+        utilization = report.application_utilization or report.cpu_utilization
+        qps = report.qps
+        with group.lock:
+            self.load_report = report
+            self.load_reports += 1
+            if utilization > 0.0 and qps > 0.0:
+                self.load_utilization = utilization
+                self.load_qps = qps
+                self.load_eps = report.eps
+                self.load_updated = now
+                if self.load_usable_since == math.inf:
+                    self.load_usable_since = now
+
+    def note_malformed_report(self) -> bool:
+        """Count a malformed load-report trailer; True for the endpoint's first (the one to log)."""
+        with self._group.lock:
+            self.load_reports_malformed += 1
+            return self.load_reports_malformed == 1
+
+    def restart_load_reports(self) -> None:
+        """Begin a new run of usable reports: the endpoint (re)joined, or its reports expired (gRFC A58)."""
+        with self._group.lock:
+            self.load_usable_since = math.inf
+
     def latency_histogram(self) -> tuple[tuple[int, ...], float]:
         """A consistent copy of (``latency_buckets``, ``latency_sum``): calls finished with a latency.
 
@@ -180,6 +238,9 @@ class Stats:
         self.streak_threshold = 0
         """Consecutive failures at which ``on_failure_streak`` fires (0: never)."""
         self.on_failure_streak: Callable[[EndpointStats], None] | None = None
+        self.load_members: frozenset[str] = frozenset()
+        """Addresses in the last picker built from load reports: one that joins begins a new run of reports
+        (:meth:`EndpointStats.restart_load_reports`), as gRFC A58 asks of an endpoint that turns READY."""
         self._entries: dict[str, EndpointStats] = {}
 
     def __getitem__(self, address: str) -> EndpointStats:

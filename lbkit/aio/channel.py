@@ -14,8 +14,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 
 from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
 from lbkit._driver import BalancerBase, Member
-from lbkit._grpc_private import finished_code
+from lbkit._grpc_private import finished_code, finished_trailing_metadata
 from lbkit.errors import NoEndpointsError
+from lbkit.orca import read_load_report
 from lbkit.retry import StopAtDeadline, attempt_left, server_code
 from lbkit.selectors.base import Key
 
@@ -57,6 +58,8 @@ class _Spec(CallSpecBase[AsyncDriver]):
 
         def done(call: Any) -> None:
             code = finished_code(call)
+            if lb.load_reports:
+                read_load_report(st, finished_trailing_metadata(call))
             st.finish(t0, not lb.is_failure(code) if code is not None else True, observe_latency=observe)
             if code is grpc.StatusCode.OK:
                 lb.budget.on_success()

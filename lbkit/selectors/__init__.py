@@ -1,4 +1,5 @@
-"""Load-balancing policies: round robin, least connections, weighted, consistent hash, peak EWMA."""
+"""Load-balancing policies: round robin, least connections, weighted, consistent hash, peak EWMA, weighted
+round robin from load reports."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lbkit.selectors.least_connections import LeastConnections
 from lbkit.selectors.peak_ewma import PeakEwma
 from lbkit.selectors.round_robin import RoundRobin
 from lbkit.selectors.weighted import Weighted
+from lbkit.selectors.weighted_round_robin import WeightedRoundRobin
 
 __all__ = [
     "SELECTORS",
@@ -24,11 +26,15 @@ __all__ = [
     "RoundRobin",
     "Selector",
     "Weighted",
+    "WeightedRoundRobin",
     "by_name",
 ]
 
 SELECTORS: Mapping[str, Selector] = MappingProxyType(
-    {cls.name: cls() for cls in (RoundRobin, LeastConnections, Weighted, ConsistentHash, PeakEwma)}
+    {
+        cls.name: cls()
+        for cls in (RoundRobin, LeastConnections, Weighted, ConsistentHash, PeakEwma, WeightedRoundRobin)
+    }
 )
 """Every policy by name, with its default options (the instances are frozen, so sharing them is safe)."""
 

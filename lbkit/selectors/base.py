@@ -66,6 +66,10 @@ class Selector(ABC):
     uses_key: ClassVar[bool] = False
     """Whether picks read the call's key; the call path extracts keys only for such policies."""
 
+    uses_load_reports: ClassVar[bool] = False
+    """Whether the policy reads servers' ORCA load reports (``EndpointStats.load_*``); the call path reads
+    the ``endpoint-load-metrics-bin`` trailer only for such policies."""
+
     def build(self, endpoints: Iterable[Endpoint | str] | EndpointSet, stats: Stats | None = None) -> Picker:
         """Return a picker over ``endpoints``; an empty input gives a picker that raises NoEndpointsError."""
         items = (

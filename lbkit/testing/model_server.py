@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +114,8 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
 class ModelServer:
     """A ModelService server (with grpc.health.v1) on ``host``, port 0 meaning an ephemeral port.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``interceptors`` are grpc server
+    interceptors (e.g. :class:`lbkit.server.LoadReportInterceptor`).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class ModelServer:
         health_service: bool = True,
         max_workers: int = 32,
         credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.host = host
         self._port = port
@@ -133,6 +135,7 @@ class ModelServer:
         self.health_service = health_service
         self._max_workers = max_workers
         self._credentials = credentials
+        self._interceptors = tuple(interceptors)
         self._server: grpc.Server | None = None
         self.servicer: ModelServicer | None = None
         self.health: health.HealthServicer | None = None
@@ -163,6 +166,7 @@ class ModelServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers),
             options=[("grpc.so_reuseport", 0)],
+            interceptors=self._interceptors,
         )
         bind = f"{'[' + self.host + ']' if ':' in self.host else self.host}:{self._port}"
         if self._credentials is not None:

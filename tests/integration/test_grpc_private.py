@@ -4,12 +4,13 @@ grpcio release that changes them fails here, loudly, rather than in production, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import grpc
 import pytest
 
-from lbkit._grpc_private import finished_code, request_connection
+from lbkit._grpc_private import finished_code, finished_trailing_metadata, request_connection
 
 from .conftest import async_wait_for, pb2, pb2_grpc, wait_for
 
@@ -67,3 +68,16 @@ async def test_finished_code_reads_the_status_of_done_aio_calls(make_servers) ->
         with pytest.raises(asyncio.CancelledError):
             await call
         assert finished_code(call) is grpc.StatusCode.CANCELLED
+
+
+async def test_finished_trailing_metadata_reads_the_trailers_of_done_aio_calls(make_servers) -> None:
+    (ok_server,) = make_servers(1)
+    (failing,) = make_servers(1, fail_rate=1.0)
+    for server in (ok_server, failing):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = pb2_grpc.ModelServiceStub(channel).Predict(pb2.PredictRequest(), timeout=5)
+            with contextlib.suppress(grpc.RpcError):
+                await call
+            trailers = finished_trailing_metadata(call)
+            assert trailers is not None and dict(trailers)["lb-served-by"] == server.address
+    assert finished_trailing_metadata(object()) is None

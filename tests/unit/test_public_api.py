@@ -46,6 +46,7 @@ LBKIT_ALL = [
     "Subsetting",
     "SuccessRateEjection",
     "Weighted",
+    "WeightedRoundRobin",
     "__version__",
 ]
 
