@@ -113,6 +113,28 @@ _EWMA = _Spec(
     _SE,
     "max",
 )
+_LOAD_REPORTS = _Spec(
+    "lbkit_endpoint_load_reports",
+    "counter",
+    "ORCA load reports received from the endpoint, by outcome (malformed: ignored). Read only by selectors "
+    "that use them (weighted_round_robin).",
+    ("service", "endpoint", "outcome"),
+)
+_LOAD_UTILIZATION = _Spec(
+    "lbkit_endpoint_load_utilization",
+    "gauge",
+    "Utilization in the endpoint's latest usable load report (application utilization, else CPU); "
+    "only endpoints that have sent one.",
+    _SE,
+    "max",
+)
+_LOAD_QPS = _Spec(
+    "lbkit_endpoint_load_qps",
+    "gauge",
+    "Queries per second in the endpoint's latest usable load report; only endpoints that have sent one.",
+    _SE,
+    "max",
+)
 _EJECTIONS = _Spec(
     "lbkit_endpoint_ejections",
     "counter",
@@ -156,6 +178,9 @@ _SPECS: tuple[_Spec, ...] = (
     _CALLS,
     _LATENCY,
     _EWMA,
+    _LOAD_REPORTS,
+    _LOAD_UTILIZATION,
+    _LOAD_QPS,
     _EJECTIONS,
     _EVENTS,
     _RETRIED,
@@ -315,6 +340,8 @@ class BalancerCollector:
             with lock:
                 ok, failed, in_flight = entry.successes, entry.failures, entry.in_flight
                 buckets, latency_sum = tuple(entry.latency_buckets), entry.latency_sum
+                reports, malformed = entry.load_reports, entry.load_reports_malformed
+                utilization, qps = entry.load_utilization, entry.load_qps
             address = entry.address
             known.add(address)
             labels = (service, address)
@@ -324,6 +351,12 @@ class BalancerCollector:
             sink.add(_CALLS, (service, address, "failed"), failed)
             sink.add_histogram(labels, buckets, latency_sum)
             sink.add(_EWMA, labels, entry.latency(now))
+            if reports or malformed:
+                sink.add(_LOAD_REPORTS, (service, address, "ok"), reports)
+                sink.add(_LOAD_REPORTS, (service, address, "malformed"), malformed)
+            if qps > 0.0:
+                sink.add(_LOAD_UTILIZATION, labels, utilization)
+                sink.add(_LOAD_QPS, labels, qps)
 
         with self._lock:
             for key in [k for k in self._ejections if k[0] not in known]:

@@ -122,6 +122,11 @@ class ServerLoad:
         self._errors = 0
         self._encoded: bytes | None = None
 
+    @property
+    def in_progress(self) -> int:
+        """Calls in progress now, as the interceptor counts them."""
+        return self._in_flight
+
     def set(
         self,
         *,

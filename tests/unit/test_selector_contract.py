@@ -127,7 +127,14 @@ def test_concurrent_picks_during_rebuilds(selector: Selector) -> None:
 
 
 def test_registry() -> None:
-    assert set(SELECTORS) == {"round_robin", "least_connections", "weighted", "consistent_hash", "peak_ewma"}
+    assert set(SELECTORS) == {
+        "round_robin",
+        "least_connections",
+        "weighted",
+        "consistent_hash",
+        "peak_ewma",
+        "weighted_round_robin",
+    }
     assert by_name("round_robin") == RoundRobin()
     assert by_name("least_connections") == LeastConnections()
     assert by_name("peak_ewma") == PeakEwma()
