@@ -20,7 +20,7 @@ from lbkit.health.outlier import OutlierDetection, OutlierDetector
 from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import EmptyPicker, Picker, Selector
 from lbkit.stats import EndpointStats, Stats
-from lbkit.subsetting import Subsetting, widened
+from lbkit.subsetting import PreferenceOrder, Subsetting, widened
 
 __all__ = ["BalancerCore", "EndpointState", "PoolPlan"]
 
@@ -117,8 +117,9 @@ class BalancerCore:
         """Called (outside the lock) when :meth:`next_deadline` may have moved earlier."""
         self.on_pool: list[Callable[[], None]] = []
         """Called (outside the lock) when the subset widened or narrowed: :meth:`take_plan` has work."""
-        self._order: tuple[Endpoint, ...] = ()
-        """The endpoint set in the subsetting's preference order."""
+        self._preference = PreferenceOrder(subsetting) if subsetting is not None else None
+        self._order: Sequence[Endpoint] = ()
+        """The endpoint set, in the subsetting's order of preference if there is one."""
         self._plan_open: dict[str, Endpoint] = {}
         self._plan_close: dict[str, None] = {}
         self._plan_waiting = False
@@ -140,14 +141,10 @@ class BalancerCore:
     def set_endpoints(self, new: EndpointSet) -> PoolPlan:
         """Take a new endpoint set from discovery; return what to open and close."""
         with self._lock:
-            old = self.endpoint_set
             self.endpoint_set = new
-            if self.subsetting is None:
-                self._order = new.endpoints
-            elif old.by_address.keys() != new.by_address.keys() or not self._order:
-                self._order = self.subsetting.order(new.endpoints)
-            else:  # same addresses: keep the order, take the new fields (weights, tags, ...)
-                self._order = tuple(new.by_address[e.address] for e in self._order)
+            self._order = (
+                new.endpoints if self._preference is None else self._preference.update(new.by_address)
+            )
             now = self.clock()
             if self._update_members(now, Cause.DISCOVERED, first=not self.members):
                 self._changed(now)

@@ -23,9 +23,11 @@ unusable (see ``docs/subsetting.md``).
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import overload
 
 import mmh3
 
@@ -38,6 +40,7 @@ __all__ = [
     "CLIENT_COUNT_ENV",
     "CLIENT_ID_ENV",
     "CLIENT_INDEX_ENV",
+    "PreferenceOrder",
     "Subsetting",
     "default_client_id",
     "widened",
@@ -72,8 +75,8 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"Subsetting: environment variable {name} must be an int, got {text!r}") from None
 
 
-def _score(prefix: bytes, endpoint: Endpoint) -> int:
-    return int(mmh3.hash128(prefix + endpoint.address.encode(), 0, False))
+def _score(prefix: bytes, address: str) -> int:
+    return int(mmh3.hash128(prefix + address.encode(), 0, False))
 
 
 @config
@@ -145,16 +148,25 @@ class Subsetting:
         Depends only on the addresses (not on the order given), the client's identity and the
         algorithm.
         """
-        items = list(endpoints)
+        by_address = {e.address: e for e in endpoints}
+        ranked = sorted(self.rank(a) for a in by_address)
+        return tuple(by_address[address] for _, address in self.rotate(ranked))
+
+    def rank(self, address: str) -> tuple[int, str]:
+        """The key ``address`` sorts by (ascending) before :meth:`rotate`; the same in every process."""
         if self.algorithm == "rendezvous":
             assert self.client_id is not None
-            prefix = self.client_id.encode() + b"\0"
-            items.sort(key=lambda e: (-_score(prefix, e), e.address))
-            return tuple(items)
-        items.sort(key=lambda e: (_score(b"", e), e.address))
+            return (-_score(self.client_id.encode() + b"\0", address), address)  # highest score first
+        return (_score(b"", address), address)  # the ring's order, the same for every client
+
+    def rotate(self, ranked: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """``ranked`` (sorted by :meth:`rank`) as a preference order: the ring from this client's place
+        for the deterministic algorithm, unchanged for rendezvous."""
+        if self.algorithm == "rendezvous":
+            return ranked
         assert self.client_index is not None and self.client_count is not None
-        start = self.client_index * len(items) // self.client_count
-        return tuple(items[start:] + items[:start])
+        start = self.client_index * len(ranked) // self.client_count
+        return ranked[start:] + ranked[:start]
 
     def select(self, endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
         """This client's subset of ``endpoints``: ``size`` of them (all if fewer), most preferred first."""
@@ -176,3 +188,63 @@ def widened(order: Sequence[Endpoint], size: int, down: Callable[[str], bool]) -
             if up >= size:
                 return order[: i + 1]
     return order
+
+
+class PreferenceOrder:
+    """A subsetting's order of preference over a changing endpoint set, kept up to date incrementally:
+    when a few addresses come or go it hashes and places only those, not every endpoint again."""
+
+    __slots__ = ("_keys", "_ranked", "subsetting")
+
+    def __init__(self, subsetting: Subsetting) -> None:
+        self.subsetting = subsetting
+        self._keys: dict[str, tuple[int, str]] = {}
+        self._ranked: list[tuple[int, str]] = []
+        """Every address's :meth:`Subsetting.rank` key, sorted."""
+
+    def update(self, by_address: Mapping[str, Endpoint]) -> Sequence[Endpoint]:
+        """The endpoints of ``by_address`` (address -> endpoint), most preferred first (a read-only view
+        that later updates leave alone)."""
+        keys, rank = self._keys, self.subsetting.rank
+        gone = keys.keys() - by_address.keys()
+        new = by_address.keys() - keys.keys()
+        if (len(gone) + len(new)) * 8 > len(self._ranked):  # many changes (or the first set): rank all
+            self._keys = keys = {a: rank(a) for a in by_address}
+            ranked = sorted(keys.values())
+        else:
+            ranked = list(self._ranked)  # views handed out earlier keep theirs
+            for a in gone:
+                del ranked[bisect.bisect_left(ranked, keys.pop(a))]
+            for a in new:
+                keys[a] = key = rank(a)
+                bisect.insort(ranked, key)
+        self._ranked = ranked
+        return _Ordered(by_address, self.subsetting.rotate(ranked))
+
+
+class _Ordered(Sequence[Endpoint]):
+    """Endpoints in the order of a ranked address list, looked up as they are read."""
+
+    __slots__ = ("_by_address", "_ranked")
+
+    def __init__(self, by_address: Mapping[str, Endpoint], ranked: list[tuple[int, str]]) -> None:
+        self._by_address = by_address
+        self._ranked = ranked
+
+    def __len__(self) -> int:
+        return len(self._ranked)
+
+    @overload
+    def __getitem__(self, i: int) -> Endpoint: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Endpoint, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Endpoint | tuple[Endpoint, ...]:
+        if isinstance(i, slice):
+            return tuple(self._by_address[a] for _, a in self._ranked[i])
+        return self._by_address[self._ranked[i][1]]
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        by_address = self._by_address
+        return (by_address[a] for _, a in self._ranked)

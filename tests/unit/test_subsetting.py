@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbkit import ConfigError, Endpoint, Subsetting
-from lbkit.subsetting import CLIENT_COUNT_ENV, CLIENT_ID_ENV, CLIENT_INDEX_ENV, default_client_id, widened
+from lbkit.subsetting import (
+    CLIENT_COUNT_ENV,
+    CLIENT_ID_ENV,
+    CLIENT_INDEX_ENV,
+    PreferenceOrder,
+    default_client_id,
+    widened,
+)
 
 
 def ep(n: int) -> Endpoint:
@@ -264,3 +271,33 @@ def test_both_balancers_take_a_subsetting_and_refuse_anything_else() -> None:
         assert balancer(["127.0.0.1:1"], subset=subset).core.subsetting is subset
         with pytest.raises(ConfigError, match="subset must be a Subsetting or None, got 3"):
             balancer(["127.0.0.1:1"], subset=3)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    first=st.sets(st.integers(0, 400), min_size=1, max_size=120),
+    edits=st.lists(
+        st.tuples(st.sets(st.integers(0, 400), max_size=3), st.integers(0, 3)), min_size=1, max_size=8
+    ),
+    alg=algorithms,
+    who=st.integers(0, 63),
+)
+def test_the_incremental_order_equals_the_order_computed_afresh(
+    first: set[int], edits: list[tuple[set[int], int]], alg: str, who: int
+) -> None:
+    """Whatever sequence of endpoint sets the core sees (a few endpoints coming and going, or many), its
+    kept-up-to-date order is ``order()``'s."""
+    s = make(alg, who, 5)
+    kept = PreferenceOrder(s)
+    numbers = set(first)
+    views = []
+    for added, removed in [(set(), 0), *edits]:
+        numbers = (numbers - set(sorted(numbers)[:removed])) | added
+        eps = {e.address: e for e in map(ep, sorted(numbers))}
+        view = kept.update(eps)
+        fresh = s.order(eps.values())
+        views.append((view, fresh))
+        assert tuple(view) == fresh and len(view) == len(eps)
+        assert view[:3] == fresh[:3] and (not fresh or view[-1] == fresh[-1])
+    for view, fresh in views:  # a view handed out earlier is not changed by later updates
+        assert tuple(view) == fresh
