@@ -61,7 +61,9 @@ def _check_weight(weight: object, address: str) -> int:
 class Endpoint:
     """One server: ``host:port`` (``[v6]:port`` for IPv6), a weight >= 1, an optional zone, tags and metadata.
 
-    Endpoints are equal when every field is equal; they hash by address alone.
+    ``rank`` is the endpoint's place when discovery sorts by round-trip time from the client (Consul's
+    ``near``; 0 is the nearest), None otherwise. Endpoints are equal when every field is equal; they hash
+    by address alone.
     """
 
     address: str
@@ -69,6 +71,7 @@ class Endpoint:
     zone: str = ""
     tags: frozenset[str] = field(default_factory=frozenset)
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.address)
@@ -92,6 +95,9 @@ class Endpoint:
                 f"endpoint {self.address}: metadata keys and values must be str, got {dict(meta)!r}"
             )
         object.__setattr__(self, "metadata", MappingProxyType(dict(meta)))
+        rank = self.rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ConfigError(f"endpoint {self.address}: rank must be an int >= 0 or None, got {rank!r}")
 
     def __hash__(self) -> int:
         return hash(self.address)
@@ -110,6 +116,8 @@ class Endpoint:
         extra = "" if self.weight == 1 else f", weight={self.weight}"
         if self.zone:
             extra += f", zone={self.zone!r}"
+        if self.rank is not None:
+            extra += f", rank={self.rank}"
         return f"Endpoint({self.address!r}{extra})"
 
 

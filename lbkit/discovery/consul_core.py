@@ -253,7 +253,8 @@ class ConsulOptions:
     tags: str | Iterable[str] = ()
     """Only instances carrying every one of these tags."""
     near: str | None = None
-    """Sort by estimated round-trip time from this node (``_agent`` for the agent's own)."""
+    """Sort by estimated round-trip time from this node (``_agent`` for the agent's own); each endpoint's
+    ``rank`` is then its place in that order (0 the nearest)."""
     filter: str | None = None
     """A Consul filter expression, applied by the server."""
     health: str = "passing"
@@ -375,8 +376,8 @@ def _format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-_EndpointKey = tuple[str, int, str, tuple[str, ...], tuple[tuple[str, str], ...]]
-_QuickKey = tuple[object, int, object, int, str]
+_EndpointKey = tuple[str, int, str, tuple[str, ...], tuple[tuple[str, str], ...], int | None]
+_QuickKey = tuple[object, int, object, int, str, int | None]
 EndpointCache = dict[_EndpointKey | _QuickKey, Endpoint]
 """Endpoints of the previous parse by their fields, so an unchanged instance is not built again."""
 
@@ -389,6 +390,7 @@ def _entry_endpoint(
     node_meta_prefix: str,
     cache: EndpointCache,
     fresh: EndpointCache,
+    rank: int | None = None,
 ) -> Endpoint | None:
     service = entry.get("Service")
     if type(service) is not dict:
@@ -404,7 +406,7 @@ def _entry_endpoint(
     s_modify, n_modify = service.get("ModifyIndex"), node.get("ModifyIndex")
     quick: _QuickKey | None = None
     if type(s_modify) is int and type(n_modify) is int:
-        quick = (service.get("ID"), s_modify, node.get("Node"), n_modify, status)
+        quick = (service.get("ID"), s_modify, node.get("Node"), n_modify, status, rank)
         endpoint = cache.get(quick)
         if endpoint is not None:
             fresh[quick] = endpoint
@@ -444,12 +446,17 @@ def _entry_endpoint(
     tags = tuple(t for t in raw_tags if type(t) is str) if type(raw_tags) is list else ()
     meta_items = tuple((f"{node_meta_prefix}{k}", v) for k, v in node_meta) + tuple(service_meta)
     address = _format_address(host, port)
-    key = (address, weight, zone, tags, meta_items)
+    key = (address, weight, zone, tags, meta_items, rank)
     endpoint = cache.get(key)
     if endpoint is None:
         try:
             endpoint = Endpoint(
-                address, weight=weight, zone=zone, tags=frozenset(tags), metadata=dict(meta_items)
+                address,
+                weight=weight,
+                zone=zone,
+                tags=frozenset(tags),
+                metadata=dict(meta_items),
+                rank=rank,
             )
         except ConfigError as exc:
             raise _SkipEntry(f"malformed address {address!r}: {exc}") from None
@@ -468,6 +475,7 @@ def parse_health_entries(
     node_meta_prefix: str = "node.",
     log: logging.Logger = logger,
     cache: EndpointCache | None = None,
+    ranked: bool = False,
 ) -> list[Endpoint]:
     """Map a ``/v1/health/service`` payload (decoded JSON) to endpoints, in Consul's order.
 
@@ -477,7 +485,9 @@ def parse_health_entries(
     the node, then ``Service.Locality.Zone``. Entries without a usable address or port, and repeats of
     an address, are skipped with a warning naming them. Raise :class:`ConsulPayloadError` when the
     payload is not a JSON list of objects. With ``cache`` (endpoints of the previous parse), unchanged
-    instances reuse their Endpoint, and the cache is replaced by this parse's endpoints.
+    instances reuse their Endpoint, and the cache is replaced by this parse's endpoints. ``ranked`` (the
+    query asked Consul to sort by round-trip time, ``near``): each endpoint's ``rank`` is its place in
+    that order, 0 the nearest.
     """
     if type(payload) is not list:
         raise ConsulPayloadError(f"expected a JSON list of health entries, got {type(payload).__name__}")
@@ -496,6 +506,7 @@ def parse_health_entries(
                 node_meta_prefix=node_meta_prefix,
                 cache=previous,
                 fresh=fresh,
+                rank=len(endpoints) if ranked else None,
             )
         except _SkipEntry as exc:
             log.warning(
@@ -664,6 +675,7 @@ class ConsulWatchCore:
                 node_meta_prefix=self.options.node_meta_prefix,
                 log=self._log,
                 cache=self._cache,
+                ranked=bool(self.options.near),
             )
         except (ValueError, ConsulPayloadError) as exc:  # json.JSONDecodeError is a ValueError
             self._fail("payload", f"unusable payload: {exc}")
