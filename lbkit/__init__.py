@@ -1,8 +1,8 @@
 """lbkit: client-side load balancing for gRPC in Python.
 
 Selectors (round robin, least connections, weighted, consistent hash, peak EWMA, weighted round robin from
-the servers' load reports), discovery (static, Consul), health (active checks, outlier ejection) and
-balanced channels that generated stubs accept.
+the servers' load reports), discovery (static, Consul), health (active checks, outlier ejection),
+zone-aware routing and balanced channels that generated stubs accept.
 Public names load lazily, so ``import lbkit`` costs little more than ``import grpc``.
 """
 
@@ -57,6 +57,9 @@ _LAZY: dict[str, str] = {
     "ConsistentHash": "lbkit.selectors.consistent_hash",
     "PeakEwma": "lbkit.selectors.peak_ewma",
     "WeightedRoundRobin": "lbkit.selectors.weighted_round_robin",
+    "ZoneMode": "lbkit.zones",
+    "ZonePlan": "lbkit.zones",
+    "ZoneRouting": "lbkit.zones",
 }
 
 __all__ = [
@@ -94,6 +97,9 @@ __all__ = [
     "SuccessRateEjection",
     "Weighted",
     "WeightedRoundRobin",
+    "ZoneMode",
+    "ZonePlan",
+    "ZoneRouting",
     "__version__",
 ]
 
@@ -126,6 +132,7 @@ if TYPE_CHECKING:
     from lbkit.selectors.weighted_round_robin import WeightedRoundRobin
     from lbkit.stats import EndpointStats, Stats
     from lbkit.subsetting import Subsetting
+    from lbkit.zones import ZoneMode, ZonePlan, ZoneRouting
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

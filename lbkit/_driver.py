@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
@@ -22,9 +23,10 @@ from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.options import BalancerOptions
 from lbkit.retry import RetryBudget, RetryPolicy
-from lbkit.selectors.base import Key, Selector
+from lbkit.selectors.base import Key, Picker, Selector
 from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import Subsetting
+from lbkit.zones import ZonePlan, ZoneRouting
 
 __all__ = ["BalancerBase", "KeyFn", "Member", "as_discovery"]
 
@@ -120,6 +122,8 @@ class BalancerBase:
         service: str | None = None,
         latency_decay: float = 10.0,
         subset: Subsetting | None = None,
+        zone: str | None = None,
+        zone_routing: ZoneRouting | None = None,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -146,6 +150,8 @@ class BalancerBase:
             service=service,
             latency_decay=latency_decay,
             subset=subset,
+            zone=zone,
+            zone_routing=zone_routing,
         )
         opts = self.options
         self.service = opts.service or self.discovery.service
@@ -161,6 +167,8 @@ class BalancerBase:
             clock=clock,
             stats=Stats(clock=clock, decay=opts.latency_decay),
             subsetting=opts.subset,
+            zone=opts.zone,
+            zone_routing=opts.zone_routing,
         )
         if on_event is not None:
             self.core.add_listener(on_event)
@@ -271,6 +279,30 @@ class BalancerBase:
             pass
         raise self.no_endpoint_error()  # outside the except: the picker's error is no context of it
 
+    def _pick_avoiding(self, picker: Picker, key: Key, exclude: AbstractSet[str]) -> Member | None:
+        """A member for a pick that should avoid ``exclude`` (endpoints the call already tried), or None.
+
+        Tries ``picker`` (four times when avoiding some), then, for a picker that routes by zone, its
+        ``fallback`` over every zone, so a call whose local endpoints all failed goes on elsewhere. When
+        every endpoint has been tried, one of them again. Raises NoEndpointsError if nothing is pickable.
+        """
+        tries = 4 if exclude else 1
+        seen: Member | None = None
+        for source in (picker, getattr(picker, "fallback", None)):
+            if source is None:
+                break
+            for _ in range(tries):
+                endpoint = source.pick(key)
+                member = self.members.get(endpoint.address)
+                if member is None:
+                    continue
+                if endpoint.address not in exclude:
+                    return member
+                seen = member
+        if seen is not None and len(picker.endpoints) <= len(exclude):
+            return seen
+        return None
+
     def no_endpoint_error(self) -> NoEndpointsError:
         """The error for a call that found nothing to pick, saying which service and why.
 
@@ -309,6 +341,11 @@ class BalancerBase:
     def panic(self) -> bool:
         """Whether the balancer is in panic mode (too few healthy endpoints)."""
         return self.core.panic
+
+    @property
+    def zone_plan(self) -> ZonePlan:
+        """Where calls go by zone now: the client's zone, the mode, and each zone's share of calls."""
+        return self.core.zone_plan
 
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener(event)`` for every endpoint or balancer state change."""

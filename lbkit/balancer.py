@@ -140,20 +140,12 @@ class Balancer(SyncDriver):
         cond = self._picker_cond
         while True:
             picker = self.core.picker
-            fallback = None
-            for _ in range(4 if exclude else 1):
-                try:
-                    endpoint = picker.pick(key)
-                except NoEndpointsError:
-                    break
-                member = self.members.get(endpoint.address)
-                if member is None:
-                    continue
-                if endpoint.address not in exclude:
-                    return member
-                fallback = member
-            if fallback is not None and len(picker.endpoints) <= len(exclude):
-                return fallback  # every endpoint was tried: trying one again beats failing
+            try:
+                member = self._pick_avoiding(picker, key, exclude)
+            except NoEndpointsError:
+                member = None
+            if member is not None:
+                return member
             left = deadline - time.monotonic()
             if left <= 0 or self._closed:
                 raise self.no_endpoint_error()

@@ -21,6 +21,7 @@ from lbkit.health.slow_start import SlowStart
 from lbkit.selectors.base import EmptyPicker, Picker, Selector
 from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import PreferenceOrder, Subsetting, widened
+from lbkit.zones import ZonePlan, ZoneRouter, ZoneRouting
 
 __all__ = ["BalancerCore", "EndpointState", "PoolPlan"]
 
@@ -90,6 +91,8 @@ class BalancerCore:
         rng: random.Random | None = None,
         stats: Stats | None = None,
         subsetting: Subsetting | None = None,
+        zone: str | None = None,
+        zone_routing: ZoneRouting | None = None,
     ) -> None:
         self.selector = selector
         self.subsetting = subsetting
@@ -106,6 +109,8 @@ class BalancerCore:
             if outlier_detection.consecutive_failures:
                 self.stats.streak_threshold = outlier_detection.consecutive_failures
                 self.stats.on_failure_streak = self._on_failure_streak
+        self.zones = ZoneRouter(zone, zone_routing, service=service, rng=self.rng.random)
+        """The client's zone and the zone plan (zone-aware routing, :mod:`lbkit.zones`)."""
         self.picker: Picker = EmptyPicker(self._no_pick_reason_text([], 0))
         self.panic = False
         self.endpoint_set = EndpointSet()
@@ -243,6 +248,20 @@ class BalancerCore:
             self._plan_close = {}
             self._plan_waiting = False
             return plan
+
+    def set_zone(self, zone: str) -> None:
+        """Take the client's zone as discovery reports it (used when the ``zone`` option is None)."""
+        with self._lock:
+            if zone == self.zones.learned:
+                return
+            self.zones.set_learned(zone)
+            self._changed(self.clock())
+        self._flush()
+
+    @property
+    def zone_plan(self) -> ZonePlan:
+        """Where zone-routed calls go now (mode OFF when zone routing does not apply)."""
+        return self.zones.plan
 
     def forget(self, address: str) -> None:
         """Drop the stats of an endpoint whose channel has been closed (unless it came back)."""
@@ -406,7 +425,13 @@ class BalancerCore:
                 if factor < 1.0:
                     self._ramping = True
         if chosen:
-            self.picker = self.selector.build([m.endpoint for m in chosen], self.stats)
+            self.picker = self.zones.build(
+                self.selector,
+                [m.endpoint for m in chosen],
+                self.endpoint_set.endpoints,
+                self.stats,
+                panic=panic,
+            )
         else:
             states = [self._state_of(a, m) for a, m in self.members.items()]
             self.picker = EmptyPicker(self._no_pick_reason_text(states, len(self.members)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from lbkit.health.slow_start import SlowStart
 from lbkit.retry import RetryPolicy
 from lbkit.selectors.base import Selector
 from lbkit.subsetting import Subsetting
+from lbkit.zones import ZoneRouting
 
 if TYPE_CHECKING:
     from lbkit.health.active import HealthCheck
@@ -72,6 +74,11 @@ class BalancerOptions:
     """Seconds of the peak-EWMA latency decay window (Finagle's and Linkerd's default is 10 s)."""
     subset: Subsetting | None = None
     """Hold channels to a subset of the endpoints (widened while some are down); None: to all of them."""
+    zone: str | None = None
+    """The client's zone, for zone-aware routing. None: ``CONSUL_ZONE`` if set, else what discovery
+    reports (the zone of the nearest instance with Consul's ``near``); "": zone routing off."""
+    zone_routing: ZoneRouting | None = None
+    """How calls are kept in the client's zone; None: the default ZoneRouting()."""
 
     def __post_init__(self) -> None:
         o = "Balancer"
@@ -119,6 +126,19 @@ class BalancerOptions:
         check_float(o, "latency_decay", self.latency_decay, minimum=0.0, strict_min=True)
         if self.service is not None and (not isinstance(self.service, str) or not self.service):
             raise ConfigError(f"{o}: service must be a non-empty str, got {self.service!r}")
+        zone = self.zone
+        if zone is None:
+            zone = os.environ.get("CONSUL_ZONE") or None
+            source = "the CONSUL_ZONE environment variable"
+        else:
+            source = "zone"
+        if zone is not None and (not isinstance(zone, str) or zone != zone.strip()):
+            raise ConfigError(f"{o}: {source} must be a zone name without surrounding blanks, got {zone!r}")
+        object.__setattr__(self, "zone", zone)
+        if self.zone_routing is None:
+            object.__setattr__(self, "zone_routing", ZoneRouting())
+        elif not isinstance(self.zone_routing, ZoneRouting):
+            raise ConfigError(f"{o}: zone_routing must be a ZoneRouting or None, got {self.zone_routing!r}")
 
     @property
     def policy(self) -> Selector:

@@ -126,18 +126,15 @@ class Balancer(AsyncDriver):
 
     def pick_now(self, key: Key, exclude: frozenset[str] = frozenset()) -> Member | None:
         """The member for a pick now, or None when nothing suitable is pickable yet."""
+        picker = self.core.picker
         try:
-            picker = self.core.picker
-            for _ in range(4 if exclude else 1):
-                endpoint = picker.pick(key)
-                member = self.members.get(endpoint.address)
-                if member is not None and endpoint.address not in exclude:
-                    return member
-            if exclude and len(picker.endpoints) <= len(exclude):
-                return self.members.get(picker.pick(key).address)
+            endpoint = picker.pick(key)
+            member = self.members.get(endpoint.address)
+            if member is not None and endpoint.address not in exclude:
+                return member
+            return self._pick_avoiding(picker, key, exclude)
         except NoEndpointsError:
-            pass
-        return None
+            return None
 
     async def apick_member(
         self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()

@@ -254,7 +254,8 @@ class ConsulOptions:
     """Only instances carrying every one of these tags."""
     near: str | None = None
     """Sort by estimated round-trip time from this node (``_agent`` for the agent's own); each endpoint's
-    ``rank`` is then its place in that order (0 the nearest)."""
+    ``rank`` is then its place in that order (0 the nearest), and the nearest one's zone is the client's
+    zone unless the balancer's ``zone`` option or ``CONSUL_ZONE`` names one."""
     filter: str | None = None
     """A Consul filter expression, applied by the server."""
     health: str = "passing"

@@ -47,6 +47,9 @@ LBKIT_ALL = [
     "SuccessRateEjection",
     "Weighted",
     "WeightedRoundRobin",
+    "ZoneMode",
+    "ZonePlan",
+    "ZoneRouting",
     "__version__",
 ]
 
