@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 import lbkit
+import lbkit.selectors
 from lbkit.testing import ModelServer
 from lbkit.zones import ZoneMode, ZoneRouting
 from tests.integration.conftest import pb2, pb2_grpc, wait_for
@@ -18,7 +19,7 @@ from tests.integration.conftest import pb2, pb2_grpc, wait_for
 REQ = pb2.PredictRequest(features=[1.0, 2.0])
 ZONE_OF = ("a", "a", "b", "b", "c", "c")
 ROUTING = ZoneRouting(min_cluster_size=3)
-SELECTORS = ("round_robin", "least_connections", "weighted", "consistent_hash", "peak_ewma")
+SELECTORS = tuple(lbkit.selectors.SELECTORS)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
-from lbkit.selectors import ConsistentHash, LeastConnections, PeakEwma, RoundRobin, Weighted
+from lbkit.selectors import SELECTORS, ConsistentHash, RoundRobin, Weighted
 from lbkit.stats import Stats
 from lbkit.zones import (
     LocalZonePicker,
@@ -242,7 +242,7 @@ def test_all_healthy_every_call_stays_local_with_one_extra_call():
     assert {e.zone for e in (picker.fallback.pick() for _ in range(30))} == {"a", "b", "c"}
 
 
-@pytest.mark.parametrize("selector", [RoundRobin(), LeastConnections(), Weighted(), PeakEwma()])
+@pytest.mark.parametrize("selector", [s for s in SELECTORS.values() if not s.uses_key], ids=lambda s: s.name)
 def test_spill_follows_the_plan_for_every_selector(selector):
     known = endpoints({"a": 3, "b": 3, "c": 3})
     usable = [e for e in known if e.address != "10.0.0.1:50051"]
