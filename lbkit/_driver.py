@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from lbkit.events import Cause, Event
 from lbkit.health.active import HealthCheck
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
-from lbkit.options import BalancerOptions
+from lbkit.options import POOL_ARG, BalancerOptions
 from lbkit.retry import RetryBudget, RetryPolicy
 from lbkit.selectors.base import Key, Picker, Selector
 from lbkit.stats import EndpointStats, Stats
@@ -33,6 +34,8 @@ __all__ = ["BalancerBase", "KeyFn", "Member", "as_discovery"]
 log = logging.getLogger("lbkit")
 
 KeyFn = Callable[[str, Any], "str | bytes | None"]
+
+_POOL_IDS = itertools.count(1)
 
 
 class Member:
@@ -154,6 +157,8 @@ class BalancerBase:
             zone_routing=zone_routing,
         )
         opts = self.options
+        self.channel_args: tuple[tuple[str, Any], ...] = (*opts.channel_options, (POOL_ARG, next(_POOL_IDS)))
+        """The options of every endpoint channel: ``channel_options`` and this balancer's pool arg."""
         self.service = opts.service or self.discovery.service
         self.selector = opts.policy
         self.retry_policy = opts.retry_policy
@@ -231,10 +236,10 @@ class BalancerBase:
         opts = self.options
         if opts.credentials is not None:
             channel = self._channels.secure_channel(
-                endpoint.address, opts.credentials, options=opts.channel_options
+                endpoint.address, opts.credentials, options=self.channel_args
             )
         else:
-            channel = self._channels.insecure_channel(endpoint.address, options=opts.channel_options)
+            channel = self._channels.insecure_channel(endpoint.address, options=self.channel_args)
         member = Member(endpoint.address, channel, self.stats[endpoint.address])
         self.members[endpoint.address] = member
         return member

@@ -1,6 +1,6 @@
 """The only place lbkit reaches into grpcio's private parts: each use with its reason.
 
-grpcio has no public API for either of these. ``tests/integration/test_grpc_private.py`` exercises
+grpcio has no public API for any of these. ``tests/integration/test_grpc_private.py`` exercises
 every function here on real channels and calls, so a grpcio release that changes them fails loudly
 there instead of degrading silently in production (where each falls back to doing nothing).
 """
@@ -12,7 +12,11 @@ from typing import Any
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 
-__all__ = ["finished_code", "finished_trailing_metadata", "request_connection"]
+__all__ = ["connectivity", "finished_code", "finished_trailing_metadata"]
+
+_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
+"""grpc core's connectivity numbers (``grpc_connectivity_state``) to the public enum, whose values carry
+them."""
 
 
 def finished_code(call: Any) -> grpc.StatusCode | None:
@@ -39,15 +43,16 @@ def finished_trailing_metadata(call: Any) -> Any:
         return None
 
 
-def request_connection(channel: Any) -> bool:
-    """Ask a sync ``grpc.Channel`` that is IDLE to connect now rather than at its next call.
+def connectivity(channel: Any, try_to_connect: bool = False) -> grpc.ChannelConnectivity | None:
+    """A sync ``grpc.Channel``'s connectivity now, asking an IDLE one to connect if ``try_to_connect``;
+    None when the channel is closed or not grpcio's own.
 
-    Why private: the public way, ``channel.subscribe(..., try_to_connect=True)``, starts a polling thread
-    per subscription; the underlying Cython channel's ``check_connectivity_state(True)`` does only the
-    asking. Returns False when the channel is not grpcio's own or is closed.
+    Why private: a sync channel's state is public only through ``channel.subscribe()``, which runs a
+    polling thread per channel (and a delivery thread per change): a pool of ten thousand channels would
+    cost ten thousand threads. One thread reading every channel's state through the Cython channel's
+    ``check_connectivity_state`` (what ``subscribe``'s own thread calls) costs a few microseconds per read.
     """
     try:
-        channel._channel.check_connectivity_state(True)
-    except (AttributeError, ValueError):
-        return False
-    return True
+        return _STATES[channel._channel.check_connectivity_state(try_to_connect)]
+    except (AttributeError, ValueError, KeyError):
+        return None

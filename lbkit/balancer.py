@@ -10,12 +10,15 @@ from collections.abc import Set as AbstractSet
 
 import grpc
 
+from lbkit._connectivity import ChannelPoller
 from lbkit._driver import KeyFn, Member
-from lbkit._grpc_private import request_connection
+from lbkit._grpc_private import connectivity
 from lbkit.channel import BalancedChannel, SyncDriver
 from lbkit.endpoint import EndpointSet
 from lbkit.errors import NoEndpointsError
+from lbkit.health.native import UNIMPLEMENTED_REASON, HealthChannel, health_options, probe, verdict
 from lbkit.selectors.base import Key
+from lbkit.stats import EndpointStats
 
 __all__ = ["Balancer"]
 
@@ -43,6 +46,8 @@ class Balancer(SyncDriver):
         self.core.on_deadline.append(self._wake.set)
         self._follow_clock(self._on_clock_advanced)
         self.core.on_pool.append(self._wake.set)
+        self._poller = ChannelPoller(name=f"lbkit-pool-{self.service}").start()
+        self.stats.on_failure = self._on_call_failed
         self._threads = [
             threading.Thread(target=self._run_discovery, name=f"lbkit-discovery-{self.service}", daemon=True),
             threading.Thread(target=self._run_timers, name=f"lbkit-timers-{self.service}", daemon=True),
@@ -103,6 +108,7 @@ class Balancer(SyncDriver):
         self._notify_picker()
         for t in self._threads:
             t.join(timeout=2.0)
+        self._poller.stop()
         with self._lock:
             members = list(self.members.values())
             self.members.clear()
@@ -171,33 +177,69 @@ class Balancer(SyncDriver):
                 self._apply_update(endpoint_set)
 
     def _open_member(self, member: Member) -> None:
-        member.channel.subscribe(functools.partial(self._on_connectivity, member), try_to_connect=True)
-        if self.options.health_check is not None:
-            from lbkit.health.active import HealthWatcher
-
-            member.health = HealthWatcher(
-                self.options.health_check, member.channel, member.address, self.on_health
-            )
-            member.health.start()
+        """Follow the member's connectivity (and health) from the pool's one poller thread."""
+        self._poller.watch(member, member.channel, functools.partial(self._on_connectivity, member))
+        check = self.options.health_check
+        if check is not None:
+            opts = self.options
+            options = health_options(self.channel_args, check)
+            if opts.credentials is not None:
+                channel = grpc.secure_channel(member.address, opts.credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(member.address, options=options)
+            health = member.health = HealthChannel(channel)
+            self._poller.watch(health, channel, functools.partial(self._on_health_state, member))
 
     def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:
+        """The poller read a new state of ``member``'s channel (IDLE ones it has asked to connect)."""
         member.ready = state is grpc.ChannelConnectivity.READY
         if self.members.get(member.address) is not member or member.closing_at is not None:
             return
         failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
         self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
-        if state is grpc.ChannelConnectivity.IDLE and not self._closed:
-            self._reconnect(member)
+        if member.health is not None and member.ready:
+            self._judge_health(member)
 
-    @staticmethod
-    def _reconnect(member: Member) -> None:
-        """Ask an IDLE channel to connect now rather than at its next call."""
-        request_connection(member.channel)
+    def _on_health_state(self, member: Member, state: grpc.ChannelConnectivity) -> None:
+        """The poller read a new state of ``member``'s health-checked channel."""
+        health: HealthChannel = member.health
+        health.state = state
+        self._judge_health(member)
+        check = self.options.health_check
+        if (
+            state is grpc.ChannelConnectivity.READY
+            and check is not None
+            and check.unimplemented == "unhealthy"
+        ):
+            probe(member.channel, check, functools.partial(self._on_unimplemented, member))
+
+    def _judge_health(self, member: Member) -> None:
+        # Not serving only while the connection is up: confirm with the call channel's state right now.
+        health: HealthChannel = member.health
+        call_ready = member.ready and connectivity(member.channel) is grpc.ChannelConnectivity.READY
+        report = verdict(health.state, call_ready)
+        if report is not None:
+            self.on_health(member.address, *report)
+
+    def _on_unimplemented(self, member: Member) -> None:
+        if self.members.get(member.address) is member and not self._closed:
+            self.on_health(member.address, False, UNIMPLEMENTED_REASON)
+
+    def _on_call_failed(self, entry: EndpointStats) -> None:
+        """A call failed on ``entry``'s endpoint: read its channel's state now, not at the next sweep."""
+        member = self.members.get(entry.address)
+        if member is not None:
+            self._poller.hint(member)
 
     def _close_member(self, member: Member) -> None:
         member.mark_closed()
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.unwatch(member)
         if member.health is not None:
-            member.health.stop()
+            if poller is not None:
+                poller.unwatch(member.health)
+            member.health.close()
         try:
             member.channel.close()
         except Exception:  # closing an already broken channel must not stop the others

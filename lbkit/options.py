@@ -20,17 +20,21 @@ from lbkit.zones import ZoneRouting
 if TYPE_CHECKING:
     from lbkit.health.active import HealthCheck
 
-__all__ = ["DEFAULT_CHANNEL_OPTIONS", "BalancerOptions", "resolve_selector"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "POOL_ARG", "BalancerOptions", "resolve_selector"]
 
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # One subchannel per endpoint channel, never shared with other channels of the process, so a
-    # stale connection in backoff (say, to a server that used the same port before) cannot stall it.
-    ("grpc.use_local_subchannel_pool", 1),
     # Reconnect to a recovered server within seconds rather than grpc's default of up to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
 """Options every endpoint channel gets unless ``channel_options`` sets the same name."""
+
+POOL_ARG = "lbkit.pool"
+"""A channel arg every endpoint channel gets, valued per balancer. gRPC shares a connection between the
+channels of a process whose target and args are equal: with a value of its own, a balancer's channels
+share no connection with other channels (a stale one in backoff, say, to a server that used the same
+port before, cannot stall them), while an endpoint's call channel and its health-checked twin (sync
+balancer) share one."""
 
 
 def resolve_selector(selector: Selector | str) -> Selector:

@@ -147,6 +147,8 @@ class EndpointStats:
                 self._observe(rtt, now)
                 self.latency_buckets[bisect_left(LATENCY_BUCKETS, rtt)] += 1
                 self.latency_sum += rtt
+        if not ok and group.on_failure is not None:
+            group.on_failure(self)
         if streak and group.on_failure_streak is not None:
             group.on_failure_streak(self)
 
@@ -241,6 +243,8 @@ class Stats:
         self.load_members: frozenset[str] = frozenset()
         """Addresses in the last picker built from load reports: one that joins begins a new run of reports
         (:meth:`EndpointStats.restart_load_reports`), as gRFC A58 asks of an endpoint that turns READY."""
+        self.on_failure: Callable[[EndpointStats], None] | None = None
+        """Called after each failed call (the sync balancer then looks at the endpoint's channel at once)."""
         self._entries: dict[str, EndpointStats] = {}
 
     def __getitem__(self, address: str) -> EndpointStats:

@@ -5,46 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 
 import grpc
 import pytest
 
-from lbkit._grpc_private import finished_code, finished_trailing_metadata, request_connection
+from lbkit._grpc_private import connectivity, finished_code, finished_trailing_metadata
 
 from .conftest import async_wait_for, pb2, pb2_grpc, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def test_request_connection_connects_an_idle_channel(make_servers) -> None:
+def test_connectivity_reads_a_sync_channel_and_asks_an_idle_one_to_connect(make_servers) -> None:
     (server,) = make_servers(1)
     channel = grpc.insecure_channel(server.address)
-    seen: list[grpc.ChannelConnectivity] = []
-    ready = threading.Event()
-
-    def record(state: grpc.ChannelConnectivity) -> None:
-        seen.append(state)
-        if state is grpc.ChannelConnectivity.READY:
-            ready.set()
-
     try:
-        channel.subscribe(record, try_to_connect=False)  # watches without asking to connect
-        wait_for(lambda: seen)
-        assert seen[0] is grpc.ChannelConnectivity.IDLE
-        assert request_connection(channel) is True
-        assert ready.wait(5), f"the channel never connected: {seen}"
+        # A new channel is IDLE and stays so when only read...
+        assert connectivity(channel) is grpc.ChannelConnectivity.IDLE
+        assert connectivity(channel) is grpc.ChannelConnectivity.IDLE
+        # ...and connects when asked: the states are grpc's own enum, so READY compares by identity.
+        states = [connectivity(channel, try_to_connect=True)]
+        wait_for(lambda: states.append(connectivity(channel)) or states[-1] is grpc.ChannelConnectivity.READY)
+        assert set(states) <= {
+            grpc.ChannelConnectivity.IDLE,
+            grpc.ChannelConnectivity.CONNECTING,
+            grpc.ChannelConnectivity.READY,
+        }
+        server.stop(0)
+        wait_for(lambda: connectivity(channel) is not grpc.ChannelConnectivity.READY)
     finally:
-        channel.unsubscribe(record)
         channel.close()
 
 
-def test_request_connection_on_a_closed_or_foreign_channel_is_false(make_servers) -> None:
+def test_connectivity_of_a_closed_or_foreign_channel_is_none(make_servers) -> None:
     (server,) = make_servers(1)
     channel = grpc.insecure_channel(server.address)
     channel.close()
-    assert request_connection(channel) is False
-    assert request_connection(object()) is False
+    assert connectivity(channel) is None
+    assert connectivity(object()) is None
 
 
 async def test_finished_code_reads_the_status_of_done_aio_calls(make_servers) -> None:

@@ -1,0 +1,193 @@
+"""The channel pool at scale, on real servers: threads do not grow with the endpoints, and readiness and
+health reports still arrive for every endpoint (sync and asyncio)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+import lbkit
+import lbkit.aio
+import lbkit.balancer
+from lbkit._connectivity import ChannelPoller
+from lbkit.events import Event, EventKind
+from lbkit.testing import FakeClock, ModelServer
+from lbkit.testing.port_farm import PortFarm
+
+from .conftest import async_wait_for, pb2, pb2_grpc, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+FEW, MANY = 10, 200
+
+
+@pytest.fixture(scope="module")
+def farm() -> Iterator[PortFarm]:
+    """MANY endpoints: one server process listening on MANY ports."""
+    with PortFarm(MANY) as farm:
+        yield farm
+
+
+def os_threads() -> int:
+    """Threads of this process as the kernel counts them (grpc core's own included)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def addresses_of(events: list[Event], kind: EventKind) -> set[str]:
+    return {e.address for e in events if e.kind is kind}
+
+
+def established_to(port: int) -> int:
+    """TCP connections this machine has open to ``port`` (from the client side)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01":  # 01: ESTABLISHED
+                    count += 1
+    return count
+
+
+@pytest.mark.parametrize("health", [False, True], ids=["health-off", "health-on"])
+def test_sync_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, health: bool) -> None:
+    counts: dict[int, tuple[int, int]] = {}
+    for n in (FEW, MANY):
+        events: list[Event] = []
+        addresses = farm.addresses[:n]
+        check = lbkit.HealthCheck() if health else None
+        with lbkit.Balancer(addresses, health_check=check, on_event=events.append) as lb:
+            lb.wait_ready(count=n, timeout=30)
+            counts[n] = (threading.active_count(), os_threads())
+            assert addresses_of(events, EventKind.READY) == set(addresses)
+            stub = pb2_grpc.ModelServiceStub(lb.channel())
+            for _ in range(n):
+                stub.Predict(pb2.PredictRequest(), timeout=5)
+    # One thread per balancer watches every channel; with `subscribe()` MANY endpoints cost MANY more
+    # Python threads (and health checks two more each). grpc core's own pool may add a thread under load.
+    assert counts[MANY][0] == counts[FEW][0], counts
+    assert counts[MANY][1] <= counts[FEW][1] + 3, counts
+
+
+@pytest.mark.parametrize("health", [False, True], ids=["health-off", "health-on"])
+async def test_aio_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, health: bool) -> None:
+    counts: dict[int, tuple[int, int]] = {}
+    for n in (FEW, MANY):
+        events: list[Event] = []
+        addresses = farm.addresses[:n]
+        check = lbkit.HealthCheck() if health else None
+        async with lbkit.aio.Balancer(addresses, health_check=check, on_event=events.append) as lb:
+            await lb.wait_ready(count=n, timeout=30)
+            counts[n] = (threading.active_count(), os_threads())
+            assert addresses_of(events, EventKind.READY) == set(addresses)
+    assert counts[MANY][0] == counts[FEW][0], counts
+    assert counts[MANY][1] <= counts[FEW][1] + 3, counts
+
+
+def test_sync_health_flips_reach_every_endpoint(farm: PortFarm) -> None:
+    events: list[Event] = []
+    try:
+        with lbkit.Balancer(farm.addresses, health_check=lbkit.HealthCheck(), on_event=events.append) as lb:
+            lb.wait_ready(count=MANY, timeout=30)
+            farm.set_serving(False)
+            wait_for(lambda: addresses_of(events, EventKind.UNHEALTHY) == set(farm.addresses), timeout=20)
+            # All connected and none healthy: panic mode balances over all of them.
+            wait_for(lambda: lb.panic and len(lb.core.picker.endpoints) == MANY)
+            farm.set_serving(True)
+            wait_for(lambda: addresses_of(events, EventKind.HEALTHY) == set(farm.addresses), timeout=20)
+            wait_for(lambda: not lb.panic)
+    finally:
+        farm.set_serving(True)
+
+
+async def test_aio_health_flips_reach_every_endpoint(farm: PortFarm) -> None:
+    events: list[Event] = []
+    try:
+        async with lbkit.aio.Balancer(
+            farm.addresses, health_check=lbkit.HealthCheck(), on_event=events.append
+        ) as lb:
+            await lb.wait_ready(count=MANY, timeout=30)
+            farm.set_serving(False)
+            await async_wait_for(
+                lambda: addresses_of(events, EventKind.UNHEALTHY) == set(farm.addresses), timeout=20
+            )
+            await async_wait_for(lambda: lb.panic and len(lb.core.picker.endpoints) == MANY)
+            farm.set_serving(True)
+            await async_wait_for(
+                lambda: addresses_of(events, EventKind.HEALTHY) == set(farm.addresses), timeout=20
+            )
+    finally:
+        farm.set_serving(True)
+
+
+def test_sync_health_checks_ride_the_calls_connection_and_balancers_share_none(make_servers) -> None:
+    (server,) = make_servers(1)
+    port = int(server.address.rsplit(":", 1)[1])
+    with lbkit.Balancer([server.address], health_check=lbkit.HealthCheck()) as lb:
+        lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        stub.Predict(pb2.PredictRequest(), timeout=5)
+        # The health-checked channel shares the call channel's connection: one, not two.
+        assert established_to(port) == 1
+        with lbkit.Balancer([server.address]) as other:
+            other.wait_ready()
+            # Another balancer's channel to the same server has a connection of its own.
+            wait_for(lambda: established_to(port) == 2)
+
+
+@pytest.mark.parametrize("unimplemented", ["healthy", "unhealthy"])
+def test_sync_server_without_health_service_is_healthy_or_not_as_configured(
+    make_servers, unimplemented: str
+) -> None:
+    plain = ModelServer(health_service=False).start()
+    (other,) = make_servers(1)
+    events: list[Event] = []
+    check = lbkit.HealthCheck(unimplemented=unimplemented)
+    try:
+        with lbkit.Balancer([plain.address, other.address], health_check=check, on_event=events.append) as lb:
+            if unimplemented == "healthy":
+                lb.wait_ready(count=2)
+                assert addresses_of(events, EventKind.UNHEALTHY) == set()
+            else:
+                wait_for(lambda: plain.address in addresses_of(events, EventKind.UNHEALTHY))
+                assert lb.endpoint_states()[plain.address] == "unhealthy"
+                assert {e.reason for e in events if e.kind is EventKind.UNHEALTHY} == {
+                    "health service unimplemented"
+                }
+                assert [e.address for e in lb.core.picker.endpoints] == [other.address]
+    finally:
+        plain.stop(0)
+
+
+def test_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, monkeypatch) -> None:
+    # The pool's poller runs on a fake clock: once the endpoints are ready no sweep ever comes again, so
+    # only the failed call can make it read the stopped server's channel.
+    clock = FakeClock()
+    monkeypatch.setattr(lbkit.balancer, "ChannelPoller", functools.partial(ChannelPoller, clock=clock))
+    servers = make_servers(2)
+    events: list[Event] = []
+    retry = lbkit.RetryPolicy(max_attempts=1)
+    with lbkit.Balancer([s.address for s in servers], retry=retry, on_event=events.append) as lb:
+        wait_for(lambda: clock.advance(0.05) and len(lb.core.picker.endpoints) == 2)
+        poller = lb._poller
+        wait_for(lambda: (poller.next_due() or 0.0) > clock.now)  # the reads the last advance made are done
+        reads = poller.reads
+        servers[0].stop(0)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        failed = 0
+        for _ in range(4):
+            try:
+                stub.Predict(pb2.PredictRequest(), timeout=5)
+            except grpc.RpcError:
+                failed += 1
+        assert failed >= 1  # no retries: a call that met the stopped server failed...
+        # ...and that failure alone made the pool read the channel and take the endpoint out.
+        wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
+        assert {e.address for e in lb.core.picker.endpoints} == {servers[1].address}
+        assert poller.reads - reads == 1  # one read, at the first failure
