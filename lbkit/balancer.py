@@ -16,6 +16,7 @@ from lbkit._grpc_private import connectivity
 from lbkit.channel import BalancedChannel, SyncDriver
 from lbkit.endpoint import EndpointSet
 from lbkit.errors import NoEndpointsError
+from lbkit.events import Cause
 from lbkit.health.native import UNIMPLEMENTED_REASON, HealthChannel, health_options, probe, verdict
 from lbkit.selectors.base import Key
 from lbkit.stats import EndpointStats
@@ -223,7 +224,7 @@ class Balancer(SyncDriver):
 
     def _on_unimplemented(self, member: Member) -> None:
         if self.members.get(member.address) is member and not self._closed:
-            self.on_health(member.address, False, UNIMPLEMENTED_REASON)
+            self.on_health(member.address, False, Cause.HEALTH_UNIMPLEMENTED, UNIMPLEMENTED_REASON)
 
     def _on_call_failed(self, entry: EndpointStats) -> None:
         """A call failed on ``entry``'s endpoint: read its channel's state now, not at the next sweep."""

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lbkit.events import Cause
 from lbkit.health.active import UNIMPLEMENTED_REASON, HealthCheck
 
 __all__ = ["UNIMPLEMENTED_REASON", "HealthChannel", "health_options", "probe", "service_config", "verdict"]
@@ -51,16 +52,19 @@ def health_options(options: Sequence[tuple[str, Any]], check: HealthCheck) -> li
     return [*kept, ("grpc.service_config", service_config(check))]
 
 
-def verdict(health_state: grpc.ChannelConnectivity | None, call_ready: bool) -> tuple[bool, str] | None:
-    """(serving, reason) from the health channel's state, or None while it says nothing.
+def verdict(
+    health_state: grpc.ChannelConnectivity | None, call_ready: bool
+) -> tuple[bool, Cause, str] | None:
+    """(serving, cause, reason) from the health channel's state, or None while it says nothing.
 
     READY is SERVING. TRANSIENT_FAILURE means not serving only while the connection itself is up (the call
     channel READY); with the connection down it says nothing about the server, and the last report holds.
+    gRPC does not say which status it got: any other than SERVING counts as NOT_SERVING.
     """
     if health_state is grpc.ChannelConnectivity.READY:
-        return True, SERVING_REASON
+        return True, Cause.HEALTH_SERVING, SERVING_REASON
     if health_state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and call_ready:
-        return False, NOT_SERVING_REASON
+        return False, Cause.HEALTH_NOT_SERVING, NOT_SERVING_REASON
     return None
 
 

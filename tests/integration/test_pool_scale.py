@@ -15,7 +15,7 @@ import lbkit
 import lbkit.aio
 import lbkit.balancer
 from lbkit._connectivity import ChannelPoller
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.testing import FakeClock, ModelServer
 from lbkit.testing.port_farm import PortFarm
 
@@ -157,8 +157,8 @@ def test_sync_server_without_health_service_is_healthy_or_not_as_configured(
             else:
                 wait_for(lambda: plain.address in addresses_of(events, EventKind.UNHEALTHY))
                 assert lb.endpoint_states()[plain.address] == "unhealthy"
-                assert {e.reason for e in events if e.kind is EventKind.UNHEALTHY} == {
-                    "health service unimplemented"
+                assert {e.cause for e in events if e.kind is EventKind.UNHEALTHY} == {
+                    Cause.HEALTH_UNIMPLEMENTED
                 }
                 assert [e.address for e in lb.core.picker.endpoints] == [other.address]
     finally:
