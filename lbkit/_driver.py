@@ -253,8 +253,16 @@ class BalancerBase:
         with contextlib.suppress(ValueError):
             self.discovery.status.listeners.remove(self._on_discovery_status)
 
+    def discovery_died(self, exc: Exception) -> None:
+        """The discovery loop raised ``exc`` and ended: make it loud (log, status, event, call errors)."""
+        text = f"discovery stopped: {type(exc).__name__}: {exc}"
+        log.error("%s: %s", self.service, text, exc_info=exc)
+        self.discovery.status.died(text, exc)
+
     def _on_discovery_status(self, status: DiscoveryStatus) -> None:
-        if status.stale:
+        if status.stopped:
+            reason = f"{status.stopped}; keeping the last {len(self.core.members)} endpoints"
+        elif status.stale:
             reason = f"keeping the last {len(self.core.members)} endpoints: {status.last_error}"
         else:
             reason = "answering again"
@@ -315,8 +323,9 @@ class BalancerBase:
         ``__cause__`` and its text ends the message.
         """
         reason = self.core.no_pick_reason()
+        stopped = self.discovery.status.stopped
         if self.core.members:
-            return NoReadyEndpointError(reason)
+            return NoReadyEndpointError(f"{reason}; {stopped}" if stopped else reason)
         failure = self.discovery.status.error
         if failure is None:
             return NoEndpointsError(reason)

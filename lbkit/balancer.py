@@ -92,7 +92,7 @@ class Balancer(SyncDriver):
         with self._picker_cond:
             while len(self.core.picker.endpoints) < count:
                 left = deadline - self.clock()
-                if left <= 0:
+                if left <= 0 or self.discovery.status.stopped:
                     raise self.no_endpoint_error()
                 self._picker_cond.wait(min(left, 0.1))
 
@@ -271,7 +271,8 @@ class Balancer(SyncDriver):
         try:
             self.discovery.run(self._on_update, self._stop)
         except Exception as exc:  # the discovery loop must not die silently
-            log.exception("%s: discovery stopped: %s", self.service, exc)
+            self.discovery_died(exc)
+            self._notify_picker()
 
     def _run_timers(self) -> None:
         core = self.core

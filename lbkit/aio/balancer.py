@@ -94,7 +94,7 @@ class Balancer(AsyncDriver):
         deadline = self.clock() + timeout
         while len(self.core.picker.endpoints) < count:
             left = deadline - self.clock()
-            if left <= 0:
+            if left <= 0 or self.discovery.status.stopped:
                 raise self.no_endpoint_error()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
@@ -225,8 +225,9 @@ class Balancer(AsyncDriver):
             await self.discovery.arun(self._on_update)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.exception("%s: discovery stopped: %s", self.service, exc)
+        except Exception as exc:  # the discovery loop must not die silently
+            self.discovery_died(exc)
+            self._picker_changed()
 
     async def _run_timers(self) -> None:
         core = self.core

@@ -31,6 +31,8 @@ class DiscoveryStatus:
     """The last failure, as text (never holding a token)."""
     error: DiscoveryError | None = None
     """The failure in force: set by each failed query, None again at the next good answer."""
+    stopped: str = ""
+    """Why the discovery loop ended for good (empty while it runs): no endpoint set will follow."""
     listeners: list[Callable[[DiscoveryStatus], None]] = field(
         default_factory=list, repr=False, compare=False
     )
@@ -47,6 +49,19 @@ class DiscoveryStatus:
         self.last_error = text
         if self.consecutive_errors == 1:
             self._notify()
+
+    def died(self, text: str, cause: BaseException) -> None:
+        """Record that the loop ended, raising ``cause`` (``text`` must hold no secret); tell listeners.
+
+        :attr:`error` stays set from then on: no good answer will follow."""
+        error = DiscoveryError(text)
+        error.__cause__ = cause
+        self.error = error
+        self.errors += 1
+        self.consecutive_errors += 1
+        self.last_error = text
+        self.stopped = text
+        self._notify()
 
     def succeeded(self, now: float) -> None:
         """Record a good answer at ``now``; tell listeners if it ends an outage."""
