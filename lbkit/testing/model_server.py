@@ -2,11 +2,13 @@
 
 Each response says which endpoint served it (``served_by``), and the server counts its calls, so a
 test can see where calls went. Its behaviour (delay, failures, hanging, health) can be changed while
-it runs.
+it runs. With a ``request_log``, each call that carries an ``x-request-id`` is appended to that file as it
+starts executing (``monotonic-time request-id method endpoint``), so a run can count calls executed twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -14,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,9 +24,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lbkit.testing.proto import model_service_pb2 as pb2
 from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
 
-__all__ = ["Behavior", "ModelServer", "ModelServicer", "pb2", "pb2_grpc"]
+__all__ = ["REQUEST_ID_HEADER", "Behavior", "ModelServer", "ModelServicer", "pb2", "pb2_grpc"]
 
 SERVICE_NAME = "lbkit.inference.v1.ModelService"
+REQUEST_ID_HEADER = "x-request-id"
+"""The metadata key whose value a server with a request log records for each call it executes."""
 
 
 @dataclass
@@ -51,9 +55,11 @@ class Behavior:
 class ModelServicer(pb2_grpc.ModelServiceServicer):
     """The ModelService implementation behind :class:`ModelServer`."""
 
-    def __init__(self, name: str, behavior: Behavior) -> None:
+    def __init__(self, name: str, behavior: Behavior, request_log: BinaryIO | None = None) -> None:
         self.name = name
         self.behavior = behavior
+        self.request_log = request_log
+        """An unbuffered file opened for appending (see the module doc), or None."""
         self.calls: Counter[str] = Counter()
         self.stalled = 0
         """Calls that stalled (see ``Behavior.stall_rate``)."""
@@ -61,6 +67,14 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         self._rng = random.Random()
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        if self.request_log is not None:
+            for key, value in context.invocation_metadata():
+                if key == REQUEST_ID_HEADER:
+                    # One unbuffered write of one line to an O_APPEND file: lines of several servers never
+                    # mix, and a line written is kept even if this process is killed the next instant.
+                    line = f"{time.monotonic():.6f} {value} {method} {self.name}\n"
+                    with contextlib.suppress(ValueError):  # closed: the server has stopped
+                        self.request_log.write(line.encode())
         b = self.behavior
         with self._lock:
             self.calls[method] += 1
@@ -128,6 +142,7 @@ class ModelServer:
         max_workers: int = 32,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        request_log: str | None = None,
     ) -> None:
         self.host = host
         self._port = port
@@ -136,6 +151,9 @@ class ModelServer:
         self._max_workers = max_workers
         self._credentials = credentials
         self._interceptors = tuple(interceptors)
+        self.request_log = request_log
+        """The file calls with a request id are recorded in (see the module doc), or None."""
+        self._log: BinaryIO | None = None
         self._server: grpc.Server | None = None
         self.servicer: ModelServicer | None = None
         self.health: health.HealthServicer | None = None
@@ -176,7 +194,9 @@ class ModelServer:
         if port == 0:
             raise RuntimeError(f"could not bind {bind}")
         self._port = port
-        self.servicer = ModelServicer(self.address, self.behavior)
+        if self.request_log is not None:
+            self._log = cast(BinaryIO, open(self.request_log, "ab", buffering=0))  # noqa: SIM115
+        self.servicer = ModelServicer(self.address, self.behavior, self._log)
         pb2_grpc.add_ModelServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         if self.health_service:
             self.health = health.HealthServicer()
@@ -201,6 +221,9 @@ class ModelServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> ModelServer:
         return self.start()

@@ -70,9 +70,10 @@ def _on_off(text: str) -> bool:
 class _Servers:
     """The servers of this process and the commands that steer them."""
 
-    def __init__(self, behaviors: list[Behavior], ports: list[int]) -> None:
+    def __init__(self, behaviors: list[Behavior], ports: list[int], request_log: str | None = None) -> None:
         self.servers = [
-            ModelServer(port=p, behavior=b, max_workers=64) for b, p in zip(behaviors, ports, strict=True)
+            ModelServer(port=p, behavior=b, max_workers=64, request_log=request_log)
+            for b, p in zip(behaviors, ports, strict=True)
         ]
         self._base = [0] * len(self.servers)
         self._stopped: set[int] = set()
@@ -147,9 +148,10 @@ class _Forwarder:
     starts a new one on the same port, with the behaviour it was started with.
     """
 
-    def __init__(self, behaviors: list[Behavior], ports: list[int]) -> None:
+    def __init__(self, behaviors: list[Behavior], ports: list[int], request_log: str | None = None) -> None:
         self.behaviors = behaviors
         self.ports = ports
+        self.request_log = request_log
         self.children = [self._child(i) for i in range(len(behaviors))]
         self.killed: dict[int, int] = {}
         """Calls each killed server had counted before it died, by index."""
@@ -158,7 +160,13 @@ class _Forwarder:
     def _child(self, index: int) -> ServerProcess:
         b = self.behaviors[index]
         fail = {0: b.fail_rate} if b.fail_rate else None
-        return ServerProcess(count=1, delay_ms=b.delay * 1e3, fail=fail, ports=[self.ports[index]])
+        return ServerProcess(
+            count=1,
+            delay_ms=b.delay * 1e3,
+            fail=fail,
+            ports=[self.ports[index]],
+            request_log=self.request_log,
+        )
 
     def start_all(self) -> list[str]:
         addresses: list[str] = []
@@ -225,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fail", nargs="*", default=[], metavar="I:RATE", help="failure share of server I")
     parser.add_argument("--processes", action="store_true", help="one process per server (allows kill)")
     parser.add_argument("--ports", default="", help="comma-separated ports to bind (default: ephemeral)")
+    parser.add_argument(
+        "--request-log", default=None, metavar="FILE", help="append each call's x-request-id to FILE"
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
@@ -241,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         behaviors[index].fail_rate = min(max(rate, 0.0), 1.0)
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    servers = _Forwarder(behaviors, ports) if args.processes else _Servers(behaviors, ports)
+    servers = (_Forwarder if args.processes else _Servers)(behaviors, ports, args.request_log)
     try:
         print("READY " + ",".join(servers.start_all()), flush=True)
         for line in sys.stdin:
@@ -264,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 class ServerProcess:
     """Model servers in a child process (see the module doc), as a context manager.
 
-    ``slow`` maps a server index to milliseconds per call; ``fail`` maps an index to a failure share.
+    ``slow`` maps a server index to milliseconds per call; ``fail`` maps an index to a failure share;
+    every server appends the calls it executes that carry an ``x-request-id`` to ``request_log`` (see
+    :mod:`lbkit.testing.model_server`).
     """
 
     def __init__(
@@ -276,6 +289,7 @@ class ServerProcess:
         fail: dict[int, float] | None = None,
         processes: bool = False,
         ports: Sequence[int] | None = None,
+        request_log: str | None = None,
         start_timeout: float = 20.0,
         command_timeout: float = 10.0,
     ) -> None:
@@ -289,6 +303,8 @@ class ServerProcess:
             self._argv.append("--processes")
         if ports:
             self._argv += ["--ports", ",".join(map(str, ports))]
+        if request_log:
+            self._argv += ["--request-log", request_log]
         self._start_timeout = start_timeout
         self._command_timeout = command_timeout
         self._proc: subprocess.Popen[str] | None = None
