@@ -26,6 +26,9 @@ DOWN = (False, Cause.HEALTH_NOT_SERVING)
 FAST = HealthCheck(timeout=1.0, interval=0.05, backoff_base=0.05, backoff_max=0.2)
 """Short polling and backoff, so tests stay fast."""
 
+PUSH_ONLY = HealthCheck(timeout=1.0, interval=60.0, backoff_base=0.05, backoff_max=0.2)
+"""A minute between polls: a report that comes within a test's wait was pushed by ``Watch``."""
+
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.min_reconnect_backoff_ms", 50),
@@ -50,12 +53,21 @@ class CheckOnlyServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 class Server:
-    """A grpc server on 127.0.0.1: the reference HealthServicer, a given health servicer, or none."""
+    """A grpc server on 127.0.0.1: the reference HealthServicer, a given health servicer, or none.
+
+    The reference servicer runs in its blocking mode: in its default non-blocking mode it holds its lock
+    while a response is being sent, and a Watch stream that a client cancels meanwhile deadlocks the
+    server (the stream's close callback waits for that lock on the thread that would finish the send).
+    Tests here cancel streams on purpose. Blocking mode keeps only the latest status per stream, which is
+    all a health watcher needs: tests wait for each report before the next change.
+    """
 
     def __init__(self, *, health_service: bool = True, servicer: Any = None, port: int = 0) -> None:
         self.health: Any = None
         if health_service:
-            self.health = servicer if servicer is not None else health.HealthServicer()
+            self.health = (
+                servicer if servicer is not None else health.HealthServicer(experimental_non_blocking=False)
+            )
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         if self.health is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -125,8 +137,11 @@ def watch() -> Iterator[Callable[..., tuple[HealthWatcher, Reports]]]:
     """Start a HealthWatcher on a fresh channel; stopped and closed after the test."""
     made: list[tuple[HealthWatcher, grpc.Channel]] = []
 
-    def make(address: str, config: HealthCheck = FAST) -> tuple[HealthWatcher, Reports]:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def make(
+        address: str, config: HealthCheck = FAST, channel: grpc.Channel | None = None
+    ) -> tuple[HealthWatcher, Reports]:
+        if channel is None:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         reports = Reports()
         watcher = HealthWatcher(config, channel, address, reports)
         made.append((watcher, channel))
@@ -204,15 +219,21 @@ def test_health_check_options_are_validated() -> None:
 # -- against servers ------------------------------------------------------------------------------
 
 
-def test_watch_reports_flips_quickly_and_only_flips(servers: Any, watch: Any) -> None:
+def test_tracker_reports_only_flips() -> None:
+    reports = Reports()
+    tracker = HealthTracker(HealthCheck(), "a:1", reports)
+    for status in (SERVING, SERVING, NOT_SERVING, NOT_SERVING, health_pb2.HealthCheckResponse.UNKNOWN):
+        tracker.on_message(status)
+    tracker.on_message(SERVING)
+    assert reports.items == [UP, DOWN, UP]  # UNKNOWN after NOT_SERVING is no flip: still not serving
+
+
+def test_watch_reports_flips_as_they_are_pushed(servers: Any, watch: Any) -> None:
     server = servers()
-    _, reports = watch(server.address)
+    _, reports = watch(server.address, PUSH_ONLY)  # no poll in a minute: every report below was pushed
     assert reports.wait(1) == [UP]
-    started = time.monotonic()
     server.set("", NOT_SERVING)
-    assert reports.wait(2)[1] == DOWN
-    assert time.monotonic() - started < 0.2
-    server.set("", NOT_SERVING)  # the server repeats itself: no report
+    assert reports.wait(2) == [UP, DOWN]
     server.set("", SERVING)
     assert reports.wait(3) == [UP, DOWN, UP]
     assert reports.addresses == {server.address}
@@ -269,23 +290,42 @@ def test_reconnects_after_server_restart(servers: Any, watch: Any) -> None:
 
 def test_stop_returns_promptly_and_reports_nothing_after(servers: Any, watch: Any) -> None:
     server = servers()
-    watcher, reports = watch(server.address)
-    reports.wait(1)
+    watcher, reports = watch(server.address, PUSH_ONLY)
+    control, heard = watch(server.address, PUSH_ONLY)  # a twin left running: it hears what it would have
+    assert reports.wait(1) == [UP] and heard.wait(1) == [UP]
     started = time.monotonic()
     watcher.stop()
     assert time.monotonic() - started < 0.5
-    assert not watcher.running
+    assert not watcher.running  # its thread, the only one that reports, has ended
     server.set("", NOT_SERVING)
-    time.sleep(0.05)  # give a stray report the chance to show up
-    assert reports.items == [UP]
+    assert heard.wait(2) == [UP, DOWN]
+    server.set("", SERVING)
+    assert heard.wait(3) == [UP, DOWN, UP]  # both flips were pushed to every open Watch ...
+    assert control.running and reports.items == [UP]  # ... and the stopped watcher reported neither
+
+
+def wait_connecting(channel: grpc.Channel) -> None:
+    """Block until ``channel`` has left IDLE: a call on it is waiting for the server."""
+    left = threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if state is not grpc.ChannelConnectivity.IDLE:
+            left.set()
+
+    channel.subscribe(seen)
+    try:
+        assert left.wait(5.0), "the channel never tried to connect"
+    finally:
+        channel.unsubscribe(seen)
 
 
 def test_stop_returns_promptly_while_waiting_for_a_dead_server(servers: Any, watch: Any) -> None:
     server = servers()
     address = server.address
     server.stop()
-    watcher, reports = watch(address)
-    time.sleep(0.05)
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    watcher, reports = watch(address, channel=channel)
+    wait_connecting(channel)  # the watcher's Watch call waits for the server (wait_for_ready)
     started = time.monotonic()
     watcher.stop()
     assert time.monotonic() - started < 0.5

@@ -19,6 +19,7 @@ from tests.integration.test_active_health import (
     DOWN,
     FAST,
     NOT_SERVING,
+    PUSH_ONLY,
     SERVING,
     UP,
     CheckOnlyServicer,
@@ -35,8 +36,11 @@ async def watch() -> AsyncIterator[Callable[..., tuple[AsyncHealthWatcher, Repor
     """Start an AsyncHealthWatcher on a fresh aio channel; stopped and closed after the test."""
     made: list[tuple[AsyncHealthWatcher, grpc.aio.Channel]] = []
 
-    def make(address: str, config: HealthCheck = FAST) -> tuple[AsyncHealthWatcher, Reports]:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def make(
+        address: str, config: HealthCheck = FAST, channel: grpc.aio.Channel | None = None
+    ) -> tuple[AsyncHealthWatcher, Reports]:
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         reports = Reports()
         watcher = AsyncHealthWatcher(config, channel, address, reports)
         made.append((watcher, channel))
@@ -49,15 +53,12 @@ async def watch() -> AsyncIterator[Callable[..., tuple[AsyncHealthWatcher, Repor
         await channel.close()
 
 
-async def test_watch_reports_flips_quickly_and_only_flips(servers: Any, watch: Any) -> None:
+async def test_watch_reports_flips_as_they_are_pushed(servers: Any, watch: Any) -> None:
     server = servers()
-    _, reports = watch(server.address)
+    _, reports = watch(server.address, PUSH_ONLY)  # no poll in a minute: every report below was pushed
     assert await reports.await_count(1) == [UP]
-    started = time.monotonic()
     server.set("", NOT_SERVING)
-    assert (await reports.await_count(2))[1] == DOWN
-    assert time.monotonic() - started < 0.2
-    server.set("", NOT_SERVING)
+    assert await reports.await_count(2) == [UP, DOWN]
     server.set("", SERVING)
     assert await reports.await_count(3) == [UP, DOWN, UP]
     assert reports.addresses == {server.address}
@@ -116,23 +117,28 @@ async def test_reconnects_after_server_restart(servers: Any, watch: Any) -> None
 
 async def test_stop_returns_promptly_and_reports_nothing_after(servers: Any, watch: Any) -> None:
     server = servers()
-    watcher, reports = watch(server.address)
-    await reports.await_count(1)
+    watcher, reports = watch(server.address, PUSH_ONLY)
+    control, heard = watch(server.address, PUSH_ONLY)  # a twin left running: it hears what it would have
+    assert await reports.await_count(1) == [UP] and await heard.await_count(1) == [UP]
     started = time.monotonic()
     await watcher.stop()
     assert time.monotonic() - started < 0.5
-    assert not watcher.running
+    assert not watcher.running  # its task, the only thing that reports, has ended
     server.set("", NOT_SERVING)
-    await asyncio.sleep(0.05)  # give a stray report the chance to show up
-    assert reports.items == [UP]
+    assert await heard.await_count(2) == [UP, DOWN]
+    server.set("", SERVING)
+    assert await heard.await_count(3) == [UP, DOWN, UP]  # both flips were pushed to every open Watch ...
+    assert control.running and reports.items == [UP]  # ... and the stopped watcher reported neither
 
 
 async def test_stop_returns_promptly_while_waiting_for_a_dead_server(servers: Any, watch: Any) -> None:
     server = servers()
     address = server.address
     server.stop()
-    watcher, reports = watch(address)
-    await asyncio.sleep(0.05)
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    watcher, reports = watch(address, channel=channel)
+    # The watcher's Watch call waits for the server (wait_for_ready): the channel leaves IDLE for it.
+    await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.IDLE), 5.0)
     assert watcher.running
     started = time.monotonic()
     await watcher.stop()
