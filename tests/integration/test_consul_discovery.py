@@ -133,7 +133,7 @@ def test_register_ttl_fail_and_deregister_reach_the_watcher_fast(server: ConsulS
         first = rec.wait_for(lambda s: True)
         assert len(rec.sets[0]) == 0  # the first answer is published even when empty
         assert rec.sets[0].version >= 1
-        time.sleep(0.05)  # let the watcher block on the index
+        wait_until(lambda: any("index" in r.query for r in health_gets(server)))  # blocked on the index
 
         t0 = time.monotonic()
         register(
@@ -171,8 +171,9 @@ def test_no_publish_before_wait_without_a_change(server: ConsulServer) -> None:
     with watching(discovery(server, wait=0.3)) as rec:
         rec.wait_for(lambda s: len(s) == 1)
         before = len(health_gets(server))
-        time.sleep(1.0)  # about three waits run out without a change
-        assert len(health_gets(server)) - before >= 2  # queries returned and were re-sent ...
+        # Three waits run out without a change: each query returned and was re-sent. The watcher
+        # publishes an answer before it sends the next query, so a wrong publish would be in by now ...
+        wait_until(lambda: len(health_gets(server)) - before >= 3, timeout=5.0)
         assert len(rec.sets) == 1  # ... yet nothing was published again
     blocking = [r for r in health_gets(server) if "index" in r.query]
     assert blocking, "the watcher never sent a blocking query"
@@ -301,11 +302,17 @@ def test_stop_returns_promptly_while_a_blocking_query_is_pending(server: ConsulS
 # --- asyncio ---------------------------------------------------------------------------------------
 
 
+async def blocked_on_the_index(server: ConsulServer) -> None:
+    """Return once the watcher has sent a blocking query (one with an index)."""
+    while not any("index" in r.query for r in health_gets(server)):
+        await asyncio.sleep(0.005)
+
+
 async def test_async_changes_reach_the_watcher_fast(server: ConsulServer) -> None:
     client = server.client()
     async with awatching(discovery(server)) as rec:
         await rec.await_for(lambda s: True)
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(blocked_on_the_index(server), 3.0)
         t0 = time.monotonic()
         await asyncio.to_thread(register, client, "a", 7001, ttl=True)
         assert await rec.await_for(lambda s: len(s) == 1) - t0 < FAST
