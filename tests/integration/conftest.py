@@ -11,7 +11,13 @@ import pytest
 from lbkit.testing import Behavior, ModelServer
 from lbkit.testing.model_server import pb2, pb2_grpc
 
-__all__ = ["async_wait_for", "pb2", "pb2_grpc", "served_counts", "wait_for"]
+__all__ = ["SCHEDULING_MARGIN", "async_wait_for", "pb2", "pb2_grpc", "served_counts", "wait_for"]
+
+SCHEDULING_MARGIN = 0.25
+"""Seconds a timing bound may exceed the behaviour's own figure (a deadline, a wait_timeout): how late a
+thread or task waiting for it may be woken, and the failed call unwound, on a 2-core machine shared with
+other work. Bounds are the figure plus this, never a multiple of it: a call that waits twice as long as
+it should fails them."""
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import lbkit
 import lbkit.aio
 from lbkit.testing import ModelServer
-from tests.integration.conftest import async_wait_for, pb2, pb2_grpc, served_counts
+from tests.integration.conftest import SCHEDULING_MARGIN, async_wait_for, pb2, pb2_grpc, served_counts
 
 REQ = pb2.PredictRequest(features=[1.0, 2.0])
 
@@ -111,20 +111,38 @@ async def test_in_flight_returns_to_zero_after_every_kind_of_call(make_servers):
         await async_wait_for(lambda: in_flight(lb) == 0)
 
 
-async def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
+async def test_server_killed_with_calls_in_flight_costs_no_failed_calls(make_servers):
     servers = make_servers(3)
+    victim = servers[1]
+    failures: list[BaseException] = []
+    served: Counter[str] = Counter()
     async with lbkit.aio.Balancer([s.address for s in servers], selector="round_robin") as lb:
         await lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
-        results: list[object] = []
-        for i in range(20):
-            if i == 5:
-                servers[1].stop(0)
-            results += await asyncio.gather(
-                *(stub.Predict(REQ, timeout=5) for _ in range(30)), return_exceptions=True
+
+        async def load() -> None:
+            for _ in range(150):
+                try:
+                    served[(await stub.Predict(REQ, timeout=5)).served_by] += 1
+                except grpc.RpcError as err:
+                    failures.append(err)
+
+        workers = [asyncio.create_task(load()) for _ in range(4)]
+        await async_wait_for(lambda: min(served[s.address] for s in servers) >= 10)  # load on every server
+        victim.behavior.hang = True  # from now on the victim holds every call it gets ...
+        # ... until all four callers wait on it, their calls received by the server:
+        await async_wait_for(
+            lambda: (
+                lb.stats[victim.address].in_flight == 4
+                and victim.calls["Predict"] - served[victim.address] == 4
             )
-    failures = [r for r in results if isinstance(r, BaseException)]
-    assert failures == [] and len(results) == 600
+        )
+        held = victim.calls["Predict"] - served[victim.address]
+        await asyncio.to_thread(victim.stop, 0)  # killed with those calls in flight
+        await asyncio.wait_for(asyncio.gather(*workers), 30)
+    assert held == 4  # the server had taken four calls it never answered
+    assert failures == []
+    assert sum(served.values()) == 600  # each of them was answered elsewhere
 
 
 async def test_no_ready_endpoint_fails_unavailable_at_deadline():
@@ -139,7 +157,20 @@ async def test_no_ready_endpoint_fails_unavailable_at_deadline():
         elapsed = time.monotonic() - start
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "inference" in info.value.details()
-    assert 0.4 <= elapsed < 2.0
+    assert 0.5 <= elapsed <= 0.5 + SCHEDULING_MARGIN  # at the deadline, not before, not much later
+
+
+async def test_call_without_deadline_waits_default_wait_then_fails():
+    dead = ModelServer().start()
+    address = dead.address
+    dead.stop(0)
+    async with lbkit.aio.Balancer([address], wait_timeout=0.3) as lb:
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        start = time.monotonic()
+        with pytest.raises(lbkit.NoReadyEndpointError):
+            await stub.Predict(REQ)
+        elapsed = time.monotonic() - start
+    assert 0.3 <= elapsed <= 0.3 + SCHEDULING_MARGIN
 
 
 async def test_removed_endpoint_in_flight_calls_complete(make_servers):

@@ -12,7 +12,7 @@ import pytest
 
 import lbkit
 from lbkit.testing import ModelServer
-from tests.integration.conftest import pb2, pb2_grpc, served_counts, wait_for
+from tests.integration.conftest import SCHEDULING_MARGIN, pb2, pb2_grpc, served_counts, wait_for
 
 REQ = pb2.PredictRequest(features=[1.0, 2.0])
 
@@ -133,10 +133,12 @@ def test_in_flight_returns_to_zero_after_every_kind_of_call(make_servers):
         assert lb.stats.total_in_flight == 0
 
 
-def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
+def test_server_killed_with_calls_in_flight_costs_no_failed_calls(make_servers):
     servers = make_servers(3)
+    victim = servers[1]
     failures: list[BaseException] = []
-    done = Counter()
+    served: Counter[str] = Counter()
+    lock = threading.Lock()
     with lbkit.Balancer([s.address for s in servers], selector="round_robin") as lb:
         lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
@@ -144,23 +146,35 @@ def test_server_killed_mid_run_costs_no_failed_calls(make_servers):
         def load() -> None:
             for _ in range(150):
                 try:
-                    stub.Predict(REQ, timeout=5)
-                    done["ok"] += 1
+                    reply = stub.Predict(REQ, timeout=5)
+                    with lock:
+                        served[reply.served_by] += 1
                 except grpc.RpcError as err:
                     failures.append(err)
 
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.05)
-        servers[1].stop(0)
+        wait_for(lambda: min(served[s.address] for s in servers) >= 10)  # load on every server
+        victim.behavior.hang = True  # from now on the victim holds every call it gets ...
+        # ... until all four callers wait on it, their calls received by the server:
+        wait_for(
+            lambda: (
+                lb.stats[victim.address].in_flight == 4
+                and victim.calls["Predict"] - served[victim.address] == 4
+            )
+        )
+        held = victim.calls["Predict"] - served[victim.address]
+        victim.stop(0)  # killed with those calls in flight
         for t in threads:
             t.join(30)
+    assert held == 4  # the server had taken four calls it never answered
     assert failures == []
-    assert done["ok"] == 600
+    assert sum(served.values()) == 600  # each of them was answered elsewhere
 
 
 def test_no_ready_endpoint_fails_unavailable_at_deadline():
+    # Fails at its deadline: not before it (giving up early), nor later than scheduling delays allow.
     # A port nothing listens on: bind-and-close to get one.
     dead = ModelServer().start()
     address = dead.address
@@ -173,9 +187,14 @@ def test_no_ready_endpoint_fails_unavailable_at_deadline():
         elapsed = time.monotonic() - start
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "inference" in info.value.details()
-    assert 0.4 <= elapsed < 2.0
+    assert 0.5 <= elapsed <= 0.5 + SCHEDULING_MARGIN
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known fault: a sync call without a deadline starts wait_timeout afresh at each pick "
+    "(it waited 0.6 s for wait_timeout=0.3), instead of wait_timeout in all",
+)
 def test_call_without_deadline_waits_default_wait_then_fails():
     dead = ModelServer().start()
     address = dead.address
@@ -185,7 +204,8 @@ def test_call_without_deadline_waits_default_wait_then_fails():
         start = time.monotonic()
         with pytest.raises(lbkit.NoReadyEndpointError):
             stub.Predict(REQ)
-        assert time.monotonic() - start < 2.0
+        elapsed = time.monotonic() - start
+    assert 0.3 <= elapsed <= 0.3 + SCHEDULING_MARGIN
 
 
 def test_removed_endpoint_in_flight_calls_complete(make_servers):

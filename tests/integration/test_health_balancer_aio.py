@@ -11,7 +11,7 @@ import grpc
 import lbkit
 import lbkit.aio
 from lbkit.events import Event, EventKind
-from tests.integration.conftest import async_wait_for, pb2, pb2_grpc
+from tests.integration.conftest import SCHEDULING_MARGIN, async_wait_for, pb2, pb2_grpc
 
 REQ = pb2.PredictRequest(features=[1.0])
 
@@ -92,4 +92,4 @@ async def test_no_call_fails_with_a_deadline_shorter_than_the_hang(make_servers)
         _, failures = await run_calls(stub, 1, timeout=0.3)
     # Every server hangs: the call fails with its own deadline, not later, and is not retried past it.
     assert [f.code() for f in failures] == [grpc.StatusCode.DEADLINE_EXCEEDED]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start <= 0.3 + SCHEDULING_MARGIN
