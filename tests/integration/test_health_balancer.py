@@ -10,6 +10,7 @@ import grpc
 
 import lbkit
 from lbkit.events import Event, EventKind
+from lbkit.testing import FakeClock
 from tests.integration.conftest import pb2, pb2_grpc, served_counts, wait_for
 
 REQ = pb2.PredictRequest(features=[1.0])
@@ -186,13 +187,16 @@ def test_slow_start_ramps_a_new_endpoint(make_servers):
     old = make_servers(2)
     new = make_servers(1)[0]
     discovery = lbkit.StaticDiscovery([s.address for s in old])
-    with lbkit.Balancer(discovery, selector="weighted", slow_start=lbkit.SlowStart(window=3.0)) as lb:
+    clock = FakeClock()  # the ramp runs on the balancer's clock: time passes only when the test says
+    slow_start = lbkit.SlowStart(window=3.0)
+    with lbkit.Balancer(discovery, selector="weighted", slow_start=slow_start, clock=clock) as lb:
         lb.wait_ready(count=2)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         discovery.update([*(s.address for s in old), new.address])
         lb.wait_ready(count=3)
-        early, _ = run_calls(stub, 120)
-        time.sleep(3.2)
+        early, _ = run_calls(stub, 120)  # at the start of its window
+        clock.advance(3.2)
+        wait_for(lambda: lb.stats[new.address].weight_factor == 1.0)  # the timer ended the ramp
         late, _ = run_calls(stub, 120)
     assert early[new.address] < 120 / 3 / 2  # well under its full share at first
     assert late[new.address] >= 120 / 3 * 0.8  # its full share once the window is over
