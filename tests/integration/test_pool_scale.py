@@ -160,7 +160,7 @@ def test_sync_server_without_health_service_is_healthy_or_not_as_configured(
                 assert {e.cause for e in events if e.kind is EventKind.UNHEALTHY} == {
                     Cause.HEALTH_UNIMPLEMENTED
                 }
-                assert [e.address for e in lb.core.picker.endpoints] == [other.address]
+                wait_for(lambda: [e.address for e in lb.core.picker.endpoints] == [other.address])
     finally:
         plain.stop(0)
 
@@ -189,5 +189,5 @@ def test_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, mon
         assert failed >= 1  # no retries: a call that met the stopped server failed...
         # ...and that failure alone made the pool read the channel and take the endpoint out.
         wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
-        assert {e.address for e in lb.core.picker.endpoints} == {servers[1].address}
+        wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == {servers[1].address})
         assert poller.reads - reads == 1  # one read, at the first failure
