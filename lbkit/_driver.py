@@ -233,16 +233,16 @@ class BalancerBase:
 
     def _new_member(self, endpoint: Endpoint) -> Member:
         """A pool member with a new channel to ``endpoint``."""
-        opts = self.options
-        if opts.credentials is not None:
-            channel = self._channels.secure_channel(
-                endpoint.address, opts.credentials, options=self.channel_args
-            )
-        else:
-            channel = self._channels.insecure_channel(endpoint.address, options=self.channel_args)
-        member = Member(endpoint.address, channel, self.stats[endpoint.address])
+        member = Member(endpoint.address, self._channel_to(endpoint.address), self.stats[endpoint.address])
         self.members[endpoint.address] = member
         return member
+
+    def _channel_to(self, address: str) -> Any:
+        """A new channel (of the driver's kind) to ``address``, with the pool's options."""
+        opts = self.options
+        if opts.credentials is not None:
+            return self._channels.secure_channel(address, opts.credentials, options=self.channel_args)
+        return self._channels.insecure_channel(address, options=self.channel_args)
 
     def _open_member(self, member: Member) -> None:
         """Start watching a new member's connectivity (and health); the driver's part."""

@@ -7,7 +7,9 @@ publishes a new immutable picker (one attribute assignment) after every change.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import random
 import threading
 import time
@@ -23,7 +25,7 @@ from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import PreferenceOrder, Subsetting, widened
 from lbkit.zones import ZonePlan, ZoneRouter, ZoneRouting
 
-__all__ = ["BalancerCore", "EndpointState", "PoolPlan"]
+__all__ = ["BalancerCore", "EndpointState", "PickerBuild", "PoolPlan"]
 
 log = logging.getLogger("lbkit")
 
@@ -41,6 +43,35 @@ class PoolPlan:
 
     def __bool__(self) -> bool:
         return bool(self.open or self.close)
+
+
+class PickerBuild:
+    """A picker build for the driver to run where it likes (off its event loop), then hand back to
+    :meth:`BalancerCore.publish`. Calling it builds the picker from what the core chose when it made the
+    build; it changes nothing of the core, so it may run in any thread."""
+
+    __slots__ = ("_run", "seconds", "size")
+
+    def __init__(self, run: Callable[[], Picker], size: int) -> None:
+        self._run = run
+        self.size = size
+        """Endpoints the picker is built over."""
+        self.seconds = 0.0
+        """Seconds the build took (``perf_counter``), once called."""
+
+    def __call__(self) -> Picker:
+        started = time.perf_counter()
+        try:
+            return self._run()
+        finally:
+            self.seconds = time.perf_counter() - started
+
+
+OFFLOAD_ABOVE = 0.002
+"""Picker builds expected to take longer (seconds) go to :attr:`BalancerCore.offload` when a driver set it."""
+
+OFFLOAD_UNMEASURED = 500
+"""Before any build has been timed, builds over at least this many endpoints count as slow."""
 
 
 @dataclass(slots=True)
@@ -140,6 +171,19 @@ class BalancerCore:
         """Seconds the last picker build took, on ``clock`` (so a test's fake time decides coalescing, not
         the real cost of a build on a busy machine)."""
         self._last_rebuild = float("-inf")
+        self.offload: Callable[[PickerBuild], None] | None = None
+        """Set by a driver that runs slow picker builds elsewhere (the asyncio balancer, off its event
+        loop): called (outside the lock) with each build expected to take over :data:`OFFLOAD_ABOVE`; the
+        driver calls the build, then :meth:`publish` with the picker. One build runs at a time: changes
+        meanwhile wait for it, and are built together after it."""
+        self.offload_above = OFFLOAD_ABOVE
+        """Seconds a build is expected to take above which it goes to ``offload``."""
+        self._building: PickerBuild | None = None
+        """The build handed to ``offload`` and not yet published."""
+        self._to_offload: PickerBuild | None = None
+        self._build_seconds = 0.0
+        self._build_size = 0
+        """Real seconds the last picker build took, and over how many endpoints (to judge the next)."""
 
     # ----------------------------------------------------------------- inputs
 
@@ -211,7 +255,9 @@ class BalancerCore:
                     changed = bool(events)
             if changed:
                 self._changed(now)
-            if self._ramping or (self._dirty and now >= self._last_rebuild + self._coalesce_window()):
+            if self._building is None and (
+                self._ramping or (self._dirty and now >= self._last_rebuild + self._coalesce_window())
+            ):
                 self._rebuild(now)
             nxt = self.next_deadline()
         self._flush()
@@ -225,10 +271,11 @@ class BalancerCore:
                 d = self.outlier.next_deadline()
                 if d is not None:
                     deadlines.append(d)
-            if self._ramping:
-                deadlines.append(self.clock() + self._ramp_step())
-            if self._dirty:
-                deadlines.append(self._last_rebuild + self._coalesce_window())
+            if self._building is None:  # else publishing it moves the deadline
+                if self._ramping:
+                    deadlines.append(self.clock() + self._ramp_step())
+                if self._dirty:
+                    deadlines.append(self._last_rebuild + self._coalesce_window())
             return min(deadlines) if deadlines else None
 
     def set_discovery_status(self, stale: bool, reason: str) -> None:
@@ -317,7 +364,10 @@ class BalancerCore:
 
     def _coalesce_window(self) -> float:
         """How long after a rebuild further changes wait to be rebuilt together: 10x the last build's cost,
-        at most 0.1 s; 0 for builds under a millisecond (most selectors), so those rebuild at once."""
+        at most 0.1 s; 0 for builds under a millisecond (most selectors), so those rebuild at once; until
+        it is published while a build runs elsewhere."""
+        if self._building is not None:
+            return math.inf  # a build is running elsewhere: changes wait for it (see ``publish``)
         cost = self._rebuild_cost
         return 0.0 if cost < 0.001 else min(10.0 * cost, 0.1)
 
@@ -385,13 +435,18 @@ class BalancerCore:
     def _rebuild(self, now: float) -> None:
         started = self.clock()
         members = self.members.values()
-        connected = [m for m in members if m.ready and m.health_known]
-        healthy = [m for m in connected if self._eligible(m)]
-        for m in members:
-            if self._eligible(m):
-                if m.usable_since is None:
-                    m.usable_since = now
-            elif m.usable_since is not None:
+        connected: list[EndpointState] = []
+        healthy: list[EndpointState] = []
+        outlier = self.outlier
+        for m in members:  # one pass: this runs on every change, over every endpoint
+            if m.ready and m.health_known:
+                connected.append(m)
+                if m.healthy and (outlier is None or not outlier.is_ejected(m.endpoint.address)):
+                    healthy.append(m)
+                    if m.usable_since is None:
+                        m.usable_since = now
+                    continue
+            if m.usable_since is not None:
                 m.usable_since = None
                 m.warm = False
         panic = (
@@ -424,22 +479,70 @@ class BalancerCore:
                 entry.weight_factor = factor
                 if factor < 1.0:
                     self._ramping = True
-        if chosen:
-            self.picker = self.zones.build(
-                self.selector,
-                [m.endpoint for m in chosen],
-                self.endpoint_set.endpoints,
-                self.stats,
-                panic=panic,
-            )
-        else:
-            states = [self._state_of(a, m) for a, m in self.members.items()]
-            self.picker = EmptyPicker(self._no_pick_reason_text(states, len(self.members)))
-        self.rebuilds += 1
-        self._picker_changed = True
         self._dirty = False
         self._last_rebuild = now
+        if chosen:
+            build = PickerBuild(
+                functools.partial(
+                    self.zones.build,
+                    self.selector,
+                    [m.endpoint for m in chosen],
+                    self.endpoint_set.endpoints,
+                    self.stats,
+                    panic=panic,
+                ),
+                len(chosen),
+            )
+            if self.offload is not None and self._slow(build.size):
+                self._building = self._to_offload = build
+                return
+            picker = build()
+            self._timed(build)
+        else:
+            states = [self._state_of(a, m) for a, m in self.members.items()]
+            picker = EmptyPicker(self._no_pick_reason_text(states, len(self.members)))
+        self._install(picker)
         self._rebuild_cost = self.clock() - started
+
+    def _slow(self, size: int) -> bool:
+        """Whether a build over ``size`` endpoints is expected to take over ``offload_above``: the last
+        build's time, scaled up by size (before any was timed: ``size >= OFFLOAD_UNMEASURED``)."""
+        if self._build_size == 0:
+            return size >= OFFLOAD_UNMEASURED
+        return self._build_seconds * max(1.0, size / self._build_size) >= self.offload_above
+
+    def _timed(self, build: PickerBuild) -> None:
+        self._build_seconds = build.seconds
+        self._build_size = build.size
+
+    def _install(self, picker: Picker) -> None:
+        self.picker = picker
+        self._building = None  # a build still running elsewhere is older than this picker: dropped
+        self.rebuilds += 1
+        self._picker_changed = True
+
+    def publish(self, build: PickerBuild, picker: Picker) -> None:
+        """Install the picker of a build handed to :attr:`offload` (unless a newer picker replaced it
+        meanwhile); changes made while it ran are built next, after the coalescing window."""
+        with self._lock:
+            if build is not self._building:
+                return
+            self._timed(build)
+            self._install(picker)
+            now = self.clock()
+            self._rebuild_cost = now - self._last_rebuild  # handed over then: on ``clock``, as inline
+            self._last_rebuild = now
+            if self._dirty or self._ramping:
+                self._deadline_moved = True
+        self._flush()
+
+    def drop_build(self, build: PickerBuild) -> None:
+        """Give up a build handed to :attr:`offload` that failed: the next change rebuilds."""
+        with self._lock:
+            if build is self._building:
+                self._building = None
+                self._deadline_moved = self._dirty or self._ramping
+        self._flush()
 
     def _ramp_step(self) -> float:
         assert self.slow_start is not None
@@ -457,6 +560,7 @@ class BalancerCore:
             moved = self._deadline_moved
             self._deadline_moved = False
             pool = self._plan_waiting and bool(self._plan_open or self._plan_close)
+            to_offload, self._to_offload = self._to_offload, None
         for event in events:
             _log_event(self.service, event)
             for listener in self.listeners:
@@ -473,6 +577,12 @@ class BalancerCore:
         if pool:
             for hook in self.on_pool:
                 hook()
+        if to_offload is not None and self.offload is not None:
+            try:
+                self.offload(to_offload)
+            except Exception:
+                log.exception("%s: handing a picker build over failed", self.service or "lbkit")
+                self.drop_build(to_offload)
 
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener(event)`` for every state change from now on."""

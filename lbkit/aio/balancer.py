@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -13,13 +15,18 @@ import grpc
 
 from lbkit._driver import KeyFn, Member
 from lbkit.aio.channel import AsyncDriver, BalancedChannel
-from lbkit.endpoint import EndpointSet
+from lbkit.core import PickerBuild
+from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import NoEndpointsError
 from lbkit.selectors.base import Key
 
 __all__ = ["Balancer"]
 
 log = logging.getLogger("lbkit")
+
+OPEN_SLICE = 0.002
+"""Seconds of opening channels the pool does before it lets the event loop run other work: a discovery
+update that adds thousands of endpoints opens them over many loop iterations, not in one long stall."""
 
 
 class Balancer(AsyncDriver):
@@ -42,6 +49,11 @@ class Balancer(AsyncDriver):
         self._picker_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._member_tasks: dict[str, asyncio.Task[None]] = {}
+        self._to_open: collections.deque[Member] = collections.deque()
+        self._opener: asyncio.Task[None] | None = None
+        self._builds: set[asyncio.Task[None]] = set()
+        self._build_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self.core.offload = self._offload
         self.core.on_picker.append(self._threadsafe(self._picker_changed))
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
         self._follow_clock(self._threadsafe(self._on_clock_advanced))
@@ -107,13 +119,17 @@ class Balancer(AsyncDriver):
         self._detach()
         if not getattr(self, "_tasks", None):
             return
-        tasks = [*self._tasks, *self._member_tasks.values()]
+        tasks = [*self._tasks, *self._member_tasks.values(), *self._builds]
+        if self._opener is not None:
+            tasks.append(self._opener)
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._picker_changed()
+        if self._build_thread is not None:
+            self._build_thread.shutdown(wait=False)
         members = list(self.members.values())
         self.members.clear()
         for m in members:
@@ -169,14 +185,36 @@ class Balancer(AsyncDriver):
         if not self._closed:
             self._apply_update(endpoint_set)
 
-    def _open_member(self, member: Member) -> None:
-        self._member_tasks[member.address] = asyncio.create_task(self._watch_connectivity(member))
-        check = self.options.health_check
-        if check is not None:
-            from lbkit.health.active_aio import AsyncHealthWatcher
+    def _new_member(self, endpoint: Endpoint) -> Member:
+        """A member whose channel :meth:`_open_member` opens later, a slice at a time."""
+        member = Member(endpoint.address, None, self.stats[endpoint.address])
+        self.members[endpoint.address] = member
+        return member
 
-            member.health = AsyncHealthWatcher(check, member.channel, member.address, self.on_health)
-            member.health.start()
+    def _open_member(self, member: Member) -> None:
+        """Queue the member: its channel, connectivity watch and health check start in the opener task."""
+        self._to_open.append(member)
+        if self._opener is None or self._opener.done():
+            self._opener = asyncio.create_task(self._open_queued(), name=f"lbkit-open-{self.service}")
+
+    async def _open_queued(self) -> None:
+        """Open queued members, yielding to the loop every OPEN_SLICE seconds."""
+        queue = self._to_open
+        check = self.options.health_check
+        while queue and not self._closed:
+            until = time.perf_counter() + OPEN_SLICE
+            while queue and time.perf_counter() < until:
+                member = queue.popleft()
+                if self.members.get(member.address) is not member or member.closed:
+                    continue  # gone (or replaced) before its turn
+                member.channel = self._channel_to(member.address)
+                self._member_tasks[member.address] = asyncio.create_task(self._watch_connectivity(member))
+                if check is not None:
+                    from lbkit.health.active_aio import AsyncHealthWatcher
+
+                    member.health = AsyncHealthWatcher(check, member.channel, member.address, self.on_health)
+                    member.health.start()
+            await asyncio.sleep(0)
 
     async def _watch_connectivity(self, member: Member) -> None:
         channel = member.channel
@@ -191,6 +229,29 @@ class Balancer(AsyncDriver):
             await channel.wait_for_state_change(state)
             state = channel.get_state(try_to_connect=False)
 
+    def _offload(self, build: PickerBuild) -> None:
+        """The core's hook for slow picker builds: run it in a worker thread, publish it on the loop."""
+        if threading.get_ident() != self._loop_thread:
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._offload, build)
+            return
+        if self._closed:
+            return
+        task = asyncio.create_task(self._build_off_loop(build), name=f"lbkit-build-{self.service}")
+        self._builds.add(task)
+        task.add_done_callback(self._builds.discard)
+
+    async def _build_off_loop(self, build: PickerBuild) -> None:
+        if self._build_thread is None:  # one worker, made the first time a build is slow
+            self._build_thread = concurrent.futures.ThreadPoolExecutor(1, f"lbkit-build-{self.service}")
+        try:
+            picker = await self._loop.run_in_executor(self._build_thread, build)
+        except Exception:
+            log.exception("%s: building a picker failed", self.service)
+            self.core.drop_build(build)
+            return
+        self.core.publish(build, picker)
+
     async def _close_member(self, member: Member) -> None:
         member.mark_closed()
         task = self._member_tasks.pop(member.address, None)
@@ -198,6 +259,8 @@ class Balancer(AsyncDriver):
             task.cancel()
         if member.health is not None:
             await member.health.stop()
+        if member.channel is None:
+            return  # never opened
         try:
             await member.channel.close()
         except Exception:

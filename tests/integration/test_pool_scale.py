@@ -33,6 +33,12 @@ def farm() -> Iterator[PortFarm]:
         yield farm
 
 
+def py_threads() -> int:
+    """Python threads, but for the asyncio balancer's picker-build worker, which a balancer starts (one)
+    once its picker builds get slow, at whatever size that is."""
+    return sum(1 for t in threading.enumerate() if not t.name.startswith("lbkit-build"))
+
+
 def os_threads() -> int:
     """Threads of this process as the kernel counts them (grpc core's own included)."""
     return len(os.listdir("/proc/self/task"))
@@ -64,7 +70,7 @@ def test_sync_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, health: bo
         check = lbkit.HealthCheck() if health else None
         with lbkit.Balancer(addresses, health_check=check, on_event=events.append) as lb:
             lb.wait_ready(count=n, timeout=30)
-            counts[n] = (threading.active_count(), os_threads())
+            counts[n] = (py_threads(), os_threads())
             assert addresses_of(events, EventKind.READY) == set(addresses)
             stub = pb2_grpc.ModelServiceStub(lb.channel())
             for _ in range(n):
@@ -84,7 +90,7 @@ async def test_aio_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, healt
         check = lbkit.HealthCheck() if health else None
         async with lbkit.aio.Balancer(addresses, health_check=check, on_event=events.append) as lb:
             await lb.wait_ready(count=n, timeout=30)
-            counts[n] = (threading.active_count(), os_threads())
+            counts[n] = (py_threads(), os_threads())
             assert addresses_of(events, EventKind.READY) == set(addresses)
     assert counts[MANY][0] == counts[FEW][0], counts
     assert counts[MANY][1] <= counts[FEW][1] + 3, counts
@@ -191,3 +197,35 @@ def test_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, mon
         wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
         wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == {servers[1].address})
         assert poller.reads - reads == 1  # one read, at the first failure
+
+
+class GatedRoundRobin(lbkit.Selector):
+    """Round robin whose builds after the first wait for ``gate`` (set by a coroutine on the loop)."""
+
+    name = "gated_round_robin"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.builds = 0
+        self.waited: list[bool] = []
+
+    def _build(self, endpoints: tuple[lbkit.Endpoint, ...], stats: lbkit.Stats) -> lbkit.Picker:
+        self.builds += 1
+        if self.builds > 1:
+            self.waited.append(self.gate.wait(5.0))
+        return lbkit.RoundRobin().build(endpoints, stats)
+
+
+async def test_aio_slow_picker_builds_leave_the_event_loop_free(make_servers) -> None:
+    servers = make_servers(3)
+    selector = GatedRoundRobin()
+    async with lbkit.aio.Balancer([s.address for s in servers], selector=selector) as lb:
+        lb.core.offload_above = 0.0  # every timed build counts as slow
+        await async_wait_for(lambda: selector.builds >= 2)
+        # A build waits for the gate; only a loop that is free to run this line can open it.
+        selector.gate.set()
+        await lb.wait_ready(count=3)
+        assert selector.waited and all(selector.waited)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        seen = {(await stub.Predict(pb2.PredictRequest(), timeout=5)).served_by for _ in range(6)}
+        assert seen == {s.address for s in servers}
