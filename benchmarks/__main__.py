@@ -22,7 +22,16 @@ from benchmarks._common import Result, machine_info, markdown_table, render_resu
 
 __all__ = ["MODULES", "main", "make_plots", "render_report", "run_suite"]
 
-MODULES = ("selectors", "hash_quality", "subsetting", "e2e", "faults", "consul_propagation", "consul_picker")
+MODULES = (
+    "selectors",
+    "hash_quality",
+    "subsetting",
+    "e2e",
+    "faults",
+    "consul_propagation",
+    "consul_picker",
+    "soak",
+)
 """Benchmark modules, in the order they run and appear in the report."""
 
 Series = dict[str, list[tuple[float, float]]]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 170.0
+TIMEOUT = 240.0
 
 
 @pytest.mark.timeout(TIMEOUT + 20)
@@ -48,6 +48,24 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     # The e2e tables put native round robin, the baseline, in every cell.
     e2e_tables = modules["e2e"]["tables"]
     assert e2e_tables and all(any(row[0] == "native round_robin" for row in t["rows"]) for t in e2e_tables)
+    # The soak judges every goal, injected every fault, and stopped every process it started.
+    from benchmarks.soak import FAULTS, plan
+
+    soak = modules["soak"]["data"]
+    assert set(soak["goals"]) == {
+        "avoidable failures",
+        "executed twice, retries off",
+        "in flight after the run",
+        "RSS growth",
+        "thread growth",
+    }
+    assert all(isinstance(g["pass"], bool) and g["value"] is not None for g in soak["goals"].values())
+    assert set(soak["faults"]) == set(FAULTS)
+    assert {k["method"] for k in soak["kinds"].values()} >= {"Predict", "StreamPredict", "UpdateFeatures"}
+    assert plan(None, True).max_calls * 0.5 <= soak["calls"] <= plan(None, True).max_calls
+    succeeded = sum(k["calls"] - k["failed"] for k in soak["kinds"].values())
+    assert soak["executions_logged"] >= succeeded  # the servers recorded each call they executed
+    assert soak["processes_started"] == 8 and soak["processes_left"] == []
     # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
     assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
     assert "latency_cdf_slow_server.png" in report

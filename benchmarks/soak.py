@@ -1,0 +1,917 @@
+"""Soak: 300 calls/s of every call kind over 6 servers found through Consul, under faults on a schedule.
+
+``python -m benchmarks.soak --minutes 10`` gives the published figures; ``--quick`` runs about 30 s of load.
+
+Six real grpc model servers run one per process (``lbkit.testing.server_process --processes``), registered
+with gRPC health checks in the Consul-compatible test server, itself in a child process so that it can be
+restarted with its state, as an agent keeps its services across a restart. One client process sends 300
+calls/s through ``lbkit.Balancer`` over ``ConsulDiscovery``: unary ``Predict``, server-streaming
+``StreamPredict``, bidi ``UpdateFeatures`` and, when the service has one, its client-streaming method.
+Faults follow one another on a schedule, each on another server: a kill and a restart, a health flap, a hang,
+a hang that ends in deregistration (calls in flight when the drain times out), a deregistration storm (three
+servers out and back, four times) and a Consul restart. At most three servers are out at once.
+
+Every call carries a request id (``x-request-id``) that the servers append to a shared log as they start
+executing it, so the run sees which calls executed twice. Judged, each against its goal:
+
+- **calls that could have succeeded elsewhere** (goal 0): calls that failed although, for the whole call
+  (from ``SETTLE`` seconds before it started to its end), some endpoint other than those it executed on was
+  serving (its process up, not hung, health SERVING, registered in Consul), and the call could still have
+  been moved there without running twice: it had received no response, and its method may be retried or no
+  server had started executing it. A call that failed on a server killed or hung under it, with a
+  non-retryable method or after a response, is counted as failed but not as one of these.
+- **calls executed twice** on servers, for methods whose retries are off (goal 0);
+- **calls in flight** in the balancers' counts once every call has ended (goal 0);
+- **growth of RSS and of thread count** of the client process, from the end of the first round of faults
+  to the end of the run (goal <= 5 %).
+
+The run is bounded in calls and in time, stops by itself and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from benchmarks._common import Result, fmt, percentile, render_result
+
+__all__ = ["Plan", "main", "plan", "run", "soak"]
+
+SERVICE = "soak-models"
+PACKAGE_SERVICE = "lbkit.inference.v1.ModelService"
+RATE = 300.0
+"""Calls per second, all kinds together."""
+SERVERS = 6
+DELAY_MS = 5.0
+"""Each server's time per unary call and per streamed token."""
+CALL_TIMEOUT = 2.0
+ATTEMPT_TIMEOUT = 0.5
+"""Per-attempt timeout of the methods that retry: a hung server costs them one attempt, not the call."""
+SETTLE = 2.0
+"""Seconds an endpoint must have been serving before it counts as one a call could have gone to."""
+TOKENS = 4
+"""Responses of each StreamPredict, requests of each UpdateFeatures and client stream."""
+MAX_OUTSTANDING = 400
+"""Calls the client lets run at once; a call due beyond that is not sent (and counted)."""
+GROWTH_GOAL = 0.05
+REQUEST_ID = "x-request-id"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long the run lasts and how its faults are paced."""
+
+    seconds: float
+    """Seconds of load."""
+    warmup: float
+    """Seconds of load before the first fault."""
+    fault: float
+    """Seconds each fault lasts."""
+    gap: float
+    """Seconds between the end of one fault and the start of the next."""
+    cooldown: float
+    """Seconds of load after the last fault ends."""
+
+    @property
+    def max_calls(self) -> int:
+        """The most calls the run sends."""
+        return int(self.seconds * RATE) + 1
+
+
+def plan(minutes: float | None, quick: bool) -> Plan:
+    """The plan for ``--minutes`` (default 10), or the quick one (about 30 s of load)."""
+    if quick:
+        return Plan(seconds=30.0, warmup=3.0, fault=1.5, gap=1.5, cooldown=4.0)
+    seconds = 60.0 * (10.0 if minutes is None else minutes)
+    if seconds < 30.0:
+        raise ValueError(f"--minutes must be at least 0.5, got {minutes}")
+    return Plan(seconds=seconds, warmup=5.0, fault=3.0, gap=3.0, cooldown=6.0)
+
+
+# --------------------------------------------------------------------------- Consul in a child process
+
+
+def _consul_child() -> None:
+    """Serve the Consul test server; ``stop``/``start`` on stdin restart it with its state (child mode)."""
+    from lbkit.testing.consul import ConsulServer
+
+    server = ConsulServer().start()
+    print(f"READY {server.address}", flush=True)
+    try:
+        for line in sys.stdin:
+            verb = line.strip()
+            if verb == "stop":
+                server.stop()
+            elif verb == "start":
+                server.start()
+            elif verb == "quit":
+                break
+            print("OK", flush=True)
+    finally:
+        server.stop()
+
+
+class ConsulProcess:
+    """The Consul test server in a child process; :meth:`stop` and :meth:`start` restart it in place."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.soak", "--consul-child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.pid = self._proc.pid
+        line = self._read()
+        if not line.startswith("READY "):
+            self.close()
+            raise RuntimeError(f"consul child said {line!r}")
+        self.address = line.split()[1]
+
+    def _read(self) -> str:
+        assert self._proc.stdout is not None
+        return self._proc.stdout.readline().strip()
+
+    def command(self, verb: str) -> None:
+        """Send ``stop`` or ``start`` and wait for it to be done."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(verb + "\n")
+        self._proc.stdin.flush()
+        if self._read() != "OK":
+            raise RuntimeError(f"consul child did not do {verb!r}")
+
+    def close(self) -> None:
+        """Stop the child (kill it if it does not exit within 5 s)."""
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.write("quit\n")
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5.0)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- what was true when
+
+
+@dataclass
+class Truth:
+    """Which servers were serving when: the ground truth the run's failures are judged against."""
+
+    count: int
+    out: list[set[str]] = field(default_factory=list)
+    """Per server, the faults in force (killed, hung, unhealthy, deregistered)."""
+    changes: list[list[tuple[float, bool]]] = field(default_factory=list)
+    """Per server, (time, serving) at each change."""
+    strikes: list[list[tuple[float, float]]] = field(default_factory=list)
+    """Per server, (start, end) of each kill or hang: calls running on it then could not finish there."""
+    faults: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.out = [set() for _ in range(self.count)]
+        self.changes = [[(0.0, True)] for _ in range(self.count)]
+        self.strikes = [[] for _ in range(self.count)]
+
+    def set(self, index: int, fault: str, on: bool) -> None:
+        """Record that ``fault`` starts (``on``) or ends on server ``index`` now."""
+        now = time.monotonic()
+        with self.lock:
+            before = not self.out[index]
+            if on:
+                self.out[index].add(fault)
+            else:
+                self.out[index].discard(fault)
+            after = not self.out[index]
+            if before != after:
+                self.changes[index].append((now, after))
+            if fault in ("killed", "hung"):
+                if on:
+                    self.strikes[index].append((now, float("inf")))
+                elif self.strikes[index] and self.strikes[index][-1][1] == float("inf"):
+                    self.strikes[index][-1] = (self.strikes[index][-1][0], now)
+
+    def serving_throughout(self, index: int, start: float, end: float) -> bool:
+        """Whether server ``index`` was serving over all of [start, end]."""
+        state = True
+        for t, serving in self.changes[index]:
+            if t <= start:
+                state = serving
+            elif t <= end and not serving:
+                return False
+        return state
+
+    def struck(self, index: int, start: float, end: float) -> bool:
+        """Whether a kill or hang of server ``index`` overlapped [start, end]."""
+        return any(s <= end and e >= start for s, e in self.strikes[index])
+
+
+# --------------------------------------------------------------------------- the calls
+
+
+@dataclass
+class Call:
+    """One call in progress: the responses it has received so far."""
+
+    responses: int = 0
+
+
+class Records:
+    """What the client saw of every call, in arrays allocated before the load starts, so that keeping the
+    records does not grow the process the run measures. Call ``seq`` has request id ``c{seq}``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.start = array("d", bytes(8 * size))
+        self.end = array("d", bytes(8 * size))
+        self.ok = array("b", bytes(size))
+        self.responses = array("i", bytes(4 * size))
+        self.code = array("h", bytes(2 * size))
+        self.codes = [""]
+        """Error names; ``code`` holds indices into it (0: none)."""
+        self.sent = 0
+
+    def code_index(self, name: str) -> int:
+        """The index of error ``name`` in :attr:`codes` (added on first use)."""
+        try:
+            return self.codes.index(name)
+        except ValueError:
+            self.codes.append(name)
+            return len(self.codes) - 1
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One call kind: its method, whether its retries are on, and how to make a call of it."""
+
+    name: str
+    method: str
+    retries: bool
+    invoke: Callable[[Any, list[tuple[str, str]], Call], None]
+
+
+def _kinds(pb2: Any) -> list[Kind]:
+    """The call kinds the service offers (its client-streaming method only once it has one)."""
+
+    def unary(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        stub.Predict(pb2.PredictRequest(features=[1.0, 2.0]), timeout=CALL_TIMEOUT, metadata=md)
+        call.responses = 1
+
+    def server_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        request = pb2.PredictRequest(features=[1.0], max_tokens=TOKENS)
+        for _ in stub.StreamPredict(request, timeout=CALL_TIMEOUT, metadata=md):
+            call.responses += 1
+        if call.responses != TOKENS:
+            raise RuntimeError(f"{call.responses} tokens of {TOKENS}")
+
+    def updates() -> Iterator[Any]:
+        for i in range(TOKENS):
+            yield pb2.FeatureUpdate(entity_id="e", sequence=i, features={"x": float(i)})
+
+    def bidi(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        for _ in stub.UpdateFeatures(updates(), timeout=CALL_TIMEOUT, metadata=md):
+            call.responses += 1
+        if call.responses != TOKENS:
+            raise RuntimeError(f"{call.responses} acks of {TOKENS}")
+
+    kinds = [
+        Kind("unary", "Predict", True, unary),
+        Kind("server stream", "StreamPredict", True, server_stream),
+        Kind("bidi", "UpdateFeatures", False, bidi),
+    ]
+    service = pb2.DESCRIPTOR.services_by_name["ModelService"]
+    for method in service.methods:
+        if method.client_streaming and not method.server_streaming:
+            from google.protobuf import message_factory
+
+            kinds.append(Kind("client stream", method.name, True, _client_stream(method, message_factory)))
+            break
+    return kinds
+
+
+def _client_stream(method: Any, message_factory: Any) -> Callable[[Any, list[tuple[str, str]], Call], None]:
+    request_class = message_factory.GetMessageClass(method.input_type)
+    name = method.name
+
+    def client_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        requests = (request_class() for _ in range(TOKENS))
+        getattr(stub, name)(requests, timeout=CALL_TIMEOUT, metadata=md)
+        call.responses = 1
+
+    return client_stream
+
+
+# --------------------------------------------------------------------------- the client process's size
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _threads() -> int:
+    """Threads of this process, native ones included, less the run's own (named ``soak-...``)."""
+    own = {t.native_id for t in threading.enumerate() if t.name.startswith("soak-")}
+    return len(set(map(int, os.listdir("/proc/self/task"))) - own)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Cluster:
+    """The servers, their registrations and Consul; every fault the schedule injects."""
+
+    def __init__(self, log_path: str, truth: Truth) -> None:
+        from lbkit.registration import GrpcCheck, Registration
+        from lbkit.testing.server_process import ServerProcess
+
+        self.truth = truth
+        self.consul: ConsulProcess | None = None
+        self.servers: ServerProcess | None = None
+        self.registrations: list[Any] = []
+        try:
+            self.consul = ConsulProcess()
+            self.servers = ServerProcess(
+                SERVERS, delay_ms=DELAY_MS, processes=True, request_log=log_path, command_timeout=10.0
+            )
+            self.servers.start()
+            check = GrpcCheck(interval=1.0, timeout=1.0, deregister_after=300.0)
+            for index, address in enumerate(self.servers.addresses):
+                registration = Registration(
+                    SERVICE,
+                    address,
+                    service_id=f"{SERVICE}-{index}",
+                    check=check,
+                    consul_address=self.consul.address,
+                    env={},
+                )
+                registration.register()
+                self.registrations.append(registration)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def addresses(self) -> list[str]:
+        assert self.servers is not None
+        return self.servers.addresses
+
+    def _server(self, text: str) -> None:
+        assert self.servers is not None
+        self.servers.command(text)
+
+    # Each fault: (name, start, end); the schedule runs start, waits, runs end.
+    def kill(self, k: int, on: bool) -> None:
+        if on:
+            self.truth.set(k, "killed", True)
+            self._server(f"kill {k}")
+        else:
+            self._server(f"start {k}")
+            self.truth.set(k, "killed", False)
+
+    def flap(self, k: int, on: bool) -> None:
+        self._server(f"serving {k} {'off' if on else 'on'}")
+        self.truth.set(k, "unhealthy", on)
+
+    def hang(self, k: int, on: bool) -> None:
+        if on:
+            self.truth.set(k, "hung", True)
+        self._server(f"hang {k} {'on' if on else 'off'}")
+        if not on:
+            self.truth.set(k, "hung", False)
+
+    def registered(self, k: int, on: bool) -> None:
+        if on:
+            self.registrations[k].register()
+            self.truth.set(k, "deregistered", False)
+        else:
+            self.truth.set(k, "deregistered", True)
+            self.registrations[k].deregister()
+
+    def consul_up(self, on: bool) -> None:
+        assert self.consul is not None
+        self.consul.command("start" if on else "stop")
+
+    def close(self) -> None:
+        for registration in self.registrations:
+            with contextlib.suppress(Exception):
+                registration.close()
+        self.registrations = []
+        servers, self.servers = self.servers, None
+        if servers is not None:
+            servers.close()
+        consul, self.consul = self.consul, None
+        if consul is not None:
+            consul.close()
+
+
+FAULTS = (
+    "kill and restart",
+    "health flap",
+    "hang",
+    "hung, then deregistered",
+    "deregistration storm",
+    "Consul restart",
+)
+"""The faults, in the order the schedule injects them (each on the next server)."""
+
+
+def _fault(cluster: _Cluster, name: str, k: int, p: Plan) -> tuple[Callable[[], None], Callable[[], None]]:
+    """How to start and how to end fault ``name`` on server ``k``."""
+    if name == "kill and restart":
+        return lambda: cluster.kill(k, True), lambda: cluster.kill(k, False)
+    if name == "health flap":
+        return lambda: cluster.flap(k, True), lambda: cluster.flap(k, False)
+    if name == "hang":
+        return lambda: cluster.hang(k, True), lambda: cluster.hang(k, False)
+    if name == "hung, then deregistered":
+
+        def hang_then_leave() -> None:
+            cluster.hang(k, True)
+            time.sleep(0.3)
+            cluster.registered(k, False)
+
+        def back() -> None:
+            cluster.hang(k, False)
+            cluster.registered(k, True)
+
+        return hang_then_leave, back
+    if name == "deregistration storm":
+        group = [(k + i) % SERVERS for i in range(3)]
+
+        def storm() -> None:
+            for _ in range(3):
+                for i in group:
+                    cluster.registered(i, False)
+                time.sleep(p.fault / 8)
+                for i in group:
+                    cluster.registered(i, True)
+                time.sleep(p.fault / 8)
+            for i in group:
+                cluster.registered(i, False)
+
+        def calm() -> None:
+            for i in group:
+                cluster.registered(i, True)
+
+        return storm, calm
+    if name == "Consul restart":
+        return lambda: cluster.consul_up(False), lambda: cluster.consul_up(True)
+    raise ValueError(f"no fault {name!r}")
+
+
+def _schedule(cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event) -> list[str]:
+    """Inject faults one after another until ``stop_at``; return their names, in order."""
+    done: list[str] = []
+
+    def pause(seconds: float) -> bool:
+        return not stop.wait(max(0.0, min(seconds, stop_at - time.monotonic())))
+
+    if not pause(p.warmup):
+        return done
+    step = 0
+    while time.monotonic() + p.fault + p.gap < stop_at and not stop.is_set():
+        name = FAULTS[step % len(FAULTS)]
+        begin, end = _fault(cluster, name, step % SERVERS, p)
+        begin()
+        cluster.truth.faults[name] += 1
+        done.append(name)
+        try:
+            pause(p.fault)
+        finally:
+            end()
+        step += 1
+        if not pause(p.gap):
+            break
+    return done
+
+
+def _balancers(consul_address: str, kinds: list[Kind]) -> tuple[dict[str, Any], str]:
+    """One balancer for all methods when ``retry=`` takes a per-method mapping, else one per retry policy.
+
+    Returns ``{method: balancer}`` and a note on which it was.
+    """
+    import lbkit
+
+    retrying = lbkit.RetryPolicy(attempt_timeout=ATTEMPT_TIMEOUT)
+    once = lbkit.RetryPolicy(retryable_codes=())
+
+    def make(retry: Any) -> Any:
+        return lbkit.Balancer(
+            lbkit.ConsulDiscovery(
+                SERVICE, address=consul_address, env={}, wait=10.0, backoff_initial=0.1, backoff_max=1.0
+            ),
+            selector="least_connections",
+            health_check=lbkit.HealthCheck(interval=0.5, timeout=0.5),
+            outlier_detection=lbkit.OutlierDetection(interval=0.5, base_ejection_time=2.0),
+            retry=retry,
+            wait_timeout=CALL_TIMEOUT,
+            drain_timeout=1.0,
+        )
+
+    mapping = {f"/{PACKAGE_SERVICE}/{k.method}": (retrying if k.retries else once) for k in kinds}
+    try:
+        lb = make(mapping)
+    except (lbkit.ConfigError, TypeError):
+        pass
+    else:
+        return {k.method: lb for k in kinds}, "one balancer, retry= mapping each method to its policy"
+    with_retries, without = make(retrying), make(once)
+    return (
+        {k.method: with_retries if k.retries else without for k in kinds},
+        "two balancers, one retrying and one with retries off (retry= takes no per-method mapping yet)",
+    )
+
+
+def _read_log(path: str) -> dict[str, list[tuple[float, str, str]]]:
+    """``{request id: [(time, method, endpoint), ...]}`` from the servers' request log."""
+    executed: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 4:
+                executed[parts[1]].append((float(parts[0]), parts[2], parts[3]))
+    return executed
+
+
+def _descendants() -> set[int]:
+    """Process ids of every live descendant of this process (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the soak for plan ``p``; return the raw figures (see :func:`report`)."""
+    from lbkit.testing.model_server import pb2, pb2_grpc
+
+    say = progress or (lambda _text: None)
+    kinds = _kinds(pb2)
+    truth = Truth(SERVERS)
+    records = Records(p.max_calls)
+    tmp = tempfile.mkdtemp(prefix="lbkit-soak-")
+    log_path = os.path.join(tmp, "requests.log")
+    stop = threading.Event()
+    before = _descendants()
+    cluster = _Cluster(log_path, truth)
+    started = _descendants() - before
+    balancers: dict[str, Any] = {}
+    pool = ThreadPoolExecutor(max_workers=MAX_OUTSTANDING, thread_name_prefix="soak-call")
+    try:
+        balancers, balancer_note = _balancers(cluster.consul.address if cluster.consul else "", kinds)
+        unique = list({id(lb): lb for lb in balancers.values()}.values())
+        for lb in unique:
+            lb.start()
+        for lb in unique:
+            lb.wait_ready(timeout=20.0, count=SERVERS)
+        stubs = {k.method: pb2_grpc.ModelServiceStub(balancers[k.method].channel()) for k in kinds}
+        index_of = {address: i for i, address in enumerate(cluster.addresses)}
+        say(f"{len(kinds)} call kinds over {SERVERS} servers; {balancer_note}")
+
+        # Every worker thread exists before the load: the harness's own threads do not grow during it.
+        gate = threading.Barrier(MAX_OUTSTANDING + 1)
+        for _ in range(MAX_OUTSTANDING):
+            pool.submit(gate.wait, 10.0)
+        gate.wait(10.0)
+        free = threading.Semaphore(MAX_OUTSTANDING)
+        idle = threading.Condition()
+        running = [0]
+        not_sent = 0
+
+        def one(seq: int) -> None:
+            kind = kinds[seq % len(kinds)]
+            call = Call()
+            try:
+                kind.invoke(stubs[kind.method], [(REQUEST_ID, f"c{seq}")], call)
+                records.ok[seq] = 1
+            except grpc.RpcError as exc:
+                code = exc.code()
+                records.code[seq] = records.code_index(code.name if code is not None else "UNKNOWN")
+            except Exception as exc:
+                records.code[seq] = records.code_index(type(exc).__name__)
+            finally:
+                records.end[seq] = time.monotonic()
+                records.responses[seq] = call.responses
+                free.release()
+                with idle:
+                    running[0] -= 1
+                    idle.notify_all()
+
+        start = time.monotonic()
+        load_end = start + p.seconds
+
+        def dispatch() -> None:
+            nonlocal not_sent
+            due = time.monotonic()
+            for seq in range(p.max_calls):
+                now = time.monotonic()
+                if now >= load_end or stop.is_set():
+                    break
+                if due > now:
+                    time.sleep(due - now)
+                due = max(due + 1.0 / RATE, time.monotonic() - 1.0)  # never a burst after a stall
+                if not free.acquire(blocking=False):
+                    not_sent += 1
+                    continue
+                records.start[seq] = time.monotonic()
+                records.sent = seq + 1
+                with idle:
+                    running[0] += 1
+                pool.submit(one, seq)
+
+        dispatcher = threading.Thread(target=dispatch, name="soak-dispatch", daemon=True)
+        dispatcher.start()
+        warm_at = start + p.warmup + 6 * (p.fault + p.gap)  # after one round of every fault
+        if warm_at >= load_end - p.cooldown:
+            warm_at = start + p.warmup
+        samples: dict[str, tuple[int, int]] = {}
+
+        def sample_warm() -> None:
+            if not stop.wait(max(0.0, warm_at - time.monotonic())):
+                samples["warm"] = (_rss_bytes(), _threads())
+
+        sampler = threading.Thread(target=sample_warm, name="soak-sample", daemon=True)
+        sampler.start()
+        done = _schedule(cluster, p, load_end - p.cooldown, stop)
+        say(f"{len(done)} faults done; load until the end")
+        dispatcher.join(timeout=max(0.0, load_end - time.monotonic()) + 5.0)
+        stop.set()
+        sampler.join(5.0)
+        with idle:
+            idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 3 + 5.0)
+            unfinished = running[0]
+        time.sleep(0.2)  # the balancers' done-callbacks of the last calls
+        samples["end"] = (_rss_bytes(), _threads())
+        in_flight = {}
+        for n, lb in enumerate(unique):
+            in_flight[f"balancer {n}"] = {
+                "total_in_flight": lb.stats.total_in_flight,
+                "endpoints_in_flight": sum(abs(e.in_flight) for e in lb.stats),
+            }
+        wall = time.monotonic() - start
+    finally:
+        stop.set()
+        for lb in {id(lb): lb for lb in balancers.values()}.values():
+            with contextlib.suppress(Exception):
+                lb.close()
+        cluster.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 10.0
+    while (left := started & _descendants()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    executed = _read_log(log_path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished)
+    data.update(
+        executions_logged=sum(map(len, executed.values())),
+        wall_s=round(wall, 1),
+        not_sent=not_sent,
+        processes_started=len(started),
+        processes_left=sorted(left),
+    )
+    return data
+
+
+def _judge(
+    kinds: list[Kind],
+    records: Records,
+    executed: dict[str, list[tuple[float, str, str]]],
+    truth: Truth,
+    index_of: dict[str, int],
+    samples: dict[str, tuple[int, int]],
+    in_flight: dict[str, dict[str, int]],
+    unfinished: int,
+) -> dict[str, Any]:
+    """Classify every call and judge each goal."""
+    per_kind: dict[str, dict[str, Any]] = {
+        k.name: {
+            "method": k.method,
+            "retries": k.retries,
+            "calls": 0,
+            "failed": 0,
+            "avoidable": 0,
+            "twice": 0,
+        }
+        for k in kinds
+    }
+    latencies: dict[str, list[float]] = defaultdict(list)
+    avoidable_codes: Counter[str] = Counter()
+    failed_codes: Counter[str] = Counter()
+    examples: list[dict[str, Any]] = []
+    for seq in range(records.sent):
+        start = records.start[seq]
+        if start == 0.0:
+            continue  # not sent
+        kind = kinds[seq % len(kinds)]
+        row = per_kind[kind.name]
+        row["calls"] += 1
+        runs = executed.get(f"c{seq}", [])
+        if len(runs) > 1:
+            row["twice"] += 1
+        end = records.end[seq]
+        if records.ok[seq]:
+            latencies[kind.name].append(end - start)
+            continue
+        code = records.codes[records.code[seq]] or "UNFINISHED"
+        row["failed"] += 1
+        failed_codes[code] += 1
+        ran_on = {index_of[e] for _, _, e in runs if e in index_of}
+        end = end or start + CALL_TIMEOUT
+        others = [
+            i
+            for i in range(truth.count)
+            if i not in ran_on and truth.serving_throughout(i, start - SETTLE, end)
+        ]
+        movable = records.responses[seq] == 0 and (kind.retries or not runs)
+        if others and movable:
+            row["avoidable"] += 1
+            avoidable_codes[code] += 1
+            if len(examples) < 20:
+                examples.append(
+                    {
+                        "kind": kind.name,
+                        "code": code,
+                        "ms": round((end - start) * 1e3, 1),
+                        "ran_on": sorted(ran_on),
+                        "struck": [i for i in ran_on if truth.struck(i, start, end)],
+                    }
+                )
+    for name, values in latencies.items():
+        per_kind[name]["p50_ms"] = round(percentile(values, 50) * 1e3, 2)
+        per_kind[name]["p99_ms"] = round(percentile(values, 99) * 1e3, 2)
+    warm, end_sample = samples.get("warm"), samples.get("end")
+    rss_growth = (end_sample[0] - warm[0]) / warm[0] if warm and end_sample else None
+    thread_growth = (end_sample[1] - warm[1]) / warm[1] if warm and end_sample else None
+    leaked = unfinished + sum(
+        max(abs(v["total_in_flight"]), v["endpoints_in_flight"]) for v in in_flight.values()
+    )
+    twice_off = sum(r["twice"] for r in per_kind.values() if not r["retries"])
+    avoidable = sum(r["avoidable"] for r in per_kind.values())
+    goals = {
+        "avoidable failures": {"value": avoidable, "goal": "0", "pass": avoidable == 0},
+        "executed twice, retries off": {"value": twice_off, "goal": "0", "pass": twice_off == 0},
+        "in flight after the run": {"value": leaked, "goal": "0", "pass": leaked == 0},
+        "RSS growth": {
+            "value": None if rss_growth is None else round(rss_growth * 100, 2),
+            "goal": "<= 5 %",
+            "pass": rss_growth is not None and rss_growth <= GROWTH_GOAL,
+        },
+        "thread growth": {
+            "value": None if thread_growth is None else round(thread_growth * 100, 2),
+            "goal": "<= 5 %",
+            "pass": thread_growth is not None and thread_growth <= GROWTH_GOAL,
+        },
+    }
+    return {
+        "calls": sum(r["calls"] for r in per_kind.values()),
+        "unfinished": unfinished,
+        "goals": goals,
+        "kinds": per_kind,
+        "failed_codes": dict(failed_codes),
+        "avoidable_codes": dict(avoidable_codes),
+        "avoidable_examples": examples,
+        "faults": dict(truth.faults),
+        "in_flight": in_flight,
+        "samples": {k: {"rss_mb": round(v[0] / 2**20, 1), "threads": v[1]} for k, v in samples.items()},
+    }
+
+
+def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
+    """The figures as a benchmark result: goals, calls by kind, faults."""
+    goal_rows = []
+    for name, g in data["goals"].items():
+        value = g["value"]
+        shown = "n/a" if value is None else (f"{value} %" if "growth" in name else str(value))
+        goal_rows.append([name, shown, g["goal"], "pass" if g["pass"] else "FAIL"])
+    kind_rows = [
+        [
+            name,
+            r["method"],
+            "on" if r["retries"] else "off",
+            r["calls"],
+            r["failed"],
+            r["avoidable"],
+            r["twice"],
+            fmt(r.get("p50_ms", 0.0)),
+            fmt(r.get("p99_ms", 0.0)),
+        ]
+        for name, r in data["kinds"].items()
+    ]
+    minutes = p.seconds / 60
+    return {
+        "title": "Soak: every call kind under kills, flaps, hangs, deregistration storms and Consul restarts",
+        "tables": [
+            {
+                "caption": f"Goals, {fmt(minutes, 1)} minutes at {RATE:.0f} calls/s over {SERVERS} servers "
+                f"({data['calls']:,} calls)",
+                "columns": ["measure", "value", "goal", "judged"],
+                "rows": goal_rows,
+            },
+            {
+                "caption": "Calls by kind",
+                "columns": [
+                    "kind",
+                    "method",
+                    "retries",
+                    "calls",
+                    "failed",
+                    "could have succeeded elsewhere",
+                    "executed twice",
+                    "p50 ms",
+                    "p99 ms",
+                ],
+                "rows": kind_rows,
+            },
+            {
+                "caption": "Faults injected",
+                "columns": ["fault", "times"],
+                "rows": [[name, n] for name, n in sorted(data["faults"].items())],
+            },
+        ],
+        "notes": [
+            "A call could have succeeded elsewhere when it failed although another endpoint than those it "
+            f"executed on was serving from {SETTLE:.0f} s before it started to its end, and it could still "
+            "have moved there without running twice (no response yet; its method retries, or no server had "
+            "started it). Executed twice: its request id is in the servers' log more than once.",
+            f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
+            f"{data['avoidable_codes'] or 'none'}. Calls not sent (client saturated): {data['not_sent']}.",
+            f"Client RSS and threads (after the first round of faults, at the end): {data['samples']}.",
+            "Retrying methods: RetryPolicy(attempt_timeout=0.5); the bidi method: retryable_codes=() "
+            f"(retries off). Calls time out after {CALL_TIMEOUT:.0f} s; drain_timeout 1 s.",
+        ]
+        + (["Quick run: 30 s of load, figures are rough."] if quick else []),
+        "data": data,
+    }
+
+
+def run(quick: bool = False, minutes: float | None = None) -> Result:
+    """Run the soak (``quick``: about 30 s of load) and return its report."""
+    p = plan(minutes, quick)
+    data = soak(p, progress=lambda text: print(f"soak: {text}", file=sys.stderr, flush=True))
+    return report(data, p, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.soak [--minutes N | --quick] [--json PATH]``; exits 1 if a goal failed."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=None, help="minutes of load (default 10)")
+    parser.add_argument("--quick", action="store_true", help="about 30 s of load (a smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("--consul-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.consul_child:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _consul_child()
+        return 0
+    if args.quick and args.minutes is not None:
+        parser.error("--quick and --minutes exclude each other")
+    result = run(args.quick, args.minutes)
+    print(render_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    left = result["data"]["processes_left"]
+    if left:
+        print(f"processes this run started are still running: {left}", file=sys.stderr)
+        return 2
+    return 0 if all(g["pass"] for g in result["data"]["goals"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
