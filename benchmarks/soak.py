@@ -633,38 +633,57 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
                     running[0] -= 1
                     idle.notify_all()
 
+        samples: dict[str, tuple[int, int]] = {}
         start = time.monotonic()
         load_end = start + p.seconds
+
+        quiet = threading.Event()
+        """Set while the client sends nothing, so that no call is running when the process is measured."""
 
         def dispatch() -> None:
             nonlocal not_sent
             due = time.monotonic()
-            for seq in range(p.max_calls):
+            seq = 0
+            while seq < p.max_calls:
                 now = time.monotonic()
                 if now >= load_end or stop.is_set():
                     break
+                if quiet.is_set():
+                    stop.wait(0.01)
+                    due = time.monotonic()
+                    continue
                 if due > now:
                     time.sleep(due - now)
                 due = max(due + 1.0 / RATE, time.monotonic() - 1.0)  # never a burst after a stall
+                seq += 1
                 if not free.acquire(blocking=False):
                     not_sent += 1
                     continue
-                records.start[seq] = time.monotonic()
-                records.sent = seq + 1
+                records.start[seq - 1] = time.monotonic()
+                records.sent = seq
                 with idle:
                     running[0] += 1
-                pool.submit(one, seq)
+                pool.submit(one, seq - 1)
+
+        def measure(name: str) -> None:
+            """Sample RSS and threads with no call running (grpc runs a thread per sync stream call)."""
+            quiet.set()
+            with idle:
+                idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 2 + 1.0)
+            time.sleep(0.3)  # the calls' own threads end and the balancers' done-callbacks run
+            samples[name] = (_rss_bytes(), _threads())
+            quiet.clear()
 
         dispatcher = threading.Thread(target=dispatch, name="soak-dispatch", daemon=True)
         dispatcher.start()
         warm_at = start + p.warmup + 6 * (p.fault + p.gap)  # after one round of every fault
         if warm_at >= load_end - p.cooldown:
             warm_at = start + p.warmup
-        samples: dict[str, tuple[int, int]] = {}
+        load_average = [os.getloadavg()[0]]
 
         def sample_warm() -> None:
             if not stop.wait(max(0.0, warm_at - time.monotonic())):
-                samples["warm"] = (_rss_bytes(), _threads())
+                measure("warm")
 
         sampler = threading.Thread(target=sample_warm, name="soak-sample", daemon=True)
         sampler.start()
@@ -676,8 +695,8 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         with idle:
             idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 3 + 5.0)
             unfinished = running[0]
-        time.sleep(0.2)  # the balancers' done-callbacks of the last calls
-        samples["end"] = (_rss_bytes(), _threads())
+        measure("end")
+        load_average.append(os.getloadavg()[0])
         in_flight = {}
         for n, lb in enumerate(unique):
             in_flight[f"balancer {n}"] = {
@@ -700,6 +719,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
     data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished)
     data.update(
         executions_logged=sum(map(len, executed.values())),
+        load_average=[round(x, 1) for x in load_average],
         wall_s=round(wall, 1),
         not_sent=not_sent,
         processes_started=len(started),
@@ -871,7 +891,9 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             "started it). Executed twice: its request id is in the servers' log more than once.",
             f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
             f"{data['avoidable_codes'] or 'none'}. Calls not sent (client saturated): {data['not_sent']}.",
-            f"Client RSS and threads (after the first round of faults, at the end): {data['samples']}.",
+            "Client RSS and threads, measured with no call running (after the first round of faults, "
+            f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
+            f"{data['load_average']} on {os.cpu_count()} cores.",
             "Retrying methods: RetryPolicy(attempt_timeout=0.5); the bidi method: retryable_codes=() "
             f"(retries off). Calls time out after {CALL_TIMEOUT:.0f} s; drain_timeout 1 s.",
         ]
