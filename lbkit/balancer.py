@@ -179,7 +179,7 @@ class Balancer(SyncDriver):
 
     def _open_member(self, member: Member) -> None:
         """Follow the member's connectivity (and health) from the pool's one poller thread."""
-        self._poller.watch(member, member.channel, functools.partial(self._on_connectivity, member))
+        self._poller.watch(member, member.channel, self._on_connectivity, trusted=True)  # failed calls hint
         check = self.options.health_check
         if check is not None:
             opts = self.options
@@ -188,8 +188,8 @@ class Balancer(SyncDriver):
                 channel = grpc.secure_channel(member.address, opts.credentials, options=options)
             else:
                 channel = grpc.insecure_channel(member.address, options=options)
-            health = member.health = HealthChannel(channel)
-            self._poller.watch(health, channel, functools.partial(self._on_health_state, member))
+            health = member.health = HealthChannel(member, channel)
+            self._poller.watch(health, channel, self._on_health_state)
 
     def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:
         """The poller read a new state of ``member``'s channel (IDLE ones it has asked to connect)."""
@@ -201,9 +201,9 @@ class Balancer(SyncDriver):
         if member.health is not None and member.ready:
             self._judge_health(member)
 
-    def _on_health_state(self, member: Member, state: grpc.ChannelConnectivity) -> None:
-        """The poller read a new state of ``member``'s health-checked channel."""
-        health: HealthChannel = member.health
+    def _on_health_state(self, health: HealthChannel, state: grpc.ChannelConnectivity) -> None:
+        """The poller read a new state of a member's health-checked channel."""
+        member: Member = health.member
         health.state = state
         self._judge_health(member)
         check = self.options.health_check

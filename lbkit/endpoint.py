@@ -49,6 +49,10 @@ def parse_address(address: object) -> tuple[str, int]:
     return host, int(port_text)
 
 
+_NO_METADATA: Mapping[str, str] = MappingProxyType({})
+"""The metadata of every endpoint without any: one read-only empty mapping, not one per endpoint."""
+
+
 def _check_weight(weight: object, address: str) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int):
         raise ConfigError(f"endpoint {address}: weight must be a positive int, got {weight!r}")
@@ -70,7 +74,7 @@ class Endpoint:
     weight: int = 1
     zone: str = ""
     tags: frozenset[str] = field(default_factory=frozenset)
-    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    metadata: Mapping[str, str] = field(default_factory=lambda: _NO_METADATA)
     rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -94,7 +98,7 @@ class Endpoint:
             raise ConfigError(
                 f"endpoint {self.address}: metadata keys and values must be str, got {dict(meta)!r}"
             )
-        object.__setattr__(self, "metadata", MappingProxyType(dict(meta)))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(meta)) if meta else _NO_METADATA)
         rank = self.rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ConfigError(f"endpoint {self.address}: rank must be an int >= 0 or None, got {rank!r}")

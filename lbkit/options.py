@@ -26,6 +26,9 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Reconnect to a recovered server within seconds rather than grpc's default of up to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 5000),
+    # No channelz node per channel: about 3.5 KiB per endpoint, a fifth of what lbkit adds over one
+    # native channel to the same servers. Turn it back on with ("grpc.enable_channelz", 1).
+    ("grpc.enable_channelz", 0),
 )
 """Options every endpoint channel gets unless ``channel_options`` sets the same name."""
 

@@ -71,9 +71,11 @@ def verdict(
 class HealthChannel:
     """The health-checked twin of one endpoint's call channel, and the last state read from it."""
 
-    __slots__ = ("channel", "state")
+    __slots__ = ("channel", "member", "state")
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, member: Any, channel: grpc.Channel) -> None:
+        self.member = member
+        """The pool member whose health this channel tells."""
         self.channel = channel
         self.state: grpc.ChannelConnectivity | None = None
 
