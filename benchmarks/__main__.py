@@ -30,6 +30,7 @@ MODULES = (
     "faults",
     "consul_propagation",
     "consul_picker",
+    "scale",
     "soak",
 )
 """Benchmark modules, in the order they run and appear in the report."""

@@ -66,6 +66,13 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     succeeded = sum(k["calls"] - k["failed"] for k in soak["kinds"].values())
     assert soak["executions_logged"] >= succeeded  # the servers recorded each call they executed
     assert soak["processes_started"] == 8 and soak["processes_left"] == []
+    # Scale: every goal it prints is judged, over both APIs, and the stall has its control beside it.
+    scale = modules["scale"]["data"]
+    assert scale["goals"] and all(isinstance(g["pass"], bool) for g in scale["goals"].values())
+    assert any(name.startswith("OS threads, sync") for name in scale["goals"])
+    assert any(name.startswith("OS threads, aio") for name in scale["goals"])
+    assert scale["stall"]["control"]["ticks"] > 0 and scale["stall"]["lbkit"]["ticks"] > 0
+    assert "| FAIL |" in report or "| pass |" in report
     # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
     assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
     assert "latency_cdf_slow_server.png" in report
