@@ -101,7 +101,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         try:
             mc = member.callable(c.spec)
             timeout = attempt_left(deadline, c.attempt_timeout)
-            if lb.load_reports:
+            if lb.load_reports and st.load_wanted:
                 result, call = mc.with_call(request, timeout=timeout, **kw)
                 read_load_report(st, call.trailing_metadata())
                 if with_call:
@@ -111,7 +111,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
             else:
                 result = mc(request, timeout=timeout, **kw)
         except grpc.RpcError as err:
-            if lb.load_reports:
+            if lb.load_reports and st.load_wanted:
                 read_load_report(st, err.trailing_metadata())
             st.finish(
                 t0, not lb.is_failure(server_code(err.code()))
@@ -196,7 +196,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
 def _finisher(lb: SyncDriver, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
     def done(call: Any) -> None:
         code = call.code()
-        if lb.load_reports:
+        if lb.load_reports and st.load_wanted:
             read_load_report(st, call.trailing_metadata())
         st.finish(t0, not lb.is_failure(code), observe_latency=observe)
         if code is grpc.StatusCode.OK:
@@ -458,7 +458,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
             t0 = st.start()
             try:
                 mc = member.callable(c.spec)
-                if lb.load_reports:
+                if lb.load_reports and st.load_wanted:
                     result, call = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
                     read_load_report(st, call.trailing_metadata())
                     if with_call:
@@ -468,7 +468,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
                 else:
                     result = mc(tape.reader(), timeout=timeout_left(deadline), **kw)
             except grpc.RpcError as err:
-                if lb.load_reports:
+                if lb.load_reports and st.load_wanted:
                     read_load_report(st, err.trailing_metadata())
                 code = server_code(err.code())
                 st.finish(t0, not lb.is_failure(code))

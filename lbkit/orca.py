@@ -27,12 +27,11 @@ type, bad UTF-8 in a key, or a negative or non-finite figure is malformed (:clas
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from lbkit.errors import ConfigError
 
@@ -47,8 +46,6 @@ __all__ = [
     "find_report",
     "read_load_report",
 ]
-
-log = logging.getLogger("lbkit")
 
 TRAILER = "endpoint-load-metrics-bin"
 """The trailing-metadata key of a per-call ORCA load report (gRFC A51; binary, hence ``-bin``)."""
@@ -78,34 +75,15 @@ _CPU, _MEM, _RPS, _COST, _UTIL, _QPS, _EPS, _NAMED, _APP = (
     0x42,
     0x49,
 )
-_DOUBLE_FIELDS = {_CPU: 0, _MEM: 1, _QPS: 2, _EPS: 3, _APP: 4}
-_MAP_FIELDS = {_COST: 0, _UTIL: 1, _NAMED: 2}
+_DOUBLE_FIELDS = {_CPU: 0, _MEM: 1, _APP: 2, _QPS: 3, _EPS: 4}
+_MAP_FIELDS = {_UTIL: 0, _COST: 1, _NAMED: 2}
 _KNOWN_NUMBERS = frozenset(range(1, 10))
-_SCALARS = ("cpu_utilization", "mem_utilization", "qps", "eps", "application_utilization")
-_MAPS = ("request_cost", "utilization", "named_metrics")
+_INF = math.inf
+_SCALARS = ("cpu_utilization", "mem_utilization", "application_utilization", "qps", "eps")
+_MAPS = ("utilization", "request_cost", "named_metrics")
 
 
-class LoadReport:
-    """One ORCA load report, immutable. Figures default to 0.0 (proto3: zero means unset).
-
-    ``qps`` and ``eps`` are queries and errors per second; the utilizations are fractions of the server's
-    capacity (they may exceed 1.0 past a soft limit). ``named_metrics`` carries what the application knows,
-    e.g. ``{"gpu_utilization": 0.7, "queue_depth": 3, "kv_cache_utilization": 0.4}``. Construction checks
-    every figure: negative, NaN or infinite ones raise :class:`ConfigError` naming it (a named metric may be
-    negative, as ORCA allows, but must be finite).
-    """
-
-    __slots__ = (
-        "application_utilization",
-        "cpu_utilization",
-        "eps",
-        "mem_utilization",
-        "named_metrics",
-        "qps",
-        "request_cost",
-        "utilization",
-    )
-
+class _Figures(NamedTuple):
     cpu_utilization: float
     mem_utilization: float
     application_utilization: float
@@ -115,8 +93,22 @@ class LoadReport:
     request_cost: Mapping[str, float]
     named_metrics: Mapping[str, float]
 
-    def __init__(
-        self,
+
+class LoadReport(_Figures):
+    """One ORCA load report, immutable. Figures default to 0.0 (proto3: zero means unset).
+
+    ``qps`` and ``eps`` are queries and errors per second; the utilizations are fractions of the server's
+    capacity (they may exceed 1.0 past a soft limit). ``named_metrics`` carries what the application knows,
+    e.g. ``{"gpu_utilization": 0.7, "queue_depth": 3, "kv_cache_utilization": 0.4}``. Construction checks
+    every figure: negative, NaN or infinite ones raise :class:`ConfigError` naming it (a named metric or a
+    request cost may be negative, as ORCA allows, but must be finite). A named tuple underneath, so that
+    decoding one per call stays cheap.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
         *,
         cpu_utilization: float = 0.0,
         mem_utilization: float = 0.0,
@@ -126,17 +118,17 @@ class LoadReport:
         utilization: Mapping[str, float] | None = None,
         request_cost: Mapping[str, float] | None = None,
         named_metrics: Mapping[str, float] | None = None,
-    ) -> None:
-        figures = (cpu_utilization, mem_utilization, qps, eps, application_utilization)
+    ) -> LoadReport:
+        figures = (cpu_utilization, mem_utilization, application_utilization, qps, eps)
         for name, value in zip(_SCALARS, figures, strict=True):
             _check(name, value, signed=False)
         maps = []
         for name, mapping, signed in (
-            ("request_cost", request_cost, True),
             ("utilization", utilization, False),
+            ("request_cost", request_cost, True),
             ("named_metrics", named_metrics, True),
         ):
-            if mapping is None or not mapping:
+            if mapping is None or (isinstance(mapping, Mapping) and not mapping):
                 maps.append(_EMPTY)
                 continue
             if not isinstance(mapping, Mapping):
@@ -146,8 +138,7 @@ class LoadReport:
                     raise ConfigError(f"load report: {name} keys must be str, got {key!r}")
                 _check(f"{name}[{key!r}]", value, signed=signed)
             maps.append(MappingProxyType({k: float(v) for k, v in mapping.items()}))
-        cpu, mem, qps, eps, app = (float(v) for v in figures)
-        _init(self, cpu, mem, qps, eps, app, *maps)
+        return _make((*(float(v) for v in figures), *maps))
 
     @property
     def load_utilization(self) -> float:
@@ -155,56 +146,15 @@ class LoadReport:
         ``cpu_utilization``."""
         return self.application_utilization or self.cpu_utilization
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"LoadReport is immutable: cannot set {name}")
-
-    def _key(self) -> tuple[Any, ...]:
-        return (
-            self.cpu_utilization,
-            self.mem_utilization,
-            self.application_utilization,
-            self.qps,
-            self.eps,
-            dict(self.utilization),
-            dict(self.request_cost),
-            dict(self.named_metrics),
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, LoadReport):
-            return NotImplemented
-        return self._key() == other._key()
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         parts = [f"{n}={getattr(self, n)!r}" for n in _SCALARS if getattr(self, n)]
         parts += [f"{n}={dict(getattr(self, n))!r}" for n in _MAPS if getattr(self, n)]
         return f"LoadReport({', '.join(parts)})"
 
 
-_set = object.__setattr__
-
-
-def _init(
-    report: LoadReport,
-    cpu: float,
-    mem: float,
-    qps: float,
-    eps: float,
-    app: float,
-    cost: Mapping[str, float],
-    util: Mapping[str, float],
-    named: Mapping[str, float],
-) -> None:
-    _set(report, "cpu_utilization", cpu)
-    _set(report, "mem_utilization", mem)
-    _set(report, "qps", qps)
-    _set(report, "eps", eps)
-    _set(report, "application_utilization", app)
-    _set(report, "request_cost", cost)
-    _set(report, "utilization", util)
-    _set(report, "named_metrics", named)
+def _make(values: tuple[Any, ...]) -> LoadReport:
+    """A LoadReport of checked ``values`` (in field order), without checking them again."""
+    return tuple.__new__(LoadReport, values)
 
 
 def _check(name: str, value: object, *, signed: bool) -> None:
@@ -289,6 +239,13 @@ def _skip(data: bytes, pos: int, end: int, wire: int) -> int:
 
 
 def _map_entry(data: bytes, pos: int, end: int) -> tuple[str, float]:
+    if end - pos >= 11 and data[pos] == 0x0A and data[pos + 1] < 0x80:  # the usual: key, value, nothing else
+        key_end = pos + 2 + data[pos + 1]
+        if key_end + 9 == end and data[key_end] == 0x11:
+            try:
+                return data[pos + 2 : key_end].decode(), _unpack_double(data, key_end + 1)[0]
+            except UnicodeDecodeError:
+                raise ConfigError("load report: a map key is not UTF-8") from None
     key = b""
     value = 0.0
     while pos < end:
@@ -335,7 +292,11 @@ def decode(data: bytes) -> LoadReport:
             continue
         slot = _MAP_FIELDS.get(tag)
         if slot is not None:
-            length, pos = _read_varint(data, pos + 1, end)
+            if pos + 1 < end and data[pos + 1] < 0x80:
+                length = data[pos + 1]
+                pos += 2
+            else:
+                length, pos = _read_varint(data, pos + 1, end)
             if pos + length > end:
                 raise ConfigError("load report: truncated map entry")
             key, value = _map_entry(data, pos, pos + length)
@@ -355,28 +316,29 @@ def decode(data: bytes) -> LoadReport:
             raise ConfigError(f"load report: field {number} has wire type {wire}")
         else:
             pos = _skip(data, pos, end, wire)
-    cpu, mem, qps, eps, app = scalars
+    cpu, mem, app, qps, eps = scalars
     if not qps and rps:
         qps = float(rps)
     # One comparison chain rejects NaN (every comparison false), infinities and negatives.
-    if not (0.0 <= cpu < math.inf and 0.0 <= mem < math.inf and 0.0 <= qps < math.inf):
-        raise ConfigError(f"load report: bad figure (cpu {cpu!r}, mem {mem!r}, qps {qps!r})")
-    if not (0.0 <= eps < math.inf and 0.0 <= app < math.inf):
-        raise ConfigError(f"load report: bad figure (eps {eps!r}, application {app!r})")
-    cost, util, named = maps
-    report = LoadReport.__new__(LoadReport)
-    _init(
-        report,
-        cpu,
-        mem,
-        qps,
-        eps,
-        app,
-        _EMPTY if cost is None else _checked_map("request_cost", cost, True),
-        _EMPTY if util is None else _checked_map("utilization", util, False),
-        _EMPTY if named is None else _checked_map("named_metrics", named, True),
+    if not (0.0 <= cpu < _INF and 0.0 <= mem < _INF and 0.0 <= app < _INF and 0.0 <= qps < _INF):
+        raise ConfigError(
+            f"load report: bad figure (cpu {cpu!r}, mem {mem!r}, application {app!r}, qps {qps!r})"
+        )
+    if not 0.0 <= eps < _INF:
+        raise ConfigError(f"load report: bad figure (eps {eps!r})")
+    util, cost, named = maps
+    return _make(
+        (
+            cpu,
+            mem,
+            app,
+            qps,
+            eps,
+            _EMPTY if util is None else _checked_map("utilization", util, False),
+            _EMPTY if cost is None else _checked_map("request_cost", cost, True),
+            _EMPTY if named is None else _checked_map("named_metrics", named, True),
+        )
     )
-    return report
 
 
 def _checked_map(name: str, mapping: dict[str, float], signed: bool) -> Mapping[str, float]:
@@ -399,41 +361,22 @@ def find_report(metadata: Iterable[tuple[str, Any]] | None) -> Any:
 
 
 class LoadSink(Protocol):
-    """Where :func:`read_load_report` puts what it reads: an endpoint's stats
-    (:class:`lbkit.stats.EndpointStats`)."""
+    """Where :func:`read_load_report` puts a trailer: an endpoint's stats
+    (:class:`lbkit.stats.EndpointStats`), which decode it when a reader asks."""
 
-    @property
-    def address(self) -> str:
-        """The endpoint's address, for the log line."""
-        ...
-
-    def record_load(self, report: LoadReport) -> None:
-        """Take a well-formed report."""
-        ...
-
-    def note_malformed_report(self) -> bool:
-        """Count a malformed trailer; True for the endpoint's first."""
-        ...
+    load_raw: object
+    load_wanted: bool
 
 
 def read_load_report(stats: LoadSink, metadata: Iterable[tuple[str, Any]] | None) -> None:
-    """Feed the load report in an attempt's trailing ``metadata`` (if any) to the endpoint's ``stats``.
+    """Keep the load report in an attempt's trailing ``metadata`` (if any) as the endpoint's latest.
 
-    A malformed report is counted in ``stats.load_reports_malformed`` and logged once per endpoint; it
-    never fails the call.
+    The call path calls this only while ``stats.load_wanted`` (asking grpc for a call's trailers costs a
+    unary call more than decoding them), and this clears it. Only the raw value is kept;
+    :meth:`lbkit.stats.EndpointStats.take_load_report` decodes it when a reader asks, so a malformed
+    report never fails the call.
     """
+    stats.load_wanted = False
     data = find_report(metadata)
-    if data is None:
-        return
-    try:
-        report = decode(data)
-    except ConfigError as err:
-        if stats.note_malformed_report():
-            log.warning(
-                "lbkit: %s sent a malformed load report (%s); ignoring it "
-                "(logged once per endpoint, counted in lbkit_endpoint_load_reports)",
-                stats.address,
-                err,
-            )
-        return
-    stats.record_load(report)
+    if data is not None:
+        stats.load_raw = data

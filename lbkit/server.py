@@ -328,7 +328,9 @@ class _Tracker:
             self.load.call_finished(ok and not _failed(self.context))
         elif not self.call.figures:
             return  # nothing to report
-        _attach(self.context, self.call.encoded())
+        data = self.call.encoded()
+        if data:  # an empty report (nothing measured yet) says nothing
+            _attach(self.context, data)
 
 
 def _handler(handler: Any, wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]) -> Any:

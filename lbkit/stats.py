@@ -7,19 +7,20 @@ survive picker rebuilds.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from lbkit._config import check_float
-
-if TYPE_CHECKING:
-    from lbkit.orca import LoadReport
+from lbkit.errors import ConfigError
+from lbkit.orca import LoadReport, decode
 
 __all__ = ["DEFAULT_DECAY", "LATENCY_BUCKETS", "EndpointStats", "Stats"]
+
+log = logging.getLogger("lbkit")
 
 DEFAULT_DECAY = 10.0
 """Seconds of the peak-EWMA decay window, as in Finagle and Linkerd."""
@@ -50,6 +51,8 @@ class EndpointStats:
 
     __slots__ = (
         "_group",
+        "_load_report",
+        "_load_taken",
         "address",
         "consecutive_failures",
         "ewma",
@@ -62,12 +65,13 @@ class EndpointStats:
         "latency_sum",
         "load_eps",
         "load_qps",
-        "load_report",
+        "load_raw",
         "load_reports",
         "load_reports_malformed",
         "load_updated",
         "load_usable_since",
         "load_utilization",
+        "load_wanted",
         "successes",
         "weight_factor",
     )
@@ -98,13 +102,19 @@ class EndpointStats:
         """Peak-EWMA latency in seconds as of ``ewma_stamp``; :meth:`latency` decays it to now."""
         self.ewma_stamp = group.clock()
         """When ``ewma`` was last updated (``clock`` time)."""
-        self.load_report: LoadReport | None = None
-        """The latest well-formed ORCA load report the endpoint sent (read only for selectors that use
-        load reports, see :attr:`lbkit.Selector.uses_load_reports`)."""
+        self.load_raw: object = None
+        """The ORCA load-report trailer of the endpoint's latest call, as received (set by the call path for
+        selectors that use load reports, see :attr:`lbkit.Selector.uses_load_reports`); read lazily."""
+        self.load_wanted = True
+        """Whether a reader wants the endpoint's next load report: the call path asks grpc for a call's
+        trailers only while this is set, and clears it; each :meth:`take_load_report` sets it again."""
+        self._load_taken: object = None
+        self._load_report: LoadReport | None = None
         self.load_reports = 0
-        """Well-formed load reports received."""
+        """Well-formed load reports read (each call's latest report, when a reader asks: at most one per
+        weight update of weighted round robin)."""
         self.load_reports_malformed = 0
-        """Malformed load-report trailers received (ignored)."""
+        """Malformed load reports read (ignored)."""
         self.load_qps = 0.0
         """Queries per second of the latest usable report (one with utilization and qps above 0)."""
         self.load_eps = 0.0
@@ -174,14 +184,53 @@ class EndpointStats:
             now = self._group.clock()
         return self.ewma * math.exp(-max(now - self.ewma_stamp, 0.0) / self._group.decay)
 
+    @property
+    def load_report(self) -> LoadReport | None:
+        """The latest well-formed load report the endpoint sent, decoded now if new; None before any."""
+        self.take_load_report()
+        return self._load_report
+
+    def take_load_report(self) -> None:
+        """Decode the latest report if it is new and bring the ``load_*`` figures up to date.
+
+        The call path only keeps a call's raw trailer (:attr:`load_raw`), and only when a reader wants one
+        (:attr:`load_wanted`); decoding waits for the reader. So a client reads and decodes one report per
+        endpoint per look (weighted round robin looks once per weight update), not one per call. A
+        malformed report is counted in :attr:`load_reports_malformed` and logged once per endpoint; it
+        changes nothing else.
+        """
+        group = self._group
+        self.load_wanted = True
+        with group.lock:
+            raw = self.load_raw
+            if raw is self._load_taken:
+                return
+            self._load_taken = raw
+        try:
+            report = decode(raw)  # type: ignore[arg-type]  # decode checks the type
+        except ConfigError as err:
+            with group.lock:
+                self.load_reports_malformed += 1
+                first = self.load_reports_malformed == 1
+            if first:
+                log.warning(
+                    "lbkit: %s sent a malformed load report (%s); ignoring it "
+                    "(logged once per endpoint, counted in lbkit_endpoint_load_reports)",
+                    self.address,
+                    err,
+                )
+            return
+        self.record_load(report)
+
     def record_load(self, report: LoadReport) -> None:
-        """Take a well-formed load report from a call just finished."""
+        """Take a well-formed load report as the endpoint's latest (gRFC A58: one with utilization and qps
+        above 0 is usable, and begins a run of usable reports if none is running)."""
         group = self._group
         now = group.clock()
         utilization = report.application_utilization or report.cpu_utilization
         qps = report.qps
         with group.lock:
-            self.load_report = report
+            self._load_report = report
             self.load_reports += 1
             if utilization > 0.0 and qps > 0.0:
                 self.load_utilization = utilization
@@ -190,12 +239,6 @@ class EndpointStats:
                 self.load_updated = now
                 if self.load_usable_since == math.inf:
                     self.load_usable_since = now
-
-    def note_malformed_report(self) -> bool:
-        """Count a malformed load-report trailer; True for the endpoint's first (the one to log)."""
-        with self._group.lock:
-            self.load_reports_malformed += 1
-            return self.load_reports_malformed == 1
 
     def restart_load_reports(self) -> None:
         """Begin a new run of usable reports: the endpoint (re)joined, or its reports expired (gRFC A58)."""

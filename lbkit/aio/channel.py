@@ -58,7 +58,7 @@ class _Spec(CallSpecBase[AsyncDriver]):
 
         def done(call: Any) -> None:
             code = finished_code(call)
-            if lb.load_reports:
+            if lb.load_reports and st.load_wanted:
                 read_load_report(st, finished_trailing_metadata(call))
             st.finish(t0, not lb.is_failure(code) if code is not None else True, observe_latency=observe)
             if code is grpc.StatusCode.OK:

@@ -1,8 +1,8 @@
 """Weighted round robin from the servers' own load reports (gRFC A58).
 
 Each server attaches an ORCA load report to its responses (``endpoint-load-metrics-bin``, see
-:mod:`lbkit.server`); the call path feeds it to the endpoint's stats. An endpoint's weight is its
-capacity as its reports tell it::
+:mod:`lbkit.server`); the call path keeps each endpoint's latest, and the picker decodes it when it
+recomputes the weights. An endpoint's weight is its capacity as its reports tell it::
 
     weight = qps / (utilization + eps / qps * error_utilization_penalty)
 
@@ -14,7 +14,7 @@ As in gRFC A58 (and grpc's C-core):
 
 * a weight counts only after the endpoint has sent usable reports (utilization and qps above 0) for
   ``blackout_period`` seconds, counted from its first such report since it joined the picker or since
-  its reports last expired;
+  its reports last expired (a report counts from the first update after it came);
 * a weight expires ``weight_expiration_period`` seconds after the endpoint's last usable report;
 * endpoints without a weight get the mean of the others'; with fewer than two weights, every endpoint
   gets the same (round robin);
@@ -122,6 +122,7 @@ class WeightedRoundRobinPicker:
         penalty = policy.error_utilization_penalty
         out = []
         for st in self._rows:
+            st.take_load_report()
             if now - st.load_updated >= expiration:
                 if st.load_usable_since != _INF:
                     st.restart_load_reports()

@@ -178,8 +178,9 @@ def test_an_aborted_call_carries_its_report_and_counts_as_an_error(servers):
         with pytest.raises(grpc.RpcError) as caught:
             stub.Predict(pb2.PredictRequest(model_version="fail"), timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        report = lb.stats[address].load_report
+        assert report is not None and report.named_metrics["queue_depth"] == 3.0
         assert lb.stats[address].load_reports == 1
-        assert lb.stats[address].load_report.named_metrics["queue_depth"] == 3.0  # type: ignore[union-attr]
     now[0] = 10.0  # the measuring window ends
     assert server_load.figures() == {"qps": 0.1, "eps": 0.1}  # one call, failed, in 10 s
 
@@ -242,8 +243,12 @@ def test_malformed_reports_never_fail_a_call(servers, caplog):
         instrument(lb, registry)
         lb.wait_ready(count=2)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
-        served = Counter(stub.Predict(REQ, timeout=5).served_by for _ in range(20))
         (bad_stats, good_stats) = lb.stats[bad], lb.stats[good]
+        served: Counter[str] = Counter()
+        for _ in range(20):
+            served[stub.Predict(REQ, timeout=5).served_by] += 1
+            bad_stats.take_load_report()  # a reader after every call (the picker reads once a second)
+            good_stats.take_load_report()
         samples = {
             (s.labels["endpoint"], s.labels["outcome"]): s.value
             for family in text_string_to_metric_families(generate_latest(registry).decode())
@@ -269,16 +274,29 @@ def test_other_selectors_leave_reports_unread(reporting_servers):
         assert [lb.stats[s.address].load_reports for s in servers] == [0, 0]
 
 
-def test_futures_and_streams_report_too(reporting_servers):
-    (server,) = reporting_servers(0.0)
-    with lbkit.Balancer([server.address], selector="weighted_round_robin") as lb:
-        lb.wait_ready()
-        stub = pb2_grpc.ModelServiceStub(lb.channel())
-        stub.Predict.future(REQ, timeout=5).result()
-        tokens = list(stub.StreamPredict(pb2.PredictRequest(max_tokens=3), timeout=5))
-        acks = list(stub.UpdateFeatures(iter([pb2.FeatureUpdate(entity_id="e", sequence=1)]), timeout=5))
-        assert len(tokens) == 3 and len(acks) == 1
-        wait_for(lambda: lb.stats[server.address].load_reports == 3)  # done callbacks run on grpc's thread
+def test_futures_and_streams_report_too():
+    server_load = ServerLoad()
+    server_load.set(cpu_utilization=0.5)
+    server = ModelServer(interceptors=[LoadReportInterceptor(server_load)]).start()
+    try:
+        with lbkit.Balancer([server.address], selector="weighted_round_robin") as lb:
+            lb.wait_ready()
+            stub = pb2_grpc.ModelServiceStub(lb.channel())
+            entry = lb.stats[server.address]
+            features = [pb2.FeatureUpdate(entity_id="e", sequence=1)]
+            calls: list[Callable[[], object]] = [
+                lambda: stub.Predict.future(REQ, timeout=5).result(),
+                lambda: list(stub.StreamPredict(pb2.PredictRequest(max_tokens=3), timeout=5)),
+                lambda: list(stub.UpdateFeatures(iter(features), timeout=5)),
+            ]
+            for call in calls:
+                entry.take_load_report()  # a reader wants the next report
+                before = entry.load_raw
+                call()
+                wait_for(lambda before=before: entry.load_raw is not before)  # done callbacks: grpc's thread
+            assert entry.load_report is not None and entry.load_report.cpu_utilization == 0.5
+    finally:
+        server.stop(0)
 
 
 def test_grpcio_s_own_weighted_round_robin_reads_lbkit_reports():

@@ -140,20 +140,21 @@ async def test_an_aborted_call_carries_the_report_given_before_the_abort(start_s
 async def test_a_stream_cancelled_mid_way_is_no_server_error(start_server):
     now = [0.0]
     load = ServerLoad(window=10.0, clock=lambda: now[0])
+    load.set(cpu_utilization=0.5)
     address, _ = await start_server(load=load, token_delay=0.05)
     async with lbkit.aio.Balancer([address], selector="weighted_round_robin") as lb:
         await lb.wait_ready()
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         whole = [t.token async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5)]
         assert whole == ["t0", "t1"]
-        await async_wait_for(lambda: lb.stats[address].load_reports == 1)
+        await async_wait_for(lambda: lb.stats[address].load_report is not None)
         call = stub.StreamPredict(pb2.PredictRequest(max_tokens=100), timeout=5)
         first = await call.read()
         assert first.token == "t0" and load.in_progress == 1
         call.cancel()
         await async_wait_for(lambda: load.in_progress == 0)
     now[0] = 10.0
-    assert load.figures() == {"qps": 0.2, "eps": 0.0}  # two streams finished, neither failed
+    assert load.figures() == {"qps": 0.2, "eps": 0.0, "cpu_utilization": 0.5}  # two streams, no failure
 
 
 async def test_other_selectors_leave_reports_unread(start_server):

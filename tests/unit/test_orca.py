@@ -208,25 +208,50 @@ def test_report_is_immutable_and_utilization_prefers_the_application_s() -> None
 # ------------------------------------------------------------------------------------ read_load_report
 
 
-def test_read_load_report_feeds_the_endpoint_stats() -> None:
+def test_the_call_path_keeps_the_raw_trailer_and_a_reader_decodes_it_once() -> None:
     now = [100.0]
     stats = Stats(clock=lambda: now[0])
     entry = stats["10.0.0.1:50051"]
     report = LoadReport(cpu_utilization=0.5, application_utilization=0.25, qps=40.0, eps=2.0)
-    read_load_report(entry, (("lb-served-by", "x"), (MIRROR_TRAILER, encode(report))))
+    data = encode(report)
+    read_load_report(entry, (("lb-served-by", "x"), (MIRROR_TRAILER, data)))
+    assert entry.load_raw is data and entry.load_reports == 0  # nothing decoded on the call path
     assert entry.load_report == report and entry.load_reports == 1
+    assert entry.load_report == report and entry.load_reports == 1  # the same trailer: not again
     assert (entry.load_utilization, entry.load_qps, entry.load_eps) == (0.25, 40.0, 2.0)
     assert entry.load_updated == entry.load_usable_since == 100.0
     now[0] = 101.0
     read_load_report(entry, ((TRAILER, encode(LoadReport(cpu_utilization=0.5, qps=50.0))),))
+    entry.take_load_report()
     assert (entry.load_utilization, entry.load_qps, entry.load_eps) == (0.5, 50.0, 0.0)
-    assert (entry.load_updated, entry.load_usable_since) == (101.0, 100.0)  # the run goes on
+    assert (entry.load_updated, entry.load_usable_since, entry.load_reports) == (101.0, 100.0, 2)
+
+
+def test_trailers_are_read_while_a_reader_wants_one() -> None:
+    entry = Stats()["10.0.0.1:50051"]
+    assert entry.load_wanted  # the first call brings a report
+    read_load_report(entry, (("lb-served-by", "x"),))  # a call without one still answers the want
+    assert not entry.load_wanted
+    entry.take_load_report()
+    assert entry.load_wanted
+    read_load_report(entry, ((MIRROR_TRAILER, encode(LoadReport(qps=1.0))),))
+    assert not entry.load_wanted
+    assert entry.load_report is not None and entry.load_wanted
+
+
+def test_only_the_latest_trailer_is_decoded() -> None:
+    entry = Stats()["10.0.0.1:50051"]
+    for qps in (1.0, 2.0, 3.0):
+        read_load_report(entry, ((MIRROR_TRAILER, encode(LoadReport(cpu_utilization=0.5, qps=qps))),))
+    assert entry.load_report is not None and entry.load_report.qps == 3.0
+    assert entry.load_reports == 1
 
 
 def test_a_report_without_utilization_or_qps_is_kept_but_not_used() -> None:
     now = [5.0]
     entry = Stats(clock=lambda: now[0])["10.0.0.1:50051"]
     read_load_report(entry, ((MIRROR_TRAILER, encode(LoadReport(cpu_utilization=0.5, qps=10.0))),))
+    entry.take_load_report()
     now[0] = 6.0
     idle = LoadReport(cpu_utilization=0.0, qps=0.0, named_metrics={"queue_depth": 0.0})
     read_load_report(entry, ((MIRROR_TRAILER, encode(idle)),))
@@ -238,7 +263,8 @@ def test_no_trailer_changes_nothing() -> None:
     entry = Stats()["10.0.0.1:50051"]
     read_load_report(entry, None)
     read_load_report(entry, (("lb-served-by", "x"),))
-    assert entry.load_reports == 0 and entry.load_report is None and entry.load_reports_malformed == 0
+    assert entry.load_raw is None and entry.load_report is None
+    assert entry.load_reports == 0 and entry.load_reports_malformed == 0
 
 
 def test_malformed_reports_are_counted_and_logged_once_per_endpoint(caplog: pytest.LogCaptureFixture) -> None:
@@ -247,9 +273,14 @@ def test_malformed_reports_are_counted_and_logged_once_per_endpoint(caplog: pyte
     good = encode(LoadReport(cpu_utilization=0.5, qps=10.0))
     with caplog.at_level(logging.WARNING, logger="lbkit"):
         for _ in range(3):
-            read_load_report(a, ((MIRROR_TRAILER, b"\x09\x00"),))
+            read_load_report(a, ((MIRROR_TRAILER, bytes(bytearray(b"\x09\x00"))),))  # one object per call
+            a.take_load_report()
+        previous = a.load_report
         read_load_report(a, ((MIRROR_TRAILER, good),))
+        a.take_load_report()
         read_load_report(b, ((MIRROR_TRAILER, "not bytes"),))
+        b.take_load_report()
+    assert previous is None and a.load_report is not None
     assert (a.load_reports_malformed, a.load_reports, b.load_reports_malformed) == (3, 1, 1)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
