@@ -28,6 +28,7 @@ MODULES = (
     "subsetting",
     "e2e",
     "faults",
+    "load_reports",
     "consul_propagation",
     "consul_picker",
     "scale",

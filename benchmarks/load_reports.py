@@ -83,9 +83,9 @@ PLANS = {
         cpu_calls=2000,
     ),
     True: Plan(
-        warmup=1.5,
-        steady=1.0,
-        after=2.5,
+        warmup=1.2,
+        steady=0.8,
+        after=2.0,
         blackout=1.0,
         update=0.2,
         window=0.25,

@@ -38,8 +38,7 @@ from typing import ClassVar
 from lbkit._config import check_float, config
 from lbkit.endpoint import Endpoint
 from lbkit.selectors.base import Key, Picker, Selector
-from lbkit.selectors.round_robin import RoundRobin
-from lbkit.selectors.weighted import weighted_picker
+from lbkit.selectors.weighted import AliasPicker, TablePicker
 from lbkit.stats import EndpointStats, Stats
 
 __all__ = ["MAX_RATIO", "MIN_RATIO", "WeightedRoundRobin", "WeightedRoundRobinPicker", "schedule_weights"]
@@ -148,10 +147,9 @@ class WeightedRoundRobinPicker:
             return
         self._weights = new
         if len(set(new)) == 1:
-            self._pick = RoundRobin().build(endpoints).pick
+            self._pick = TablePicker(endpoints, endpoints).pick
         else:
-            picker = weighted_picker(endpoints, new)
-            self._pick = picker.pick
+            self._pick = AliasPicker(endpoints, new).pick
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self._endpoints)} endpoints)"
