@@ -125,7 +125,7 @@ def serve(count: int, slots: int, service_ms: float, window: float) -> None:
             with self.slots:
                 with self.lock:
                     self.waiting -= 1
-                if self.service:
+                if self.service and context.is_active():  # a call its client gave up on is not served
                     time.sleep(self.service)
             return pb2.PredictResponse(predictions=[1.0], served_by=self.name)
 
@@ -222,6 +222,8 @@ class Trace:
     arrivals: list[tuple[float, list[int]]] = field(default_factory=list)
     weights: list[tuple[float, float]] = field(default_factory=list)
     """(time, server 3's weight over the others' mean) for lbkit's weighted_round_robin."""
+    ejections: list[tuple[float, str]] = field(default_factory=list)
+    """(time, address) of each outlier ejection (lbkit clients)."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,14 @@ async def run_variant(variant: Variant, child: Child, plan: Plan, seed: int) -> 
     rng = random.Random(seed)
     slow_address = child.addresses[SLOW]
     async with open_client(variant, child.addresses, plan) as (stub, lb):
+        if lb is not None:
+            from lbkit.events import EventKind
+
+            def on_event(event: Any) -> None:
+                if event.kind is EventKind.EJECTED:
+                    trace.ejections.append((time.monotonic(), event.address))
+
+            lb.add_listener(on_event)
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         change = start + plan.warmup + plan.steady
@@ -394,6 +404,7 @@ def summarize(trace: Trace, change: float, plan: Plan) -> dict[str, Any]:
         "time_to_share_s": reached,
         "time_to_weight_halved_s": halved,
         "share_series": [(round(t - change, 3), round(s, 4)) for t, s in _shares(trace, plan.share_window)],
+        "ejections": [(round(t - change, 3), address) for t, address in trace.ejections],
     }
 
 
@@ -498,11 +509,15 @@ def run(quick: bool = False) -> Result:
     progress = Progress("load_reports", len(chosen) + 1)
     results: dict[str, dict[str, Any]] = {}
     child = Child(plan.window)
-    try:
+
+    async def scenario() -> None:  # one event loop for every variant (grpc.aio binds to the first)
         for i, variant in enumerate(chosen):
-            trace, change = asyncio.run(run_variant(variant, child, plan, seed=i))
+            trace, change = await run_variant(variant, child, plan, seed=i)
             results[variant.name] = summarize(trace, change, plan)
             progress.step(variant.name)
+
+    try:
+        asyncio.run(scenario())
         cost = measure_read_cost(child, plan)
         progress.step("read cost")
     finally:
@@ -528,6 +543,7 @@ def report(
                 f"{r['p50_after_ms']:.1f}",
                 f"{r['p99_after_ms']:.1f}",
                 r["errors"],
+                len(r["ejections"]) if variant.kind == "lbkit" else "-",
                 f"{r['share_before']:.1%}",
                 f"{r['share_end']:.1%}",
                 _seconds(r["time_to_share_s"]),
@@ -563,6 +579,7 @@ def report(
                     "p50 after",
                     "p99 after",
                     "errors",
+                    "ejections",
                     f"server {SLOW} share before",
                     "share, 2nd half after",
                     f"time to share <= 1/7 + {SHARE_TOLERANCE:.0%}",

@@ -1,13 +1,17 @@
-"""Weighted balancing over a pool of fast and slow GPU servers, then the same pool with PeakEwma.
+"""A pool of fast and slow GPU servers three ways: static weights, peak EWMA, the servers' own load reports.
 
-Four model servers register in Consul (the embedded, Consul-compatible lbkit.testing server): two
-"fast" GPUs with service weight 8 and two "slow" ones with weight 4, the slow ones taking three times
-as long per call. ConsulDiscovery reads the weights (``Service.Weights.Passing``) into each endpoint:
+Four model servers register in Consul (the embedded, Consul-compatible lbkit.testing server): two "fast"
+GPUs (A100s) with service weight 8 and two "slow" ones (V100s) with weight 4, the slow ones taking five
+times as long per call. Each server also reports its load to its clients (``lbkit.server``): an
+interceptor attaches an ORCA load report to every response, with the calls per second it serves and how
+busy its 4 batch slots are. ConsulDiscovery reads the weights (``Service.Weights.Passing``):
 
-1. ``Weighted`` sends calls in proportion to the weights: 2 of every 3 to the fast GPUs, whatever
+1. ``Weighted`` sends calls in proportion to the Consul weights: 2 of every 3 to the fast GPUs, whatever
    their real speed.
-2. ``PeakEwma`` ignores the weights and learns the speeds from each call's latency: the fast GPUs
-   get more than their weight share, and calls finish sooner.
+2. ``PeakEwma`` ignores the weights and learns the speeds from each call's latency.
+3. ``WeightedRoundRobin`` (gRFC A58) ignores them too and weighs each server by what it reports:
+   ``qps / utilization``, the calls per second it could serve at full load. No one configures a weight,
+   and a server whose GPU slows down (thermal throttling, a noisy neighbour) loses its share by itself.
 
 Run: python examples/gpu_pool.py
 """
@@ -20,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import lbkit
 import lbkit.registration
+from lbkit.server import LoadReportInterceptor, ServerLoad
 from lbkit.testing import Behavior, ModelServer
 from lbkit.testing.consul import ConsulServer
 from lbkit.testing.proto import model_service_pb2 as pb2
@@ -27,12 +32,15 @@ from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc
 
 FAST_DELAY = 0.005
 SLOW_DELAY = 0.025
+SLOTS = 4
 CALLS = 600
 CONCURRENCY = 6
+REPORTED = lbkit.WeightedRoundRobin(blackout_period=0.5, weight_update_period=0.2)
+"""Short periods so the example is quick (gRFC A58's defaults: a 10 s blackout, 1 s updates)."""
 
 
-def run_load(lb: lbkit.Balancer) -> tuple[Counter[str], float]:
-    """CALLS calls from CONCURRENCY threads; calls per server and the mean latency in ms."""
+def run_load(lb: lbkit.Balancer, calls: int = CALLS) -> tuple[Counter[str], float]:
+    """``calls`` calls from CONCURRENCY threads; calls per server and the mean latency in ms."""
     stub = pb2_grpc.ModelServiceStub(lb.channel())
 
     def worker(n: int) -> tuple[Counter[str], float]:
@@ -46,7 +54,7 @@ def run_load(lb: lbkit.Balancer) -> tuple[Counter[str], float]:
         return served, spent
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        results = list(pool.map(worker, [CALLS // CONCURRENCY] * CONCURRENCY))
+        results = list(pool.map(worker, [calls // CONCURRENCY] * CONCURRENCY))
     served = sum((r[0] for r in results), Counter())
     return served, 1e3 * sum(r[1] for r in results) / sum(served.values())
 
@@ -62,8 +70,15 @@ def report(title: str, served: Counter[str], mean_ms: float, kind: dict[str, str
 
 def main() -> None:
     with ConsulServer() as consul:
-        servers = [ModelServer(behavior=Behavior(delay=FAST_DELAY)).start() for _ in range(2)]
-        servers += [ModelServer(behavior=Behavior(delay=SLOW_DELAY)).start() for _ in range(2)]
+        servers = []
+        for delay in (FAST_DELAY, FAST_DELAY, SLOW_DELAY, SLOW_DELAY):
+            # Each server measures its own load: calls per second, and its slots' use over 0.25 s windows.
+            load = ServerLoad(capacity=SLOTS, window=0.25)
+            servers.append(
+                ModelServer(
+                    behavior=Behavior(delay=delay), interceptors=[LoadReportInterceptor(load)]
+                ).start()
+            )
         kind = {s.address: "fast" if s.behavior.delay == FAST_DELAY else "slow" for s in servers}
         registrations = [
             lbkit.registration.register(
@@ -86,6 +101,23 @@ def main() -> None:
             with lbkit.Balancer(discovery, selector=lbkit.PeakEwma()) as lb:
                 lb.wait_ready(count=len(servers))
                 ewma_fast = report("PeakEwma", *run_load(lb), kind)
+
+            discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
+            with lbkit.Balancer(discovery, selector=REPORTED) as lb:
+                lb.wait_ready(count=len(servers))
+                run_load(lb, CALLS // 2)  # reports arrive; the blackout passes
+                reported_fast = report("WeightedRoundRobin", *run_load(lb), kind)
+                picker = lb.core.picker
+                learned = dict(zip((e.address for e in picker.endpoints), picker.weights, strict=True))
+                for address in sorted(learned, key=lambda a: (kind[a], a)):
+                    print(f"  {kind[address]:4s} {address}  weight {learned[address]:5.0f}", end="")
+                    r = lb.stats[address].load_report
+                    if r is not None:
+                        print(
+                            f"  (last report: {r.qps:.0f} calls/s, {r.application_utilization:.0%} busy)",
+                            end="",
+                        )
+                    print()
         finally:
             for r in registrations:
                 r.close()
@@ -96,9 +128,14 @@ def main() -> None:
         raise SystemExit(f"Weighted gave the fast GPUs {weighted_fast:.0%}, expected about 67% (8:4)")
     if ewma_fast <= weighted_fast:
         raise SystemExit("PeakEwma did not send more calls to the fast GPUs than their weight share")
+    if reported_fast <= weighted_fast:
+        raise SystemExit(
+            "WeightedRoundRobin did not send more calls to the fast GPUs than their weight share"
+        )
     print(
         f"Weighted followed the Consul weights (8:4 -> {weighted_fast:.0%} fast); "
-        f"PeakEwma learned the speeds ({ewma_fast:.0%} fast)"
+        f"PeakEwma learned the speeds ({ewma_fast:.0%} fast); "
+        f"WeightedRoundRobin took them from the servers' load reports ({reported_fast:.0%} fast)"
     )
 
 

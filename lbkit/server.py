@@ -93,9 +93,9 @@ class ServerLoad:
     Figures set with :meth:`set` are reported as set until changed. With ``capacity`` (how many calls at
     once fill the server: its batch slots, its workers), the interceptor also measures, over each
     ``window`` seconds, ``qps`` (calls finished per second), ``eps`` (of those, failed per second) and
-    ``application_utilization`` (calls in progress on average, over ``capacity``; above 1.0 when calls
-    queue); without it, only ``qps`` and ``eps``. A figure set with :meth:`set` wins over the measured
-    one. Thread-safe.
+    ``application_utilization`` (the share of the ``capacity`` slots busy on average: calls in progress,
+    at most ``capacity``, as a CPU's utilization counts busy time and not the queue); without it, only
+    ``qps`` and ``eps``. A figure set with :meth:`set` wins over the measured one. Thread-safe.
     """
 
     def __init__(
@@ -204,26 +204,33 @@ class ServerLoad:
         """Move the measurement to ``now``, closing the window (or windows) that ended."""
         window = self.window
         end = self._start + window
+        slots = self._slots_busy()
         if now < end:
-            self._busy += self._in_flight * (now - self._last)
+            self._busy += slots * (now - self._last)
             self._last = now
             return
-        self._busy += self._in_flight * (end - self._last)
+        self._busy += slots * (end - self._last)
         measured: Figures = {"qps": self._done / window, "eps": self._errors / window}
         busy = self._busy
         skipped = math.floor((now - end) / window)
         if skipped >= 1:  # whole windows passed with no event: nothing finished, as many in progress
             measured = {"qps": 0.0, "eps": 0.0}
-            busy = self._in_flight * window
+            busy = slots * window
         if self.capacity is not None:
             measured["application_utilization"] = busy / (window * self.capacity)
         self._measured = measured
         self._encoded = None
         self._start = end + skipped * window
-        self._busy = self._in_flight * (now - self._start)
+        self._busy = slots * (now - self._start)
         self._last = now
         self._done = 0
         self._errors = 0
+
+    def _slots_busy(self) -> float:
+        """Calls being served now: those in progress, at most ``capacity`` (the rest wait for a slot)."""
+        capacity = self.capacity
+        in_flight = self._in_flight
+        return in_flight if capacity is None or in_flight < capacity else capacity
 
 
 # ----------------------------------------------------------------------------------------------- per call

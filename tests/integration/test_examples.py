@@ -15,7 +15,7 @@ EXAMPLES = ROOT / "examples"
 CASES = [
     ("wrap_existing_stub.py", "the unchanged stub now spreads its calls over 3 servers"),
     ("ab_routing.py", "every user stayed on one model version"),
-    ("gpu_pool.py", "Weighted followed the Consul weights"),
+    ("gpu_pool.py", "WeightedRoundRobin took them from the servers' load reports"),
     ("pipeline.py", "each request fused on one server"),
     ("model_service/run.py", "the unhealthy server got no new streams"),
 ]

@@ -54,13 +54,17 @@ def test_windows_with_nothing_finished_report_what_is_in_progress() -> None:
     assert load.figures() == {"qps": 0.0, "eps": 0.0, "application_utilization": 0.0}
 
 
-def test_queued_calls_push_utilization_past_one() -> None:
+def test_utilization_counts_busy_slots_not_the_queue() -> None:
     clock = FakeClock()
-    load = ServerLoad(capacity=1, window=1.0, clock=clock)
-    for _ in range(3):
+    load = ServerLoad(capacity=2, window=1.0, clock=clock)
+    for _ in range(5):  # two served, three waiting for a slot
         load.call_started()
-    clock.now += 1.0
-    assert load.figures()["application_utilization"] == 3.0
+    clock.now += 0.5
+    for _ in range(4):  # one left: one slot of two busy
+        load.call_finished(True)
+    clock.now += 0.5
+    assert load.figures() == {"qps": 4.0, "eps": 0.0, "application_utilization": 0.75}
+    assert load.in_progress == 1
 
 
 def test_without_capacity_only_rates_are_measured() -> None:
