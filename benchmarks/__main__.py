@@ -26,6 +26,7 @@ MODULES = (
     "selectors",
     "hash_quality",
     "subsetting",
+    "zones",
     "e2e",
     "faults",
     "load_reports",
@@ -180,6 +181,13 @@ def make_plots(results: Mapping[str, Any], directory: str) -> tuple[dict[str, st
 
         title = "connections per server and churn per algorithm"
         save(plot_subsetting(subsetting, plt), "subsetting", title, "subsetting.png")
+
+    zones = results.get("zones", {}).get("data")
+    if zones:
+        from benchmarks.zones import plot as plot_zones
+
+        title = "calls kept local as local capacity drops, and pick cost"
+        save(plot_zones(zones, plt), "zones", title, "zones.png")
 
     for module, words, title, xlabel, ylabel, filename in (
         (

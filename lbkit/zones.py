@@ -40,6 +40,7 @@ from lbkit.stats import Stats
 
 __all__ = [
     "KEY_SEED",
+    "KeyedSplitZonePicker",
     "LocalZonePicker",
     "SplitZonePicker",
     "ZoneMode",
@@ -233,12 +234,10 @@ class LocalZonePicker(ZonePicker):
 
 
 class SplitZonePicker(ZonePicker):
-    """A share of calls to the client's zone, the rest to other zones (or any zone) by precomputed odds.
+    """A share of calls to the client's zone, the rest to other zones (or any zone) by precomputed odds:
+    one random draw per pick."""
 
-    ``keyed``: a call's key, when it has one, chooses the zone by its hash, so a key keeps its zone.
-    """
-
-    __slots__ = ("_keyed", "_last", "_local", "_p_local", "_random", "_rest")
+    __slots__ = ("_last", "_local", "_p_local", "_random", "_rest")
 
     def __init__(
         self,
@@ -247,7 +246,6 @@ class SplitZonePicker(ZonePicker):
         plan: ZonePlan,
         routes: Sequence[tuple[float, Picker]],
         *,
-        keyed: bool = False,
         rng: Callable[[], float] = random.random,
     ) -> None:
         super().__init__(endpoints, fallback, plan)
@@ -263,17 +261,33 @@ class SplitZonePicker(ZonePicker):
         self._rest = tuple(bounds[1:])
         self._last = bounds[-1][1]
         self._random = rng
-        self._keyed = keyed
 
     def pick(self, key: Key = None) -> Endpoint:
         """One draw against the cumulative odds, then that zone's pick."""
-        u = self._random() if key is None or not self._keyed else mmh3.hash(key, KEY_SEED, False) / _TWO32
+        u = self._random()
         if u < self._p_local:
             return self._local(key)
         for bound, pick in self._rest:
             if u < bound:
                 return pick(key)
         return self._last(key)  # u at the top edge, by rounding
+
+
+class KeyedSplitZonePicker(SplitZonePicker):
+    """:class:`SplitZonePicker` for key-aware selectors: a call's key, when it has one, chooses the zone
+    by its hash (seed :data:`KEY_SEED`), so a key keeps its zone, and so its endpoint."""
+
+    __slots__ = ()
+
+    def pick(self, key: Key = None) -> Endpoint:
+        """The key's zone (a random one without a key), then that zone's pick."""
+        u = self._random() if key is None else mmh3.hash(key, KEY_SEED, False) / _TWO32
+        if u < self._p_local:
+            return self._local(key)
+        for bound, pick in self._rest:
+            if u < bound:
+                return pick(key)
+        return self._last(key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,7 +388,8 @@ class ZoneRouter:
             routes.append((enabled * plan.local, selector.build(groups[zone], stats)))
         routes.extend((enabled * share, selector.build(groups[z], stats)) for z, share in plan.spill)
         routes.append((1.0 - enabled, everywhere))
-        return SplitZonePicker(endpoints, everywhere, plan, routes, keyed=selector.uses_key, rng=self.rng)
+        split = KeyedSplitZonePicker if selector.uses_key else SplitZonePicker
+        return split(endpoints, everywhere, plan, routes, rng=self.rng)
 
     def _set(self, plan: ZonePlan) -> None:
         old = self.plan

@@ -81,6 +81,11 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     assert subsetting["balance"]["lbkit deterministic"]["max_over_mean"] <= 1.10
     assert subsetting["rendezvous_churn_goal_met"]
     assert (plots / "subsetting.png").stat().st_size > 1000 and "subsetting.png" in report
+    # Zone-aware routing: measured local shares follow Envoy's formula, no call fails, the plot is drawn.
+    zones = modules["zones"]["data"]
+    assert zones["simulated"]["max_error"] < 0.02
+    assert zones["grpc"]["failed"] == 0 and len(zones["grpc"]["steps"]) == 3
+    assert (plots / "zones.png").stat().st_size > 1000 and "zones.png" in report
 
 
 @pytest.mark.parametrize("quick", [True, False])
