@@ -7,7 +7,6 @@ publishes a new immutable picker (one attribute assignment) after every change.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
@@ -307,7 +306,9 @@ class BalancerCore:
 
     @property
     def zone_plan(self) -> ZonePlan:
-        """Where zone-routed calls go now (mode OFF when zone routing does not apply)."""
+        """Where zone-routed calls go (mode OFF when zone routing does not apply): the plan of the latest
+        picker build, whose picker is published at once or, for a build handed to :attr:`offload`, when
+        it is done."""
         return self.zones.plan
 
     def forget(self, address: str) -> None:
@@ -483,8 +484,7 @@ class BalancerCore:
         self._last_rebuild = now
         if chosen:
             build = PickerBuild(
-                functools.partial(
-                    self.zones.build,
+                self.zones.prepare(
                     self.selector,
                     [m.endpoint for m in chosen],
                     self.endpoint_set.endpoints,

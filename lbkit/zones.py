@@ -23,6 +23,7 @@ pays one random draw and a comparison (for keyed selectors, a hash of the key, s
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import random
@@ -334,6 +335,27 @@ class ZoneRouter:
                 best, zone = rank, e.zone
         return zone
 
+    def prepare(
+        self,
+        selector: Selector,
+        usable: Sequence[Endpoint],
+        known: Iterable[Endpoint],
+        stats: Stats,
+        *,
+        panic: bool = False,
+    ) -> Callable[[], Picker]:
+        """Plan now (cheap; the core calls it under its lock) and return the picker's build: a function
+        that touches no shared state, so it may run in another thread.
+
+        ``usable`` are the endpoints to pick from, ``known`` every endpoint discovery reports (any
+        state): the default placement of clients.
+        """
+        usable = tuple(usable)
+        plan = self._plan(usable, known, panic)
+        self._set(plan)
+        enabled = self.routing.routing_enabled / 100.0
+        return functools.partial(_build, selector, usable, stats, plan, enabled, self.rng)
+
     def build(
         self,
         selector: Selector,
@@ -343,23 +365,19 @@ class ZoneRouter:
         *,
         panic: bool = False,
     ) -> Picker:
-        """The picker over ``usable`` endpoints, routing by zone when the plan says so.
+        """:meth:`prepare`, then build the picker here."""
+        return self.prepare(selector, usable, known, stats, panic=panic)()
 
-        ``known`` is every endpoint discovery reports (any state): the default placement of clients.
-        """
-        everywhere = selector.build(usable, stats)
+    def _plan(self, usable: tuple[Endpoint, ...], known: Iterable[Endpoint], panic: bool) -> ZonePlan:
         if self.configured == "":
-            self._set(_off("", "zone routing is off (zone='')"))
-            return everywhere
+            return _off("", "zone routing is off (zone='')")
         known = tuple(known)
         zone = self.zone_for(known)
         if not zone:
-            self._set(_off("", "the client's zone is unknown"))
-            return everywhere
-        groups: dict[str, list[Endpoint]] = {}
+            return _off("", "the client's zone is unknown")
+        capacity: dict[str, float] = {}
         for e in usable:
-            groups.setdefault(e.zone, []).append(e)
-        capacity = {z: float(sum(e.weight for e in es)) for z, es in groups.items()}
+            capacity[e.zone] = capacity.get(e.zone, 0.0) + e.weight
         clients: Mapping[str, float]
         if self.routing.client_shares is not None:
             clients = self.routing.client_shares
@@ -368,7 +386,7 @@ class ZoneRouter:
             for e in known:
                 placed[e.zone] = placed.get(e.zone, 0.0) + e.weight
             clients = placed
-        plan = plan_zones(
+        return plan_zones(
             zone,
             capacity,
             clients,
@@ -376,20 +394,6 @@ class ZoneRouter:
             min_cluster_size=self.routing.min_cluster_size,
             panic=panic,
         )
-        self._set(plan)
-        if plan.mode is ZoneMode.OFF:
-            return everywhere
-        endpoints = everywhere.endpoints
-        enabled = self.routing.routing_enabled / 100.0
-        if plan.mode is ZoneMode.DIRECT and enabled >= 1.0:
-            return LocalZonePicker(endpoints, everywhere, plan, selector.build(groups[zone], stats))
-        routes: list[tuple[float, Picker]] = []
-        if plan.local > 0:
-            routes.append((enabled * plan.local, selector.build(groups[zone], stats)))
-        routes.extend((enabled * share, selector.build(groups[z], stats)) for z, share in plan.spill)
-        routes.append((1.0 - enabled, everywhere))
-        split = KeyedSplitZonePicker if selector.uses_key else SplitZonePicker
-        return split(endpoints, everywhere, plan, routes, rng=self.rng)
 
     def _set(self, plan: ZonePlan) -> None:
         old = self.plan
@@ -400,3 +404,31 @@ class ZoneRouter:
                 log.log(
                     level, "%s zone routing %s: %s", self.service or "lbkit", plan.mode.value, plan.reason
                 )
+
+
+def _build(
+    selector: Selector,
+    usable: tuple[Endpoint, ...],
+    stats: Stats,
+    plan: ZonePlan,
+    enabled: float,
+    rng: Callable[[], float],
+) -> Picker:
+    """The picker for ``plan``: the selector's own when zone routing is off, else a zone picker over one
+    picker per zone that takes calls, and the picker over every zone."""
+    everywhere = selector.build(usable, stats)
+    if plan.mode is ZoneMode.OFF:
+        return everywhere
+    groups: dict[str, list[Endpoint]] = {}
+    for e in usable:
+        groups.setdefault(e.zone, []).append(e)
+    endpoints = everywhere.endpoints
+    if plan.mode is ZoneMode.DIRECT and enabled >= 1.0:
+        return LocalZonePicker(endpoints, everywhere, plan, selector.build(groups[plan.zone], stats))
+    routes: list[tuple[float, Picker]] = []
+    if plan.local > 0:
+        routes.append((enabled * plan.local, selector.build(groups[plan.zone], stats)))
+    routes.extend((enabled * share, selector.build(groups[z], stats)) for z, share in plan.spill)
+    routes.append((1.0 - enabled, everywhere))
+    split = KeyedSplitZonePicker if selector.uses_key else SplitZonePicker
+    return split(endpoints, everywhere, plan, routes, rng=rng)

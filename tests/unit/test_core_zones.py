@@ -194,3 +194,23 @@ def test_bad_zone_options_name_what_is_wrong(monkeypatch):
     monkeypatch.setenv("CONSUL_ZONE", "a ")
     with pytest.raises(ConfigError, match="CONSUL_ZONE"):
         BalancerOptions()
+
+
+def test_an_offloaded_build_plans_under_the_lock_and_builds_the_zone_picker_elsewhere():
+    import threading
+
+    core = make()
+    handed: list = []
+    core.offload_above = 0.0  # every build is slow: handed to the driver
+    core.offload = handed.append
+    core.set_ready(A[0], False)
+    assert len(handed) == 1
+    # The plan is made at once; the picker in force is still the direct one until the build is published.
+    assert core.zone_plan.mode is ZoneMode.RESIDUAL and isinstance(core.picker, LocalZonePicker)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(handed[0]()))
+    worker.start()
+    worker.join(10)
+    core.publish(handed[0], result[0])
+    assert isinstance(core.picker, SplitZonePicker) and core.picker.plan is core.zone_plan
+    assert local_share(core) == pytest.approx(0.75, abs=0.015)
