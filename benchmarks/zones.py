@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks._common import Result, module_main
 from lbkit.core import BalancerCore
 from lbkit.endpoint import Endpoint, EndpointSet
-from lbkit.selectors import SELECTORS, RoundRobin
+from lbkit.selectors import SELECTORS, ConsistentHash, RoundRobin
 from lbkit.selectors.base import Picker, Selector
 from lbkit.testing import FakeClock
 from lbkit.zones import LocalZonePicker, SplitZonePicker, ZonePicker, ZoneRouting
@@ -207,7 +207,7 @@ def _routes(picker: ZonePicker) -> list[tuple[float, Picker]]:
     return routes
 
 
-def pick_cost(picks: int, rounds: int) -> tuple[list[list[object]], dict[str, Any]]:
+def pick_cost(picks: int, rounds: int, quick: bool = False) -> tuple[list[list[object]], dict[str, Any]]:
     """ns per pick for every selector: zones off (the selector's picker over every endpoint), and on: direct
     and residual, each next to the cost of the per-zone pickers it delegates to (weighted by their share
     of picks), so the difference is what the zone layer adds. Best of ``rounds``, variants interleaved."""
@@ -219,6 +219,8 @@ def pick_cost(picks: int, rounds: int) -> tuple[list[list[object]], dict[str, An
     gc.disable()
     try:
         for name, selector in SELECTORS.items():
+            if quick and isinstance(selector, ConsistentHash):
+                selector = ConsistentHash(table_size=1021)  # quick: small Maglev tables build fast
             off = _core("", endpoints, set(), selector, 1).picker
             direct = _core("a", endpoints, set(), selector, 1).picker
             residual = _core("a", endpoints, {local[0].address}, selector, 1).picker
@@ -265,9 +267,9 @@ def pick_cost(picks: int, rounds: int) -> tuple[list[list[object]], dict[str, An
 
 def run(quick: bool = False) -> Result:
     """Measure; return the result dict (see ``benchmarks._common``)."""
-    sim_rows, sim = simulate(20_000 if quick else 200_000)
-    grpc_rows, real = real_grpc(150 if quick else 1000)
-    cost_rows, cost = pick_cost(5_000 if quick else 50_000, 3 if quick else 9)
+    sim_rows, sim = simulate(10_000 if quick else 200_000)
+    grpc_rows, real = real_grpc(100 if quick else 1000)
+    cost_rows, cost = pick_cost(2_000 if quick else 50_000, 2 if quick else 9, quick)
     missed = [str(r[0]) for r in cost_rows if r[-1] != "pass"]
     return {
         "title": "Zone-aware routing",
@@ -275,7 +277,7 @@ def run(quick: bool = False) -> Result:
             {
                 "caption": (
                     f"Spill, simulated: 3 zones x {PER_ZONE} endpoints, clients placed evenly, client in "
-                    f"zone a, round robin; {'20,000' if quick else '200,000'} picks per client zone"
+                    f"zone a, round robin; {'10,000' if quick else '200,000'} picks per client zone"
                 ),
                 "columns": [
                     "local endpoints up",
