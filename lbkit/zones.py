@@ -58,7 +58,8 @@ KEY_SEED = 0x7A6F6E65
 """MurmurHash3 seed of the hash that chooses a key's zone: independent of the hash that places the key
 inside the zone (seed 0)."""
 
-_TWO32 = float(1 << 32)
+_hash: Callable[[str | bytes, int], int] = mmh3.hash
+"""MurmurHash3 x86 32-bit, signed: the fastest form mmh3 offers."""
 
 
 @config
@@ -278,17 +279,38 @@ class KeyedSplitZonePicker(SplitZonePicker):
     """:class:`SplitZonePicker` for key-aware selectors: a call's key, when it has one, chooses the zone
     by its hash (seed :data:`KEY_SEED`), so a key keeps its zone, and so its endpoint."""
 
-    __slots__ = ()
+    __slots__ = ("_h_local", "_h_rest")
+
+    def __init__(
+        self,
+        endpoints: tuple[Endpoint, ...],
+        fallback: Picker,
+        plan: ZonePlan,
+        routes: Sequence[tuple[float, Picker]],
+        *,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__(endpoints, fallback, plan, routes, rng=rng)
+        # The cumulative odds as bounds on the signed 32-bit hash, so a pick compares ints only.
+        self._h_local = _signed_bound(self._p_local)
+        self._h_rest = tuple((_signed_bound(b), pick) for b, pick in self._rest)
 
     def pick(self, key: Key = None) -> Endpoint:
         """The key's zone (a random one without a key), then that zone's pick."""
-        u = self._random() if key is None else mmh3.hash(key, KEY_SEED, False) / _TWO32
-        if u < self._p_local:
+        if key is None:
+            return SplitZonePicker.pick(self, key)
+        h = _hash(key, KEY_SEED)
+        if h < self._h_local:
             return self._local(key)
-        for bound, pick in self._rest:
-            if u < bound:
+        for bound, pick in self._h_rest:
+            if h < bound:
                 return pick(key)
         return self._last(key)
+
+
+def _signed_bound(share: float) -> int:
+    """The bound ``b`` such that a signed 32-bit hash ``h`` falls below it with probability ``share``."""
+    return int(share * 4294967296.0) - 2147483648
 
 
 # ---------------------------------------------------------------------------------------------------
