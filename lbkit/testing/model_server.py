@@ -63,6 +63,8 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         self.calls: Counter[str] = Counter()
         self.stalled = 0
         """Calls that stalled (see ``Behavior.stall_rate``)."""
+        self.headers: Counter[str] = Counter()
+        """Metadata keys received, over all calls."""
         self._lock = threading.Lock()
         self._rng = random.Random()
 
@@ -78,6 +80,7 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         b = self.behavior
         with self._lock:
             self.calls[method] += 1
+            self.headers.update(key for key, _ in context.invocation_metadata())
             fail = self._rng.random() < b.fail_rate
             stall = b.stall_rate > 0 and self._rng.random() < b.stall_rate
         context.set_trailing_metadata((("lb-served-by", self.name),))
@@ -123,6 +126,16 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
             yield pb2.AckResponse(
                 entity_id=update.entity_id, sequence=update.sequence, accepted=True, served_by=self.name
             )
+
+    def UploadFeatures(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        self._enter("UploadFeatures", context)
+        count = last = 0
+        for update in request_iterator:
+            count += 1
+            last = update.sequence
+        if self.behavior.delay:
+            time.sleep(self.behavior.delay)
+        return pb2.UploadSummary(count=count, last_sequence=last, served_by=self.name)
 
 
 class ModelServer:

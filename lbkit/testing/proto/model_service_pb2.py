@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'lbkit/testing/proto/model_service.proto\x12\x12lbkit.inference.v1\"M\n\x0ePredictRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"d\n\x0fPredictResponse\x12\x13\n\x0bpredictions\x18\x01 \x03(\x02\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"F\n\rTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0bis_finished\x18\x02 \x01(\x08\x12\x11\n\tserved_by\x18\x03 \x01(\t\"\xa8\x01\n\rFeatureUpdate\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x41\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32/.lbkit.inference.v1.FeatureUpdate.FeaturesEntry\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\x0b\x41\x63kResponse\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tserved_by\x18\x04 \x01(\t2\x96\x02\n\x0cModelService\x12R\n\x07Predict\x12\".lbkit.inference.v1.PredictRequest\x1a#.lbkit.inference.v1.PredictResponse\x12X\n\rStreamPredict\x12\".lbkit.inference.v1.PredictRequest\x1a!.lbkit.inference.v1.TokenResponse0\x01\x12X\n\x0eUpdateFeatures\x12!.lbkit.inference.v1.FeatureUpdate\x1a\x1f.lbkit.inference.v1.AckResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'lbkit/testing/proto/model_service.proto\x12\x12lbkit.inference.v1\"M\n\x0ePredictRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"d\n\x0fPredictResponse\x12\x13\n\x0bpredictions\x18\x01 \x03(\x02\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"F\n\rTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0bis_finished\x18\x02 \x01(\x08\x12\x11\n\tserved_by\x18\x03 \x01(\t\"\xa8\x01\n\rFeatureUpdate\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x41\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32/.lbkit.inference.v1.FeatureUpdate.FeaturesEntry\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\x0b\x41\x63kResponse\x12\x11\n\tentity_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tserved_by\x18\x04 \x01(\t\"H\n\rUploadSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x15\n\rlast_sequence\x18\x02 \x01(\x03\x12\x11\n\tserved_by\x18\x03 \x01(\t2\xf0\x02\n\x0cModelService\x12R\n\x07Predict\x12\".lbkit.inference.v1.PredictRequest\x1a#.lbkit.inference.v1.PredictResponse\x12X\n\rStreamPredict\x12\".lbkit.inference.v1.PredictRequest\x1a!.lbkit.inference.v1.TokenResponse0\x01\x12X\n\x0eUpdateFeatures\x12!.lbkit.inference.v1.FeatureUpdate\x1a\x1f.lbkit.inference.v1.AckResponse(\x01\x30\x01\x12X\n\x0eUploadFeatures\x12!.lbkit.inference.v1.FeatureUpdate\x1a!.lbkit.inference.v1.UploadSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREUPDATE_FEATURESENTRY']._serialized_end=485
   _globals['_ACKRESPONSE']._serialized_start=487
   _globals['_ACKRESPONSE']._serialized_end=574
-  _globals['_MODELSERVICE']._serialized_start=577
-  _globals['_MODELSERVICE']._serialized_end=855
+  _globals['_UPLOADSUMMARY']._serialized_start=576
+  _globals['_UPLOADSUMMARY']._serialized_end=648
+  _globals['_MODELSERVICE']._serialized_start=651
+  _globals['_MODELSERVICE']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

@@ -66,3 +66,13 @@ class AckResponse(_message.Message):
     accepted: bool
     served_by: str
     def __init__(self, entity_id: _Optional[str] = ..., sequence: _Optional[int] = ..., accepted: _Optional[bool] = ..., served_by: _Optional[str] = ...) -> None: ...
+
+class UploadSummary(_message.Message):
+    __slots__ = ("count", "last_sequence", "served_by")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    last_sequence: int
+    served_by: str
+    def __init__(self, count: _Optional[int] = ..., last_sequence: _Optional[int] = ..., served_by: _Optional[str] = ...) -> None: ...

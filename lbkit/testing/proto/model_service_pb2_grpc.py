@@ -49,6 +49,11 @@ class ModelServiceStub:
                 request_serializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.SerializeToString,
                 response_deserializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.UploadFeatures = channel.stream_unary(
+                '/lbkit.inference.v1.ModelService/UploadFeatures',
+                request_serializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.SerializeToString,
+                response_deserializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.UploadSummary.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -75,6 +80,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFeatures(self, request_iterator, context):
+        """A batch of feature updates, acknowledged once at the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.UpdateFeatures,
                     request_deserializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.FromString,
                     response_serializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.AckResponse.SerializeToString,
+            ),
+            'UploadFeatures': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFeatures,
+                    request_deserializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.FromString,
+                    response_serializer=lbkit_dot_testing_dot_proto_dot_model__service__pb2.UploadSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class ModelService:
             '/lbkit.inference.v1.ModelService/UpdateFeatures',
             lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.SerializeToString,
             lbkit_dot_testing_dot_proto_dot_model__service__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lbkit.inference.v1.ModelService/UploadFeatures',
+            lbkit_dot_testing_dot_proto_dot_model__service__pb2.FeatureUpdate.SerializeToString,
+            lbkit_dot_testing_dot_proto_dot_model__service__pb2.UploadSummary.FromString,
             options,
             channel_credentials,
             insecure,
