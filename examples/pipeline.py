@@ -144,9 +144,13 @@ async def run(pools: dict[str, list[str]]) -> list[dict[str, Any]]:
         lbkit.aio.Balancer(pools["image"], selector="least_connections", service="image-encoder") as image_lb,
         lbkit.aio.Balancer(pools["text"], selector="least_connections", service="text-encoder") as text_lb,
         # The fusion servers hold partial state per request: a key must never spill to another server,
-        # so bounded loads are off (with them on, a busy owner would pass keys to its neighbour).
+        # so bounded loads are off (with them on, a busy owner would pass keys to its neighbour). The
+        # servers read the request id from the key header, so it is forwarded to them.
         lbkit.aio.Balancer(
-            pools["fusion"], selector=lbkit.ConsistentHash(bounded_load=None), service="fusion"
+            pools["fusion"],
+            selector=lbkit.ConsistentHash(bounded_load=None),
+            service="fusion",
+            forward_key_header=True,
         ) as fusion_lb,
     ):
         for lb, n in ((image_lb, 2), (text_lb, 2), (fusion_lb, 2)):

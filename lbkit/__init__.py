@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "testing": "lbkit.testing",
     "ConfigError": "lbkit.errors",
     "DiscoveryError": "lbkit.errors",
+    "EndpointRemovedError": "lbkit.errors",
     "LbkitError": "lbkit.errors",
     "NoEndpointsError": "lbkit.errors",
     "NoReadyEndpointError": "lbkit.errors",
@@ -73,6 +74,7 @@ __all__ = [
     "DiscoveryError",
     "Endpoint",
     "EndpointDiff",
+    "EndpointRemovedError",
     "EndpointSet",
     "EndpointStats",
     "Event",
@@ -113,6 +115,7 @@ if TYPE_CHECKING:
     from lbkit.errors import (
         ConfigError,
         DiscoveryError,
+        EndpointRemovedError,
         LbkitError,
         NoEndpointsError,
         NoReadyEndpointError,

@@ -1,47 +1,26 @@
-"""What the sync and asyncio balanced channels share per stub method: key extraction and retry rules."""
+"""What the sync and asyncio balanced channels share per stub method: the call's key and metadata, its
+retry policy, and the four method factories generated stubs call."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
-import grpc
-
-from lbkit._driver import BalancerBase, KeyFn
-from lbkit.retry import never_reached_server
+from lbkit._attempts import CallRules
+from lbkit._driver import BalancerBase, KeyFn, Member
 from lbkit.selectors.base import Key
 
-__all__ = ["CallSpecBase", "ChannelMethods", "call_kwargs", "closed_channel", "timeout_left"]
+__all__ = ["CallSpecBase", "ChannelMethods"]
 
 B = TypeVar("B", bound=BalancerBase)
 
 
-def timeout_left(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (``time.monotonic``), never negative; None for no deadline."""
-    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+class CallSpecBase(CallRules, Generic[B]):
+    """What every call of one stub method shares: the method, its codecs, the key rule, the policy."""
 
+    __slots__ = ("forward", "header", "key_fn", "keyed", "method", "spec")
 
-def closed_channel(err: ValueError) -> bool:
-    """Whether grpc (or a drained pool member) refused to start a call because the channel is closed:
-    nothing was sent, so the call may go to another endpoint."""
-    return "closed" in str(err)
-
-
-def call_kwargs(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
-    """The per-call options a multicallable passes through to grpc unchanged."""
-    return {
-        "metadata": metadata,
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
-
-
-class CallSpecBase(Generic[B]):
-    """What every call of one stub method shares: the method, its codecs, the key rule, the balancer."""
-
-    __slots__ = ("attempt_timeout", "header", "key_fn", "keyed", "lb", "method", "spec")
+    lb: B
 
     def __init__(
         self,
@@ -52,62 +31,53 @@ class CallSpecBase(Generic[B]):
         deser: Any,
         registered: bool,
         key_fn: KeyFn | None,
+        pinned: Member | None = None,
     ) -> None:
-        self.lb = lb
+        super().__init__(lb, kind, lb.retry_policies.for_method(method), pinned)
         self.method = method
         self.spec = (kind, method, ser, deser, registered)
         self.key_fn = key_fn
         self.keyed = lb.keyed
         self.header = lb.options.key_header
-        self.attempt_timeout = lb.retry_policy.attempt_timeout if kind == "unary_unary" else None
+        self.forward = lb.options.forward_key_header
 
-    def key(self, metadata: Any, request: Any) -> Key:
-        """The call's hash key: None unless the policy uses keys."""
-        if not self.keyed:
-            return None
-        if self.key_fn is not None:
-            return self.key_fn(self.method, request)
-        if metadata:
-            for item in metadata:
-                if item[0] == self.header:
+    def route(self, metadata: Any, request: Any) -> tuple[Key, Any]:
+        """The call's hash key (None unless the selector uses keys), and the metadata to send: the key
+        header is the balancer's and is left out unless ``forward_key_header``."""
+        key: Key = None
+        if self.key_fn is not None and self.keyed:
+            key = self.key_fn(self.method, request)
+        if not metadata:
+            return key, metadata
+        header = self.header
+        for item in metadata:
+            if item[0] == header:
+                if self.keyed and self.key_fn is None:
                     value = item[1]
-                    return value if isinstance(value, (str, bytes)) else str(value)
-        return None
-
-    def retryable(
-        self, code: grpc.StatusCode | None, details: str | None, deadline: float | None = None
-    ) -> bool:
-        """Whether a failure may be retried on another endpoint (policy and budget permitting)."""
-        policy = self.lb.retry_policy
-        if policy.max_attempts <= 1:
-            return False
-        if never_reached_server(code, details):
-            return True  # always safe, and not throttled (gRFC A6 transparent retries)
-        if code in policy.retryable_codes or (
-            code is grpc.StatusCode.DEADLINE_EXCEEDED
-            and policy.attempt_timeout is not None
-            and (deadline is None or time.monotonic() < deadline)
-        ):
-            self.lb.budget.on_failure()
-            return self.lb.budget.allow()
-        return False
+                    key = value if isinstance(value, (str, bytes)) else str(value)
+                if not self.forward:
+                    metadata = tuple(i for i in metadata if i[0] != header) or None
+                break
+        return key, metadata
 
 
 class ChannelMethods:
     """The four method factories generated stubs call, shared by the sync and asyncio channels.
 
-    A subclass names its call-rule class and its multicallable class for each call kind.
+    A subclass names its call-rule class and its multicallable class for each call kind. ``pinned``: the
+    one member a channel from ``lb.pick()`` calls.
     """
 
     _spec_class: ClassVar[Callable[..., Any]]
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]]
 
-    def __init__(self, lb: Any, key: KeyFn | None = None) -> None:
+    def __init__(self, lb: Any, key: KeyFn | None = None, pinned: Member | None = None) -> None:
         self._lb = lb
         self._key = key
+        self._pinned = pinned
 
     def _make(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> Any:
-        spec = self._spec_class(self._lb, kind, method, ser, deser, registered, self._key)
+        spec = self._spec_class(self._lb, kind, method, ser, deser, registered, self._key, self._pinned)
         return self._multicallables[kind](spec)
 
     def unary_unary(

@@ -7,8 +7,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -23,8 +22,8 @@ from lbkit.health.active import HealthCheck
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.options import POOL_ARG, BalancerOptions
-from lbkit.retry import RetryBudget, RetryPolicy
-from lbkit.selectors.base import Key, Picker, Selector
+from lbkit.retry import MethodPolicies, RetryBudget, RetryPolicy
+from lbkit.selectors.base import Key, Selector
 from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import Subsetting
 from lbkit.zones import ZonePlan, ZoneRouting
@@ -46,6 +45,7 @@ class Member:
         "callables",
         "channel",
         "closed",
+        "closed_reason",
         "closing_at",
         "health",
         "health_report",
@@ -67,7 +67,10 @@ class Member:
         self.health_report: tuple[bool, Cause, str] | None = None
         """The last active health answer (serving, cause, reason), if any."""
         self.closed = False
-        """The channel is closed: no new multicallable may be made on it."""
+        """lbkit closed the channel: no new multicallable may be made on it, and a call on it that ends
+        CANCELLED was cancelled by the close (see :attr:`closed_reason`)."""
+        self.closed_reason = ""
+        """Why lbkit closed the channel, for the error of the calls it cut short."""
         self.lock = threading.Lock()
         """Orders making multicallables against closing the channel."""
 
@@ -87,9 +90,11 @@ class Member:
                 self.callables[spec] = mc
         return mc
 
-    def mark_closed(self) -> None:
+    def mark_closed(self, reason: str) -> None:
         """From now on no multicallable is made on the channel; the caller then closes it."""
         with self.lock:
+            if not self.closed:
+                self.closed_reason = reason
             self.closed = True
 
 
@@ -112,12 +117,13 @@ class BalancerBase:
         discovery: Discovery | Iterable[Endpoint | str],
         *,
         selector: Selector | str = "round_robin",
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy | Mapping[str, RetryPolicy] | None = None,
         health_check: HealthCheck | None = None,
         outlier_detection: OutlierDetection | None = None,
         slow_start: SlowStart | None = None,
         panic_threshold: float = 50.0,
         key_header: str = "lb-key",
+        forward_key_header: bool = False,
         wait_timeout: float = 10.0,
         drain_timeout: float = 30.0,
         channel_options: Sequence[tuple[str, Any]] = (),
@@ -146,6 +152,7 @@ class BalancerBase:
             slow_start=slow_start,
             panic_threshold=panic_threshold,
             key_header=key_header,
+            forward_key_header=forward_key_header,
             wait_timeout=wait_timeout,
             drain_timeout=drain_timeout,
             channel_options=channel_options,
@@ -161,7 +168,10 @@ class BalancerBase:
         """The options of every endpoint channel: ``channel_options`` and this balancer's pool arg."""
         self.service = opts.service or self.discovery.service
         self.selector = opts.policy
-        self.retry_policy = opts.retry_policy
+        self.retry_policies: MethodPolicies = opts.retry_policies
+        """The retry policy of each method (``retry=``)."""
+        self.retry_policy: RetryPolicy = self.retry_policies.default
+        """The retry policy of methods no pattern of ``retry=`` names; it sizes the retry budget."""
         self.core = BalancerCore(
             self.selector,
             service=self.service,
@@ -189,7 +199,7 @@ class BalancerBase:
             outlier.is_failure if outlier is not None else _default_is_failure
         )
         self.calls_retried = 0
-        """Retry attempts made: each time a call was tried again on another endpoint."""
+        """Retries made: each time a call that may have reached a server was tried again."""
         self._retry_lock = threading.Lock()
         self._closed = False
 
@@ -268,6 +278,15 @@ class BalancerBase:
             reason = "answering again"
         self.core.set_discovery_status(status.stale, reason)
 
+    def _drained(self, member: Member, now: float) -> str:
+        """Why a removed endpoint's channel is being closed, for the calls it cuts short."""
+        waited = now - member.closing_at if member.closing_at is not None else 0.0
+        return (
+            f"{self.service}: {member.address} left discovery and its channel was closed after "
+            f"{waited:.3g} s of draining (drain_timeout {self.options.drain_timeout:g} s) with this call "
+            "in flight"
+        )
+
     def revive(self, member: Member) -> None:
         """Take back a draining member whose endpoint returned: the core hears its last known state."""
         member.closing_at = None
@@ -291,30 +310,6 @@ class BalancerBase:
         except NoEndpointsError:
             pass
         raise self.no_endpoint_error()  # outside the except: the picker's error is no context of it
-
-    def _pick_avoiding(self, picker: Picker, key: Key, exclude: AbstractSet[str]) -> Member | None:
-        """A member for a pick that should avoid ``exclude`` (endpoints the call already tried), or None.
-
-        Tries ``picker`` (four times when avoiding some), then, for a picker that routes by zone, its
-        ``fallback`` over every zone, so a call whose local endpoints all failed goes on elsewhere. When
-        every endpoint has been tried, one of them again. Raises NoEndpointsError if nothing is pickable.
-        """
-        tries = 4 if exclude else 1
-        seen: Member | None = None
-        for source in (picker, getattr(picker, "fallback", None)):
-            if source is None:
-                break
-            for _ in range(tries):
-                endpoint = source.pick(key)
-                member = self.members.get(endpoint.address)
-                if member is None:
-                    continue
-                if endpoint.address not in exclude:
-                    return member
-                seen = member
-        if seen is not None and len(picker.endpoints) <= len(exclude):
-            return seen
-        return None
 
     def no_endpoint_error(self) -> NoEndpointsError:
         """The error for a call that found nothing to pick, saying which service and why.
@@ -346,8 +341,12 @@ class BalancerBase:
         """Whether :meth:`close` (``aclose``) has been called."""
         return self._closed
 
+    def check_started(self) -> None:
+        """Raise RuntimeError, saying how to start it, if the balancer was never started."""
+        raise NotImplementedError
+
     def note_retry(self) -> None:
-        """Count one retry attempt (a call tried again on another endpoint)."""
+        """Count one retry (a call that may have reached a server, tried again)."""
         with self._retry_lock:
             self.calls_retried += 1
 

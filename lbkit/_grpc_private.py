@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from grpc._common import CYGRPC_STATUS_CODE_TO_STATUS_CODE
 
-__all__ = ["connectivity", "finished_code", "finished_trailing_metadata"]
+__all__ = ["connectivity", "finished_code", "finished_trailing_metadata", "keep_server_status"]
 
 _STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
 """grpc core's connectivity numbers (``grpc_connectivity_state``) to the public enum, whose values carry
@@ -56,3 +56,36 @@ def connectivity(channel: Any, try_to_connect: bool = False) -> grpc.ChannelConn
         return _STATES[channel._channel.check_connectivity_state(try_to_connect)]
     except (AttributeError, ValueError, KeyError):
         return None
+
+
+class _ServerStatus:
+    """A grpc.aio call's Cython call, except that a failed request write leaves the status to the server."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    def set_internal_error(self, error_str: str) -> None:
+        """Ignored: the call's status is the one its receive-status operation brings."""
+
+
+def keep_server_status(call: Any) -> bool:
+    """Make a ``grpc.aio`` client-streaming or bidirectional call report the server's status when a
+    request write loses the race with the server ending the call.
+
+    Why private: grpc.aio's request writer turns such a failed write into a status of its own (INTERNAL,
+    "Internal error from Core") that replaces the server's, until the server's arrives and replaces it
+    again, calling the done callbacks twice. The caller, the retry rule and the accounting would see
+    INTERNAL where the server said, say, UNAVAILABLE. With this, the writer waits for the server's
+    status instead. Call it right after the call is made (before the event loop runs its tasks).
+    Returns False if the call is not grpcio's own.
+    """
+    cython_call = getattr(call, "_cython_call", None)
+    if cython_call is None or not hasattr(cython_call, "set_internal_error"):
+        return False
+    call._cython_call = _ServerStatus(cython_call)
+    return True

@@ -5,20 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
-from collections.abc import Set as AbstractSet
 
 import grpc
 
+from lbkit._attempts import Attempts, CallRules
+from lbkit._config import check_float
 from lbkit._connectivity import ChannelPoller
 from lbkit._driver import KeyFn, Member
 from lbkit._grpc_private import connectivity
-from lbkit.channel import BalancedChannel, SyncDriver
+from lbkit.channel import BalancedChannel, PickedChannel, SyncDriver
 from lbkit.endpoint import EndpointSet
-from lbkit.errors import NoEndpointsError
 from lbkit.events import Cause
 from lbkit.health.native import UNIMPLEMENTED_REASON, HealthChannel, health_options, probe, verdict
-from lbkit.selectors.base import Key
+from lbkit.selectors.base import Key, Picker
 from lbkit.stats import EndpointStats
 
 __all__ = ["Balancer"]
@@ -32,6 +31,8 @@ class Balancer(SyncDriver):
     Use as a context manager, or call :meth:`start` and :meth:`close`. ``lb.channel()`` gives a
     channel that generated stubs accept; ``lb.pick()`` a ready ``grpc.Channel`` for one endpoint.
     """
+
+    _threads: list[threading.Thread] | None = None
 
     def start(self) -> Balancer:
         """Start discovery, the channel pool and the timers; return at once (see :meth:`wait_ready`)."""
@@ -60,8 +61,9 @@ class Balancer(SyncDriver):
     def __enter__(self) -> Balancer:
         return self.start()
 
-    def _check_started(self) -> None:
-        if not getattr(self, "_threads", None):
+    def check_started(self) -> None:
+        """Raise RuntimeError, saying how to start it, if the balancer was never started."""
+        if not self._threads:
             raise RuntimeError(
                 f"{self.service}: the Balancer is not started: "
                 "use `with lbkit.Balancer(...) as lb:` or lb.start()"
@@ -81,13 +83,24 @@ class Balancer(SyncDriver):
         return BalancedChannel(self, key)
 
     def pick(self, key: Key = None, timeout: float | None = None) -> grpc.Channel:
-        """A ready grpc.Channel for one endpoint, waiting up to ``timeout`` (default ``wait_timeout``)."""
-        member = self.pick_member(key, self._deadline(timeout))
-        return member.channel
+        """The channel of one ready endpoint, waiting up to ``timeout`` (default ``wait_timeout``).
+
+        Its calls count in flight on that endpoint (its drain waits for them) and are not retried
+        elsewhere. Keep it while the endpoint is in discovery: once the endpoint leaves, new calls on it
+        fail at once with :class:`~lbkit.EndpointRemovedError`; pick again.
+        """
+        wait = self.options.wait_timeout if timeout is None else timeout
+        machine = Attempts(self._pick_rules, key, self.clock() + wait)
+        while True:
+            action = machine.next()
+            if isinstance(action, float):
+                self.wait_change(action, machine.picker)
+                continue
+            return PickedChannel(self, action)
 
     def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
         """Block until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
-        self._check_started()
+        self.check_started()
         deadline = self.clock() + timeout
         with self._picker_cond:
             while len(self.core.picker.endpoints) < count:
@@ -96,14 +109,23 @@ class Balancer(SyncDriver):
                     raise self.no_endpoint_error()
                 self._picker_cond.wait(min(left, 0.1))
 
-    def close(self) -> None:
-        """Stop discovery, health checks and timers, and close every channel."""
+    def close(self, grace: float | None = None) -> None:
+        """Stop taking calls, let calls in flight finish for up to ``grace`` seconds (None: do not wait),
+        then stop discovery, health checks and timers and close every channel, cutting short what is
+        still in flight (those calls fail with :class:`~lbkit.EndpointRemovedError`)."""
+        if grace is not None:
+            check_float("Balancer.close", "grace", grace, minimum=0.0)
         if self._closed:
             return
         self._closed = True
         self._detach()
-        if not getattr(self, "_threads", None):
+        if not self._threads:
             return
+        self._notify_picker()
+        if grace:
+            end = self.clock() + grace
+            while self.stats.total_in_flight > 0 and self.clock() < end:
+                self._stop.wait(0.005)
         self._stop.set()
         self._wake.set()
         self._notify_picker()
@@ -113,52 +135,30 @@ class Balancer(SyncDriver):
         with self._lock:
             members = list(self.members.values())
             self.members.clear()
+        reason = f"{self.service}: the balancer closed" + (f" (grace {grace:g} s)" if grace else "")
         for m in members:
-            self._close_member(m)
+            self._close_member(m, reason)
 
     # ----------------------------------------------------------------- call path
 
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.options.wait_timeout if timeout is None else timeout)
+    @functools.cached_property
+    def _pick_rules(self) -> CallRules:
+        return CallRules(self, "pick", self.retry_policy)
 
-    def pick_member(
-        self, key: Key, deadline: float | None, exclude: AbstractSet[str] = frozenset()
-    ) -> Member:
-        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic).
-
-        A ``deadline`` of None waits ``wait_timeout`` from now.
-        """
-        picker = self.core.picker
-        try:
-            endpoint = picker.pick(key)
-            member = self.members.get(endpoint.address)
-            if member is not None and endpoint.address not in exclude:
-                return member
-        except NoEndpointsError:
-            pass
-        return self._pick_slow(key, deadline, exclude)
-
-    def _pick_slow(self, key: Key, deadline: float | None, exclude: AbstractSet[str]) -> Member:
-        if self._closed:
-            raise NoEndpointsError(f"{self.service}: the balancer is closed")
-        self._check_started()
-        if deadline is None:
-            deadline = self._deadline(None)
+    def wait_change(self, until: float, picker: Picker | None) -> None:
+        """Block until ``clock`` reaches ``until``, the picker is no longer ``picker``, the clock is
+        advanced or the balancer closes, whichever comes first."""
+        left = until - self.clock()
+        if left <= 0:
+            return
         cond = self._picker_cond
-        while True:
-            picker = self.core.picker
-            try:
-                member = self._pick_avoiding(picker, key, exclude)
-            except NoEndpointsError:
-                member = None
-            if member is not None:
-                return member
-            left = deadline - time.monotonic()
-            if left <= 0 or self._closed:
-                raise self.no_endpoint_error()
-            with cond:
-                if self.core.picker is picker:
-                    cond.wait(min(left, 0.25))
+        with cond:
+            if self.core.picker is picker and not self._closed:
+                cond.wait(min(left, 0.25))
+
+    def wake(self) -> None:
+        """End every :meth:`wait_change` now."""
+        self._notify_picker()
 
     def _on_clock_advanced(self) -> None:
         self._wake.set()
@@ -232,8 +232,8 @@ class Balancer(SyncDriver):
         if member is not None:
             self._poller.hint(member)
 
-    def _close_member(self, member: Member) -> None:
-        member.mark_closed()
+    def _close_member(self, member: Member, reason: str) -> None:
+        member.mark_closed(reason)
         poller = getattr(self, "_poller", None)
         if poller is not None:
             poller.unwatch(member)
@@ -261,7 +261,7 @@ class Balancer(SyncDriver):
                 else:
                     pending = True
         for m in done:
-            self._close_member(m)
+            self._close_member(m, self._drained(m, now))
             self.core.forget(m.address)
         return now + 0.05 if pending else None
 

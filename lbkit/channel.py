@@ -1,85 +1,131 @@
-"""``BalancedChannel``: a grpc.Channel that picks an endpoint per call, for generated stubs unchanged."""
+"""``BalancedChannel``: a grpc.Channel that picks an endpoint per call, for generated stubs unchanged.
+
+The sync driver of the attempt machine (:mod:`lbkit._attempts`): one thin loop per call kind. A call
+that succeeds at its first attempt costs a pick, the grpc call and its accounting; the machine is made
+only when a call needs it.
+"""
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 from collections.abc import Callable, Iterator
-from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar
 
 import grpc
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
-from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
+from lbkit._attempts import (
+    OK,
+    SUCCESS,
+    Attempt,
+    Attempts,
+    account,
+    attempt_code,
+    failure,
+    first_timeout,
+    may_retry,
+    pick_now,
+    wants_report,
+)
+from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
-from lbkit.errors import NoEndpointsError
-from lbkit.orca import read_load_report
-from lbkit.retry import StopAtDeadline, attempt_left, server_code
-from lbkit.selectors.base import Key
+from lbkit.selectors.base import Key, Picker
 
-__all__ = ["BalancedChannel"]
+__all__ = ["BalancedChannel", "PickedChannel", "RequestTape", "SyncDriver"]
 
-_MAX_REPLAY = 256
+MAX_REPLAY = 256
 """Requests of a client stream kept for a retry before the first response; past it, no retry."""
 
 
 class SyncDriver(BalancerBase):
-    """What the sync channel needs of its balancer beyond the shared base: a blocking pick."""
+    """What the sync channel needs of its balancer beyond the shared base: a blocking wait."""
 
-    def pick_member(
-        self, key: Key, deadline: float | None, exclude: AbstractSet[str] = frozenset()
-    ) -> Member:
-        """The member for a pick, waiting for a ready endpoint until ``deadline`` (monotonic)."""
+    def wait_change(self, until: float, picker: Picker | None) -> None:
+        """Block until ``lb.clock`` reaches ``until``, the picker is no longer ``picker``, the clock is
+        advanced or the balancer closes, whichever comes first."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """End every :meth:`wait_change` now (a call was cancelled)."""
         raise NotImplementedError
 
 
 class CallSpec(CallSpecBase[SyncDriver]):
-    """A stub method's shared call rules, with the sync retry loop."""
+    """A stub method's shared call rules, with the sync machine loop."""
 
     __slots__ = ()
 
-    def retrying(self, deadline: float | None, attempts_left: int) -> Retrying:
-        """A tenacity loop for the remaining attempts (built only once a call has failed)."""
-        policy = self.lb.retry_policy
+    def run(
+        self, machine: Attempts, call: Callable[[Member, Attempt], Any], tape: RequestTape | None = None
+    ) -> Any:
+        """Make attempts until one answers (returned) or the machine stops (its error raised).
 
-        def _retry(exc: BaseException) -> bool:
-            if isinstance(exc, _ChannelClosed):  # the call never left
-                return True
-            if isinstance(exc, grpc.RpcError) and not isinstance(exc, NoEndpointsError):
-                return self.retryable(server_code(exc.code()), exc.details(), deadline)
-            return False
+        ``call(member, attempt)`` runs one blocking attempt: it returns (result, trailing metadata for load
+        reports or None); ``tape`` holds a client stream's requests.
+        """
+        lb = self.lb
+        while True:
+            action = machine.next()
+            if isinstance(action, float):
+                lb.wait_change(action, machine.picker)
+                continue
+            attempt = machine.start(action)
+            try:
+                result, trailers = call(action, attempt)
+            except BaseException as exc:
+                begun = isinstance(exc, grpc.RpcError)
+                source_error = tape.error if tape is not None else None
+                machine.done(attempt, failure(exc, action, begun=begun, source_error=source_error))
+                continue
+            machine.done(attempt, SUCCESS, trailers)
+            return result
 
-        return Retrying(
-            stop=stop_any(stop_after_attempt(attempts_left), StopAtDeadline(deadline)),
-            wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
-            retry=retry_if_exception(_retry),
-            reraise=True,
+    def machine(self, key: Key, timeout: float | None, replay: RequestTape | None = None) -> Attempts:
+        """The machine of a call that found nothing to pick at once."""
+        return Attempts(self, key, None if timeout is None else self.lb.clock() + timeout, replay)
+
+
+def _blocking(
+    mc: Any, arg: Any, timeout: float | None, kw: dict[str, Any], with_call: bool, reports: bool
+) -> Any:
+    """One blocking attempt: (result, its trailing metadata when load reports are read, else None)."""
+    if not reports:
+        return (
+            mc.with_call(arg, timeout=timeout, **kw) if with_call else mc(arg, timeout=timeout, **kw)
+        ), None
+    response, call = mc.with_call(arg, timeout=timeout, **kw)
+    return ((response, call) if with_call else response), call.trailing_metadata()
+
+
+def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
+    return {
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
+
+
+def _stream_finisher(
+    lb: BalancerBase, member: Member, started: float, tape: RequestTape | None
+) -> Callable[[Any], None]:
+    """grpc's done callback of one stream attempt: its accounting, once (it holds no reference to the
+    call the user sees, so an abandoned stream can be collected and cancelled). A call failed by its
+    own request iterator says nothing of the endpoint."""
+    stats = member.stats
+
+    def done(call: Any) -> None:
+        if tape is not None and tape.error is not None:
+            code = None
+        else:
+            code = attempt_code(call.code(), call.cancelled(), member)
+        account(
+            lb, stats, started, code, False, call.trailing_metadata() if wants_report(lb, stats) else None
         )
 
-    def future(self, arg: Any, key_request: Any, timeout: float | None, kw: dict[str, Any]) -> Any:
-        """A grpc.Future for one call on one picked endpoint, counted in flight until it is done."""
-        lb = self.lb
-        deadline = None if timeout is None else time.monotonic() + timeout
-        member = lb.pick_member(self.key(kw["metadata"], key_request), deadline)
-        st = member.stats
-        t0 = st.start()
-        try:
-            fut = member.callable(self.spec).future(arg, timeout=timeout_left(deadline), **kw)
-        except BaseException:
-            st.finish(t0, True, observe_latency=False)
-            raise
-        fut.add_done_callback(_finisher(lb, st, t0, observe=True))
-        return fut
-
-    def first_backoff(self) -> None:
-        """Sleep before the first retry (full jitter)."""
-        time.sleep(random.uniform(0.0, self.lb.retry_policy.initial_backoff))
+    return done
 
 
-class _ChannelClosed(Exception):
-    """The picked endpoint's channel closed (it was drained) before the call could start."""
+# ---------------------------------------------------------------------------------------------- unary
 
 
 class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -88,70 +134,39 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     def __init__(self, c: CallSpec) -> None:
         self._c = c
 
-    def _attempt(
-        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, tried: set[str]
-    ) -> Any:
-        """One attempt on an endpoint not in ``tried`` (which it joins); stats finished whatever happens."""
-        c = self._c
-        lb = c.lb
-        member = lb.pick_member(c.key(kw["metadata"], request), deadline, tried)
-        tried.add(member.address)
-        st = member.stats
-        t0 = st.start()
-        try:
-            mc = member.callable(c.spec)
-            timeout = attempt_left(deadline, c.attempt_timeout)
-            if lb.load_reports and st.load_wanted:
-                result, call = mc.with_call(request, timeout=timeout, **kw)
-                read_load_report(st, call.trailing_metadata())
-                if with_call:
-                    result = (result, call)
-            elif with_call:
-                result = mc.with_call(request, timeout=timeout, **kw)
-            else:
-                result = mc(request, timeout=timeout, **kw)
-        except grpc.RpcError as err:
-            if lb.load_reports and st.load_wanted:
-                read_load_report(st, err.trailing_metadata())
-            st.finish(
-                t0, not lb.is_failure(server_code(err.code()))
-            )  # a blocking call: never client-cancelled
-            raise
-        except ValueError as err:
-            st.finish(t0, True, observe_latency=False)
-            if not closed_channel(err):
-                raise
-            raise _ChannelClosed(member.address) from err
-        st.finish(t0, True)
-        return result
-
     def _invoke(self, request: Any, timeout: float | None, kw: dict[str, Any], with_call: bool) -> Any:
         c = self._c
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tried: set[str] = set()
-        # The first attempt builds no retry machinery; a failure that may be retried hands over to tenacity.
-        try:
-            result = self._attempt(request, deadline, kw, with_call, tried)
-        except grpc.RpcError as err:
-            if not c.retryable(server_code(err.code()), err.details(), deadline):
-                raise
-            return self._retry(request, deadline, kw, with_call, tried)
-        except _ChannelClosed:
-            return self._retry(request, deadline, kw, with_call, tried)
-        c.lb.budget.on_success()
-        return result
+        key, kw["metadata"] = c.route(kw["metadata"], request)
+        member = pick_now(c, key)
+        if member is not None:
+            stats = member.stats
+            started = stats.start()
+            try:
+                mc = member.callable(c.spec)
+                t = timeout if c.attempt_timeout is None else first_timeout(c, timeout)
+                if c.load_reports and stats.load_wanted:
+                    result, trailers = _blocking(mc, request, t, kw, with_call, True)
+                else:
+                    trailers = None
+                    result = (
+                        mc.with_call(request, timeout=t, **kw) if with_call else mc(request, timeout=t, **kw)
+                    )
+            except BaseException as exc:
+                machine = Attempts(c, key, None if timeout is None else started + timeout)
+                attempt = machine.adopt(member, started, timeout)
+                machine.done(attempt, failure(exc, member, begun=isinstance(exc, grpc.RpcError)))
+            else:
+                account(c.lb, stats, started, OK, True, trailers)
+                return result
+        else:
+            machine = c.machine(key, timeout)
 
-    def _retry(
-        self, request: Any, deadline: float | None, kw: dict[str, Any], with_call: bool, tried: set[str]
-    ) -> Any:
-        c = self._c
-        c.first_backoff()
-        for attempt in c.retrying(deadline, c.lb.retry_policy.max_attempts - 1):
-            with attempt:
-                c.lb.note_retry()
-                result = self._attempt(request, deadline, kw, with_call, tried)
-        c.lb.budget.on_success()
-        return result
+        def call(m: Member, attempt: Attempt) -> Any:
+            return _blocking(
+                m.callable(c.spec), request, attempt.timeout, kw, with_call, wants_report(c.lb, m.stats)
+            )
+
+        return c.run(machine, call)
 
     def __call__(
         self,
@@ -162,9 +177,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._invoke(
-            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), False
-        )
+        return self._invoke(request, timeout, _kw(metadata, credentials, wait_for_ready, compression), False)
 
     def with_call(
         self,
@@ -175,9 +188,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._invoke(
-            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
-        )
+        return self._invoke(request, timeout, _kw(metadata, credentials, wait_for_ready, compression), True)
 
     def future(
         self,
@@ -188,210 +199,626 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        """A grpc.Future for the call on one picked endpoint (no retries: the future is grpc's own)."""
-        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
-        return self._c.future(request, request, timeout, kw)
+        """A grpc.Future for the call, retried like a blocking one."""
+        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        key, kw["metadata"] = self._c.route(metadata, request)
+        return _Future(self._c, key, lambda: request, None, timeout, kw)
 
 
-def _finisher(lb: SyncDriver, st: Any, t0: float, observe: bool) -> Callable[[Any], None]:
-    def done(call: Any) -> None:
-        code = call.code()
-        if lb.load_reports and st.load_wanted:
-            read_load_report(st, call.trailing_metadata())
-        st.finish(t0, not lb.is_failure(code), observe_latency=observe)
-        if code is grpc.StatusCode.OK:
-            lb.budget.on_success()
+class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ("_c",)
 
-    return done
+    def __init__(self, c: CallSpec) -> None:
+        self._c = c
+
+    def _invoke(
+        self, request_iterator: Iterator[Any], timeout: float | None, kw: dict[str, Any], with_call: bool
+    ) -> Any:
+        c = self._c
+        key, kw["metadata"] = c.route(kw["metadata"], None)
+        tape = RequestTape(iter(request_iterator))
+
+        def call(m: Member, attempt: Attempt) -> Any:
+            return _blocking(
+                m.callable(c.spec), tape.reader(), attempt.timeout, kw, with_call, wants_report(c.lb, m.stats)
+            )
+
+        return c.run(c.machine(key, timeout, tape), call, tape)
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        return self._invoke(request_iterator, timeout, kw, False)
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        return self._invoke(request_iterator, timeout, kw, True)
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A grpc.Future for the call, retried like a blocking one (its requests replayed)."""
+        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        key, kw["metadata"] = self._c.route(metadata, None)
+        tape = RequestTape(iter(request_iterator))
+        return _Future(self._c, key, tape.reader, tape, timeout, kw)
 
 
-class _Tape:
-    """The requests of a client stream, kept until the first response so a retry can replay them."""
+class _Future(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A unary-response call as a grpc.Future: attempts chain from grpc's done callbacks; waits (a
+    backoff, a ready endpoint) run on a short-lived thread, never on grpc's."""
+
+    def __init__(
+        self,
+        c: CallSpec,
+        key: Key,
+        arg: Callable[[], Any],
+        tape: RequestTape | None,
+        timeout: float | None,
+        kw: dict[str, Any],
+    ) -> None:
+        self._c = c
+        self._arg = arg
+        self._tape = tape
+        self._kw = kw
+        self._cancelled = False
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._error: BaseException | None = None
+        self._inner: Any = None
+        self._attempt: Attempt | None = None
+        self._machine = Attempts(c, key, None if timeout is None else c.lb.clock() + timeout, tape)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Start the next attempt, or end the future; a wait moves to a helper thread."""
+        machine = self._machine
+        c = self._c
+        while True:
+            try:
+                action = machine.next()
+            except BaseException as err:
+                self._end(err)
+                return
+            if isinstance(action, float):
+                threading.Thread(
+                    target=self._wait_then_advance, args=(action, machine.picker), daemon=True
+                ).start()
+                return
+            attempt = machine.start(action)
+            try:
+                inner = action.callable(c.spec).future(self._arg(), timeout=attempt.timeout, **self._kw)
+            except BaseException as exc:
+                machine.done(attempt, failure(exc, action, begun=False))
+                continue
+            self._inner = inner
+            self._attempt = attempt
+            inner.add_done_callback(self._attempt_done)
+            return
+
+    def _wait_then_advance(self, until: float, picker: Picker | None) -> None:
+        self._c.lb.wait_change(until, picker)
+        self._advance()
+
+    def _attempt_done(self, inner: Any) -> None:
+        attempt = self._attempt
+        assert attempt is not None
+        machine = self._machine
+        code = inner.code()
+        if code is OK:
+            trailers = inner.trailing_metadata() if wants_report(self._c.lb, attempt.member.stats) else None
+            machine.done(attempt, SUCCESS, trailers)
+            self._end(None)
+            return
+        tape = self._tape
+        machine.done(
+            attempt,
+            failure(
+                inner,
+                attempt.member,
+                cancelled=self._cancelled,
+                source_error=tape.error if tape is not None else None,
+            ),
+        )
+        self._advance()
+
+    def _end(self, error: BaseException | None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._error = error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    # grpc.Future
+    def cancel(self) -> bool:
+        if self._done.is_set():
+            return False
+        self._cancelled = True
+        inner = self._inner
+        self._machine.cancel(_Cancelled())
+        if inner is not None:
+            inner.cancel()
+        else:
+            self._c.lb.wake()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled and self._done.is_set()
+
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _wait(self, timeout: float | None) -> None:
+        if not self._done.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        if self._cancelled:
+            raise grpc.FutureCancelledError()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._inner.result()
+
+    def exception(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return self._error
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return None if self._error is None else self._error.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(lambda: fn(self))
+                return
+        fn(self)
+
+    # grpc.Call: the answering (or last) attempt's
+    def is_active(self) -> bool:
+        return not self._done.is_set()
+
+    def time_remaining(self) -> float | None:
+        deadline = self._machine.deadline
+        return None if deadline is None else max(deadline - self._c.lb.clock(), 0.0)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return True
+        return False
+
+    def _final(self) -> Any:
+        self._done.wait()
+        error = self._error
+        return error if error is not None and hasattr(error, "code") else self._inner
+
+    def initial_metadata(self) -> Any:
+        return self._final().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._final().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._final().code()
+
+    def details(self) -> str:
+        return self._final().details()  # type: ignore[no-any-return]
+
+
+class _Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """The error of a call the caller cancelled between attempts."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Locally cancelled by application!"
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+class RequestTape:
+    """The requests of a client stream, read from their source once and given to one attempt at a time.
+
+    Kept from the start until the first response (at most :data:`MAX_REPLAY`), so that a new attempt
+    can send them again; after that only what the current attempt has not sent yet is kept. The source
+    is read under a lock of its own that nothing else takes, so a source that waits for responses (a
+    ping-pong stream) holds up only the reading of requests. A reader of an attempt that is no longer
+    the current one stops, and what it read is kept for the current one.
+    """
 
     def __init__(self, source: Iterator[Any]) -> None:
         self._source = source
-        self._items: list[Any] = []
+        self._log: list[Any] = []
+        self._base = 0
+        """Index (from the first request) of ``_log[0]``."""
         self._recording = True
-        self._lock = threading.Lock()
         self._attempt = 0
+        self._pull = threading.Lock()
+        self._ended = False
+        self.error: BaseException | None = None
+        """What the source raised, if it did."""
 
     @property
     def replayable(self) -> bool:
-        """Whether a new attempt can still be given every request sent so far."""
-        return self._recording
+        """Whether a new attempt can still be given every request read so far."""
+        return self._recording and self.error is None
 
     def stop_recording(self) -> None:
-        """The first response came: no more retries, so no more requests kept (the current attempt still
-        replays what it has not sent yet)."""
-        with self._lock:
-            self._recording = False
+        """The first response came: no more retries, so no more requests kept (the current attempt
+        still gets what it has not sent yet)."""
+        self._recording = False
 
     def reader(self) -> Iterator[Any]:
-        """Requests from the start for a new attempt: replayed ones first, then new ones from the source.
-
-        Readers of earlier attempts stop at once: grpc's request thread of a failed attempt may still
-        be pulling, and a request it took from the source would be lost to the new attempt.
-        """
-        with self._lock:
-            self._attempt += 1
-            mine = self._attempt
-        return self._read(mine)
+        """The requests from the first, for a new attempt; earlier attempts' readers stop."""
+        self._attempt += 1
+        return self._read(self._attempt)
 
     def _read(self, mine: int) -> Iterator[Any]:
-        items = self._items
         i = 0
-        while True:
-            with self._lock:
-                if mine != self._attempt:
-                    return
-                if i < len(items):
-                    item = items[i]
-                else:
-                    try:
-                        item = next(self._source)
-                    except StopIteration:
+        while mine == self._attempt:
+            j = i - self._base
+            log = self._log
+            if j < len(log):
+                item = log[j]
+            else:
+                with self._pull:
+                    if mine != self._attempt or self._ended:
                         return
-                    if self._recording:
-                        if len(items) >= _MAX_REPLAY:
+                    if i - self._base >= len(self._log):
+                        try:
+                            item = next(self._source)
+                        except StopIteration:
+                            self._ended = True
+                            return
+                        except BaseException as exc:
+                            self.error = exc
+                            self._ended = True
+                            raise
+                        self._log.append(item)
+                        if self._recording and self._base + len(self._log) > MAX_REPLAY:
                             self._recording = False  # too many to keep: no retry for this call
-                        else:
-                            items.append(item)
+                        if mine != self._attempt:
+                            return  # kept for the current attempt
+                    else:
+                        item = self._log[i - self._base]
             i += 1
+            if not self._recording and i - self._base >= 64 and self._pull.acquire(blocking=False):
+                try:
+                    del self._log[: i - self._base]
+                    self._base = i
+                finally:
+                    self._pull.release()
             yield item
 
 
 class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A response stream (server or bidirectional streaming) over one picked endpoint at a time.
+    """A response stream (server or bidirectional streaming) over one attempt at a time.
 
-    Counts as in flight until the stream ends, fails or is cancelled; dropped unread, it cancels.
-    Before the first response, a retryable failure re-opens the stream on another endpoint.
+    Counts as in flight until the stream ends, fails or is cancelled; dropped unread, it cancels. Before
+    the first response, a failure the policy retries re-opens the stream on another endpoint (replaying
+    a bidirectional stream's requests); the retry is made where the caller reads (or waits for the
+    status), and done callbacks fire once, for the call the caller sees.
     """
 
     def __init__(
-        self, c: CallSpec, request: Any, tape: _Tape | None, timeout: float | None, kw: dict[str, Any]
+        self,
+        c: CallSpec,
+        request: Any,
+        tape: RequestTape | None,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: Any,
+        compression: Any,
     ) -> None:
+        key, metadata = c.route(metadata, request)
         self._c = c
         self._request = request
         self._tape = tape
-        self._kw = kw
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._got_first = False
-        self._user_cancelled = False
-        self._attempt = 0
-        self._tried: set[str] = set()
-        self._inner: Any = None
-        self._start()
-
-    def _start(self) -> None:
-        c = self._c
-        lb = c.lb
-        key = c.key(self._kw["metadata"], self._request)
-        while True:
-            member: Member = lb.pick_member(key, self._deadline, self._tried)
-            self._tried.add(member.address)
-            self._attempt += 1
-            st = member.stats
-            t0 = st.start()
-            arg = self._tape.reader() if self._tape is not None else self._request
-            try:
-                inner = member.callable(c.spec)(arg, timeout=timeout_left(self._deadline), **self._kw)
-            except ValueError as err:
-                st.finish(t0, True, observe_latency=False)
-                if closed_channel(err) and self._attempt < c.lb.retry_policy.max_attempts:
-                    continue  # drained between pick and call: nothing was sent, pick another
-                raise
-            except BaseException:
-                st.finish(t0, True, observe_latency=False)
-                raise
-            inner.add_done_callback(_finisher(lb, st, t0, observe=False))
-            self._inner = inner
+        self._kw = _kw(metadata, credentials, wait_for_ready, compression)
+        self._got = False
+        self._cancelled = False
+        self._machine: Attempts | None = None
+        self._attempt: Attempt | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = None
+        self._fired = False
+        self._final: BaseException | None = None
+        self._key = key
+        self._timeout = timeout
+        member = pick_now(c, key)
+        if member is None:
+            self._machine = c.machine(key, timeout, tape)
+            self._open()
             return
+        started = member.stats.start()
+        self._member = member
+        self._started = started
+        try:
+            inner = member.callable(c.spec)(
+                tape.reader() if tape is not None else request, timeout=timeout, **self._kw
+            )
+        except BaseException as exc:
+            machine = self._adopt()
+            assert self._attempt is not None
+            machine.done(self._attempt, failure(exc, member, begun=False))
+            self._open()
+            return
+        inner.add_done_callback(_stream_finisher(c.lb, member, started, tape))
+        self._inner = inner
 
-    def _can_retry(self, err: grpc.RpcError) -> bool:
+    def _adopt(self) -> Attempts:
+        """The machine, made on the first failure, holding the first attempt."""
         c = self._c
-        if self._got_first or self._attempt >= c.lb.retry_policy.max_attempts:
-            return False
-        if self._tape is not None and not self._tape.replayable:
-            return False
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            return False
-        return c.retryable(server_code(err.code(), self._user_cancelled), err.details())
+        timeout = self._timeout
+        machine = Attempts(c, self._key, None if timeout is None else self._started + timeout, self._tape)
+        self._attempt = machine.adopt(self._member, self._started, timeout)
+        self._machine = machine
+        return machine
+
+    def _open(self) -> None:
+        """Start the next attempt (waiting as the machine says), or raise the call's error."""
+        machine = self._machine
+        assert machine is not None
+        c = self._c
+        tape = self._tape
+        while True:
+            action = machine.next()
+            if isinstance(action, float):
+                c.lb.wait_change(action, machine.picker)
+                continue
+            attempt = machine.start(action)
+            try:
+                inner = action.callable(c.spec)(
+                    tape.reader() if tape is not None else self._request, timeout=attempt.timeout, **self._kw
+                )
+            except BaseException as exc:
+                machine.done(attempt, failure(exc, action, begun=False))
+                continue
+            inner.add_done_callback(_stream_finisher(c.lb, action, attempt.started, tape))
+            self._inner = inner
+            self._member = action
+            self._attempt = attempt
+            if self._callbacks is not None:
+                inner.add_done_callback(self._watch)
+            return
 
     def __iter__(self) -> _StreamCall:
         return self
 
     def __next__(self) -> Any:
-        while True:
-            try:
-                response = next(self._inner)
-            except grpc.RpcError as err:
-                if not self._can_retry(err):
-                    raise
-                self._c.lb.note_retry()
-                self._c.first_backoff()
-                self._start()
-                continue
-            if not self._got_first:
-                self._got_first = True
-                if self._tape is not None:
-                    self._tape.stop_recording()
-            return response
+        inner = self._inner
+        try:
+            response = next(inner)
+        except grpc.RpcError as err:
+            return self._next_after(inner, err)
+        if not self._got:
+            self._first()
+        return response
 
     def next(self) -> Any:
         """Same as ``next(call)``."""
         return self.__next__()
+
+    def _first(self) -> None:
+        self._got = True
+        if self._tape is not None:
+            self._tape.stop_recording()
+
+    def _next_after(self, inner: Any, err: grpc.RpcError) -> Any:
+        while True:
+            self._advance(inner, err)
+            inner = self._inner
+            try:
+                response = next(inner)
+            except grpc.RpcError as again:
+                err = again
+                continue
+            if not self._got:
+                self._first()
+            return response
+
+    def _advance(self, inner: Any, err: BaseException) -> None:
+        """The attempt ``inner`` failed with ``err``: open the next one, or raise the call's error."""
+        final: BaseException | None = None
+        with self._lock:
+            if inner is not self._inner:
+                return  # another thread moved on already
+            machine = self._machine or self._adopt()
+            assert self._attempt is not None
+            tape = self._tape
+            machine.failed(
+                self._attempt,
+                failure(
+                    err,
+                    self._member,
+                    responded=self._got,
+                    cancelled=self._cancelled,
+                    source_error=tape.error if tape is not None else None,
+                ),
+            )
+            try:
+                self._open()
+            except BaseException as exc:
+                final = self._final = exc
+        if final is not None:
+            self._fire()
+            raise final
+
+    def _settle(self) -> None:
+        """Wait for the call the caller sees to end, making its retries."""
+        while not self._fired:
+            inner = self._inner
+            if inner.code() is OK or not self._may_retry(inner):
+                return
+            try:
+                self._advance(inner, inner)
+            except BaseException:
+                return
+
+    def _may_retry(self, inner: Any) -> bool:
+        """Whether the failed attempt ``inner`` might be retried (the caller's next read decides)."""
+        if self._cancelled or self._got or (self._machine is not None and self._machine.stopped):
+            return False
+        tape = self._tape
+        if tape is not None and not tape.replayable:
+            return False
+        outcome = failure(inner, self._member, cancelled=inner.cancelled())
+        count = self._machine.count if self._machine is not None else 1
+        return may_retry(self._c, outcome, count)
+
+    def _watch(self, inner: Any) -> None:
+        """grpc's done callback while the caller has callbacks: fire them once the call is over."""
+        if inner is self._inner and (inner.code() is OK or not self._may_retry(inner)):
+            self._fire()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._fired:
+                return
+            self._fired = True
+            callbacks = self._callbacks or []
+        for cb in callbacks:
+            cb()
 
     def __del__(self) -> None:
         inner = getattr(self, "_inner", None)
         if inner is not None and inner.is_active():
             inner.cancel()
 
-    # grpc.Call / grpc.RpcContext / grpc.Future, delegated to the current attempt.
+    # grpc.Call / grpc.RpcContext / grpc.Future, of the call the caller sees.
+    def _status(self) -> Any:
+        self._settle()
+        final = self._final
+        return (
+            final
+            if final is not None and final is not self._inner and hasattr(final, "code")
+            else self._inner
+        )
+
     def is_active(self) -> bool:
-        return bool(self._inner.is_active())
+        return not self._fired and bool(self._inner.is_active())
 
     def time_remaining(self) -> float | None:
         return self._inner.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
-        self._user_cancelled = True
+        self._cancelled = True
+        machine = self._machine
+        if machine is not None:
+            machine.cancel(_Cancelled())
+            self._c.lb.wake()
         return bool(self._inner.cancel())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        return bool(self._inner.add_callback(callback))
+        return self._add(callback)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        if not self._add(lambda: fn(self)):
+            fn(self)
+
+    def _add(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._fired:
+                return False
+            first = self._callbacks is None
+            if self._callbacks is None:
+                self._callbacks = []
+            self._callbacks.append(callback)
+            inner = self._inner
+        if first:
+            inner.add_done_callback(self._watch)
+        return True
 
     def initial_metadata(self) -> Any:
         return self._inner.initial_metadata()
 
     def trailing_metadata(self) -> Any:
-        return self._inner.trailing_metadata()
+        return self._status().trailing_metadata()
 
     def code(self) -> grpc.StatusCode:
-        return self._inner.code()
+        return self._status().code()
 
     def details(self) -> str:
-        return self._inner.details()  # type: ignore[no-any-return]
+        return self._status().details()  # type: ignore[no-any-return]
 
     def cancelled(self) -> bool:
-        return bool(self._inner.cancelled())
+        return self._cancelled
 
     def running(self) -> bool:
-        return bool(self._inner.running())
+        return self.is_active()
 
     def done(self) -> bool:
-        return bool(self._inner.done())
+        if self._fired:
+            return True
+        inner = self._inner
+        return bool(inner.done()) and (inner.code() is OK or not self._may_retry(inner))
 
     def result(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            self._settle()
         return self._inner.result(timeout)
 
     def exception(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            self._settle()
+            if self._final is not None:
+                return self._final
         return self._inner.exception(timeout)
 
     def traceback(self, timeout: float | None = None) -> Any:
         return self._inner.traceback(timeout)
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._inner.add_done_callback(lambda _call: fn(self))
 
 
 class _UnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -410,7 +837,7 @@ class _UnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         return _StreamCall(
-            self._c, request, None, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
+            self._c, request, None, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 
@@ -429,106 +856,16 @@ class _StreamStream(grpc.StreamStreamMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        tape = _Tape(iter(request_iterator))
-        return _StreamCall(
-            self._c, None, tape, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
-        )
+        tape = RequestTape(iter(request_iterator))
+        return _StreamCall(self._c, None, tape, timeout, metadata, credentials, wait_for_ready, compression)
 
 
-class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ("_c",)
-
-    def __init__(self, c: CallSpec) -> None:
-        self._c = c
-
-    def _invoke(
-        self, request_iterator: Iterator[Any], timeout: float | None, kw: dict[str, Any], with_call: bool
-    ) -> Any:
-        c = self._c
-        lb = c.lb
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tape = _Tape(iter(request_iterator))
-        tried: set[str] = set()
-        attempt = 0
-        while True:
-            attempt += 1
-            member = lb.pick_member(c.key(kw["metadata"], None), deadline, tried)
-            tried.add(member.address)
-            st = member.stats
-            t0 = st.start()
-            try:
-                mc = member.callable(c.spec)
-                if lb.load_reports and st.load_wanted:
-                    result, call = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
-                    read_load_report(st, call.trailing_metadata())
-                    if with_call:
-                        result = (result, call)
-                elif with_call:
-                    result = mc.with_call(tape.reader(), timeout=timeout_left(deadline), **kw)
-                else:
-                    result = mc(tape.reader(), timeout=timeout_left(deadline), **kw)
-            except grpc.RpcError as err:
-                if lb.load_reports and st.load_wanted:
-                    read_load_report(st, err.trailing_metadata())
-                code = server_code(err.code())
-                st.finish(t0, not lb.is_failure(code))
-                if (
-                    attempt >= lb.retry_policy.max_attempts
-                    or not tape.replayable
-                    or (deadline is not None and time.monotonic() >= deadline)
-                    or not c.retryable(code, err.details())
-                ):
-                    raise
-                lb.note_retry()
-                c.first_backoff()
-                continue
-            except ValueError as err:
-                st.finish(t0, True, observe_latency=False)
-                if not closed_channel(err) or attempt >= lb.retry_policy.max_attempts:
-                    raise
-                continue  # drained between pick and call: nothing was sent, pick another
-            st.finish(t0, True)
-            lb.budget.on_success()
-            return result
-
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._invoke(
-            request_iterator, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), False
-        )
-
-    def with_call(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._invoke(
-            request_iterator, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
-        )
-
-    def future(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        """A grpc.Future on one picked endpoint (no retries: the future is grpc's own)."""
-        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
-        return self._c.future(request_iterator, None, timeout, kw)
+_MULTICALLABLES: dict[str, Callable[[Any], Any]] = {
+    "unary_unary": _UnaryUnary,
+    "unary_stream": _UnaryStream,
+    "stream_unary": _StreamUnary,
+    "stream_stream": _StreamStream,
+}
 
 
 class BalancedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
@@ -538,12 +875,7 @@ class BalancedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
     """
 
     _spec_class = CallSpec
-    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = {
-        "unary_unary": _UnaryUnary,
-        "unary_stream": _UnaryStream,
-        "stream_unary": _StreamUnary,
-        "stream_stream": _StreamStream,
-    }
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
@@ -565,3 +897,45 @@ class BalancedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+class PickedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
+    """The channel of one endpoint, from ``lb.pick()``: its calls count in flight (the endpoint's drain
+    waits for them) and go to that endpoint only, never retried elsewhere.
+
+    Good while the endpoint is in discovery: once it leaves, calls in flight get the drain's time to
+    finish and new calls fail at once with :class:`~lbkit.EndpointRemovedError` (pick again). Closing
+    it does nothing: the balancer owns the channel.
+    """
+
+    _spec_class = CallSpec
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+
+    def __init__(self, lb: Any, member: Member) -> None:
+        super().__init__(lb, None, member)
+        self.address = member.address
+        """The endpoint this channel calls."""
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        """The endpoint channel's connectivity, as ``grpc.Channel.subscribe``."""
+        assert self._pinned is not None
+        self._pinned.channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        """Stop a :meth:`subscribe`."""
+        assert self._pinned is not None
+        self._pinned.channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        """Nothing to do: the balancer closes its channels."""
+
+    def __enter__(self) -> PickedChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"PickedChannel({self.address!r})"

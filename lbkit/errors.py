@@ -7,6 +7,7 @@ import grpc
 __all__ = [
     "ConfigError",
     "DiscoveryError",
+    "EndpointRemovedError",
     "LbkitError",
     "NoEndpointsError",
     "NoReadyEndpointError",
@@ -37,16 +38,11 @@ class DiscoveryError(LbkitError):
         self.status = status
 
 
-class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]
-    """Nothing to pick from: no endpoints are known.
+class _Unavailable(LbkitError, grpc.RpcError):  # type: ignore[misc]
+    """An lbkit error that is also a `grpc.RpcError` with code UNAVAILABLE, so callers that handle gRPC
+    status codes keep working."""
 
-    It is also a `grpc.RpcError` with code UNAVAILABLE, so callers that handle
-    gRPC status codes keep working.
-    """
-
-    def __init__(self, message: str = "no endpoints", *, service: str | None = None) -> None:
-        self.service = service
-        text = f"{service}: {message}" if service else message
+    def __init__(self, text: str) -> None:
         super().__init__(text)
         self._details = text
 
@@ -55,15 +51,15 @@ class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]
         return grpc.StatusCode.UNAVAILABLE
 
     def details(self) -> str:
-        """The message, naming the service and why nothing could be picked."""
+        """The message."""
         return self._details
 
     def initial_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Empty: no server was reached."""
+        """Empty: no server answered."""
         return ()
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Empty: no server was reached."""
+        """Empty: no server answered."""
         return ()
 
     def debug_error_string(self) -> str:
@@ -71,8 +67,33 @@ class NoEndpointsError(LbkitError, grpc.RpcError):  # type: ignore[misc]
         return self._details
 
 
+class NoEndpointsError(_Unavailable):
+    """Nothing to pick from: no endpoints are known.
+
+    It is also a `grpc.RpcError` with code UNAVAILABLE, so callers that handle
+    gRPC status codes keep working.
+    """
+
+    def __init__(self, message: str = "no endpoints", *, service: str | None = None) -> None:
+        self.service = service
+        super().__init__(f"{service}: {message}" if service else message)
+
+
 class NoReadyEndpointError(NoEndpointsError):
     """Endpoints are known but none is ready (connecting, unhealthy or ejected)."""
+
+
+class EndpointRemovedError(_Unavailable):
+    """The call's endpoint left the balancer: its drain ran out with the call in flight, the balancer
+    closed, or a call was made on a channel from ``lb.pick()`` after its endpoint left discovery.
+
+    A `grpc.RpcError` with code UNAVAILABLE; ``address`` names the endpoint. The call may have reached
+    the server, so it is retried only as the retry policy allows.
+    """
+
+    def __init__(self, address: str, message: str) -> None:
+        self.address = address
+        super().__init__(message)
 
 
 class RegistrationError(LbkitError):

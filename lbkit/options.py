@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -12,7 +12,7 @@ from lbkit._config import check_float, config
 from lbkit.errors import ConfigError
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
-from lbkit.retry import RetryPolicy
+from lbkit.retry import MethodPolicies, RetryPolicy
 from lbkit.selectors.base import Selector
 from lbkit.subsetting import Subsetting
 from lbkit.zones import ZoneRouting
@@ -56,8 +56,10 @@ class BalancerOptions:
     """Every option of ``lbkit.Balancer`` and ``lbkit.aio.Balancer``, validated on construction."""
 
     selector: Selector | str = "round_robin"
-    retry: RetryPolicy | None = None
-    """None: the default RetryPolicy(). To turn retries off: RetryPolicy(max_attempts=1)."""
+    retry: RetryPolicy | Mapping[str, RetryPolicy] | MethodPolicies | None = None
+    """A RetryPolicy for every method, or a mapping of method patterns (``"/pkg.Service/Method"``,
+    ``"/pkg.Service/*"``, ``"*"``) to policies (see :class:`~lbkit.retry.MethodPolicies`); None: the
+    default RetryPolicy(). To turn retries off: RetryPolicy(max_attempts=1)."""
     health_check: HealthCheck | None = None
     """Active grpc.health.v1 checks; None: off."""
     outlier_detection: OutlierDetection | None = None
@@ -66,7 +68,9 @@ class BalancerOptions:
     panic_threshold: float = 50.0
     """Percent of connected endpoints that must be healthy; below it, balance over all of them (0: off)."""
     key_header: str = "lb-key"
-    """Metadata header whose value is a call's consistent-hash key."""
+    """Metadata header whose value is a call's consistent-hash key; the balancer consumes it."""
+    forward_key_header: bool = False
+    """Send the key header on to servers too (by default it is not sent: it may carry a user id)."""
     wait_timeout: float = 10.0
     """Seconds a call without a deadline waits for a ready endpoint before failing UNAVAILABLE."""
     drain_timeout: float = 30.0
@@ -90,10 +94,8 @@ class BalancerOptions:
     def __post_init__(self) -> None:
         o = "Balancer"
         object.__setattr__(self, "selector", resolve_selector(self.selector))
-        if self.retry is None:
-            object.__setattr__(self, "retry", RetryPolicy())
-        elif not isinstance(self.retry, RetryPolicy):
-            raise ConfigError(f"{o}: retry must be a RetryPolicy, got {self.retry!r}")
+        if not isinstance(self.retry, MethodPolicies):
+            object.__setattr__(self, "retry", MethodPolicies(self.retry))
         if self.outlier_detection is None:
             object.__setattr__(self, "outlier_detection", OutlierDetection())
         if self.health_check is not None:
@@ -118,6 +120,8 @@ class BalancerOptions:
             or self.key_header != self.key_header.lower()
         ):
             raise ConfigError(f"{o}: key_header must be a non-empty lower-case str, got {self.key_header!r}")
+        if not isinstance(self.forward_key_header, bool):
+            raise ConfigError(f"{o}: forward_key_header must be a bool, got {self.forward_key_header!r}")
         check_float(o, "wait_timeout", self.wait_timeout, minimum=0.0)
         check_float(o, "drain_timeout", self.drain_timeout, minimum=0.0)
         opts = self.channel_options
@@ -154,7 +158,12 @@ class BalancerOptions:
         return self.selector
 
     @property
-    def retry_policy(self) -> RetryPolicy:
-        """The retry policy, resolved."""
-        assert self.retry is not None
+    def retry_policies(self) -> MethodPolicies:
+        """The retry policy of each method, resolved."""
+        assert isinstance(self.retry, MethodPolicies)
         return self.retry
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of methods no pattern names."""
+        return self.retry_policies.default

@@ -1,93 +1,52 @@
-"""Retry policy and retry budget (gRPC's retry throttling, gRFC A6), shared by both drivers."""
+"""Retry policy, per-method policies and the retry budget (gRPC's retry throttling, gRFC A6).
+
+What these mean for a call is decided in one place, the attempt machine (:mod:`lbkit._attempts`).
+"""
 
 from __future__ import annotations
 
+import re
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
-from tenacity import RetryCallState
-from tenacity.stop import stop_base
 
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
 
-__all__ = [
-    "RetryBudget",
-    "RetryPolicy",
-    "StopAtDeadline",
-    "attempt_left",
-    "never_reached_server",
-    "server_code",
-]
-
-# Details gRPC gives for a call that failed before any byte reached a server.
-_NOT_SENT_MARKERS = (
-    "failed to connect to all addresses",
-    "connection refused",
-    "connections to all backends failing",
-    "dns resolution failed",
-    "channel closed",
-    "closed channel",
-    "no address",
-    "address not available",
-    "network is unreachable",
-    "no route to host",
-)
-
-
-def attempt_left(deadline: float | None, attempt_timeout: float | None) -> float | None:
-    """Seconds the next attempt may take: what is left of the deadline, capped by ``attempt_timeout``."""
-    if deadline is None:
-        return attempt_timeout
-    left = max(deadline - time.monotonic(), 0.0)
-    return left if attempt_timeout is None else min(left, attempt_timeout)
-
-
-def server_code(code: grpc.StatusCode | None, client_cancelled: bool = False) -> grpc.StatusCode | None:
-    """The status as the server's doing: CANCELLED that the client did not ask for is a reset stream
-    (the server went away mid-call, e.g. stopped without grace), which counts as UNAVAILABLE."""
-    if code is grpc.StatusCode.CANCELLED and not client_cancelled:
-        return grpc.StatusCode.UNAVAILABLE
-    return code
-
-
-def never_reached_server(code: grpc.StatusCode | None, details: str | None) -> bool:
-    """Whether a failure is one where the request cannot have reached a server (safe to retry)."""
-    if code is not grpc.StatusCode.UNAVAILABLE:
-        return False
-    text = (details or "").lower()
-    return any(marker in text for marker in _NOT_SENT_MARKERS)
+__all__ = ["MethodPolicies", "RetryBudget", "RetryPolicy"]
 
 
 @config
 class RetryPolicy:
     """When a failed call is tried again on another endpoint.
 
-    A call that never reached a server (connection refused, endpoint gone while picking) is always
-    retried. A call that failed with a status in ``retryable_codes`` is retried too: UNAVAILABLE by
-    default, as gRPC's retry policy does. For methods that are not idempotent, pass
-    ``retryable_codes=()``: only the always-safe retries remain. Application errors (INVALID_ARGUMENT,
-    NOT_FOUND, ...) are never retried unless listed. Streams are retried only before their first
-    response. All attempts share the call's deadline.
+    A call that provably never left the client (its endpoint's channel was not connected or was closed
+    by lbkit before the call started) is always tried elsewhere, without counting as an attempt. A call
+    that may have reached a server is retried only when its status is in ``retryable_codes``
+    (UNAVAILABLE by default, as gRPC's retry policy does), while attempts, the retry budget and the
+    call's deadline allow; streams only before their first response. For methods that are not
+    idempotent, pass ``retryable_codes=()`` (or ``max_attempts=1``) for them (see
+    :class:`MethodPolicies`). All attempts share the call's deadline.
     """
 
     max_attempts: int = 3
     """Attempts in all, the first included (1 disables retries)."""
     retryable_codes: Iterable[grpc.StatusCode] = (grpc.StatusCode.UNAVAILABLE,)
     initial_backoff: float = 0.01
-    """Seconds before the first retry; doubles each retry, with full jitter."""
+    """Seconds before the first retry at most; doubles each retry up to ``max_backoff``, with full
+    jitter (each wait is random between 0 and that bound). A wait that would reach the call's deadline
+    is not made: the call ends with the last attempt's error."""
     max_backoff: float = 0.5
     budget_max_tokens: float = 100.0
-    """Retry budget (gRFC A6 retry throttling): a retryable failure costs a token, a success earns
-    ``budget_token_ratio``; retries stop while tokens <= half of this (the default lets a burst of 50
-    failures retry, e.g. a server dying under 50 calls). 0 disables the budget. Calls that never
-    reached a server are retried without a token."""
+    """Retry budget (gRFC A6 retry throttling), one per balancer, sized by the policy for ``"*"``: each
+    retry of a call that may have reached a server costs a token, each successful call earns
+    ``budget_token_ratio``; retries stop while tokens <= half of this. 0 disables the budget."""
     budget_token_ratio: float = 0.1
     attempt_timeout: float | None = None
-    """Seconds one unary attempt may take (Envoy's per-try timeout); an attempt that runs out is retried
-    on another endpoint while the call's own deadline allows. None: an attempt has the whole deadline."""
+    """Seconds one attempt of a unary call may take (Envoy's per-try timeout); an attempt that runs out
+    is retried on another endpoint while the call's own deadline allows. None: an attempt has the whole
+    deadline."""
 
     def __post_init__(self) -> None:
         name = "RetryPolicy"
@@ -110,11 +69,66 @@ class RetryPolicy:
             check_float(name, "attempt_timeout", self.attempt_timeout, minimum=0.0, strict_min=True)
 
 
-class RetryBudget:
-    """A token bucket that stops retry storms (gRFC A6 retry throttling).
+_SERVICE = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_PATTERN = re.compile(rf"/({_SERVICE})/([A-Za-z_][A-Za-z0-9_]*|\*)")
 
-    Each retryable failure costs a token, each success earns ``token_ratio``; a retry is allowed
-    while tokens exceed half the maximum. ``max_tokens`` 0 allows every retry.
+
+class MethodPolicies:
+    """The retry policy of each method, from ``Balancer(retry=...)``.
+
+    ``retry`` is a :class:`RetryPolicy` for every method, None for the default ``RetryPolicy()``, or a
+    mapping from method patterns to policies, as gRPC's service config ``methodConfig`` names methods:
+    ``"/pkg.Service/Method"`` (one method), ``"/pkg.Service/*"`` (every method of a service) and ``"*"``
+    (every method). The most specific pattern wins; a method no pattern matches gets ``RetryPolicy()``.
+    """
+
+    __slots__ = ("_exact", "default")
+
+    def __init__(self, retry: RetryPolicy | Mapping[str, RetryPolicy] | None = None) -> None:
+        self._exact: dict[str, RetryPolicy] = {}
+        if retry is None or isinstance(retry, RetryPolicy):
+            self.default: RetryPolicy = retry if retry is not None else RetryPolicy()
+            return
+        if not isinstance(retry, Mapping):
+            raise ConfigError(
+                f"Balancer: retry must be a RetryPolicy or a mapping of method patterns to RetryPolicy, "
+                f"got {retry!r}"
+            )
+        default = RetryPolicy()
+        for pattern, policy in retry.items():
+            if not isinstance(policy, RetryPolicy):
+                raise ConfigError(f"Balancer: retry[{pattern!r}] must be a RetryPolicy, got {policy!r}")
+            if pattern == "*":
+                default = policy
+            elif isinstance(pattern, str) and _PATTERN.fullmatch(pattern):
+                self._exact[pattern] = policy
+            else:
+                raise ConfigError(
+                    f"Balancer: retry has the method pattern {pattern!r}; expected '/pkg.Service/Method', "
+                    "'/pkg.Service/*' or '*'"
+                )
+        self.default = default
+
+    def for_method(self, method: str) -> RetryPolicy:
+        """The policy of ``method`` (``"/pkg.Service/Method"``, as stubs name it)."""
+        exact = self._exact
+        if not exact:
+            return self.default
+        policy = exact.get(method)
+        if policy is None:
+            policy = exact.get(method[: method.rfind("/") + 1] + "*", self.default)
+        return policy
+
+    def __repr__(self) -> str:
+        return f"MethodPolicies({self._exact!r}, default={self.default!r})"
+
+
+class RetryBudget:
+    """A token bucket that stops retry storms (gRFC A6 retry throttling), shared by a balancer's calls.
+
+    A retry of a call that may have reached a server is allowed while tokens exceed half the maximum,
+    and costs a token when it is made; each successful call earns ``token_ratio``. ``max_tokens`` 0
+    allows every retry.
     """
 
     __slots__ = ("_lock", "max_tokens", "refused", "token_ratio", "tokens")
@@ -133,24 +147,16 @@ class RetryBudget:
             with self._lock:
                 self.tokens = min(self.max_tokens, self.tokens + self.token_ratio)
 
-    def on_failure(self) -> None:
-        """Spend a token for a retryable failure."""
-        with self._lock:
-            self.tokens = max(0.0, self.tokens - 1.0)
-
     def allow(self) -> bool:
-        """Whether a retry may go ahead now; counts refusals."""
+        """Whether a retry may be made now; counts refusals."""
         if self.max_tokens <= 0 or self.tokens > self.max_tokens / 2:
             return True
-        self.refused += 1
+        with self._lock:
+            self.refused += 1
         return False
 
-
-class StopAtDeadline(stop_base):
-    """A tenacity stop condition: the call's deadline (``time.monotonic``; None: never) has passed."""
-
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+    def spend(self) -> None:
+        """Take the token of a retry being made."""
+        if self.max_tokens > 0:
+            with self._lock:
+                self.tokens = max(0.0, self.tokens - 1.0)

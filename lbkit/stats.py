@@ -55,6 +55,7 @@ class EndpointStats:
         "_load_taken",
         "address",
         "consecutive_failures",
+        "discarded",
         "ewma",
         "ewma_stamp",
         "failures",
@@ -81,6 +82,9 @@ class EndpointStats:
         self._group = group
         self.in_flight = 0
         """Calls started and not yet finished."""
+        self.discarded = False
+        """The group forgot this entry (:meth:`Stats.discard`): its calls no longer count in the group's
+        ``total_in_flight``, even those that finish late."""
         self.successes = 0
         """Calls finished ok, since the entry was made."""
         self.failures = 0
@@ -132,22 +136,28 @@ class EndpointStats:
         group = self._group
         with group.lock:
             self.in_flight += 1
-            group.total_in_flight += 1
+            if not self.discarded:
+                group.total_in_flight += 1
         return group.clock()
 
-    def finish(self, started: float, ok: bool, *, observe_latency: bool = True) -> None:
-        """End a call begun at ``started``: drop it from in-flight, record its outcome and latency."""
+    def finish(self, started: float, ok: bool | None, *, observe_latency: bool = True) -> None:
+        """End a call begun at ``started``: drop it from in-flight, record its outcome and latency.
+
+        ``ok`` None: a neutral end (the call never left the client, or the client cancelled it), counted
+        neither as a success nor as a failure.
+        """
         group = self._group
         now = group.clock()
         streak = False
         with group.lock:
             self.in_flight -= 1
-            group.total_in_flight -= 1
+            if not self.discarded:
+                group.total_in_flight -= 1
             if ok:
                 self.successes += 1
                 self.interval_successes += 1
                 self.consecutive_failures = 0
-            else:
+            elif ok is not None:
                 self.failures += 1
                 self.interval_failures += 1
                 self.consecutive_failures += 1
@@ -157,7 +167,7 @@ class EndpointStats:
                 self._observe(rtt, now)
                 self.latency_buckets[bisect_left(LATENCY_BUCKETS, rtt)] += 1
                 self.latency_sum += rtt
-        if not ok and group.on_failure is not None:
+        if ok is False and group.on_failure is not None:
             group.on_failure(self)
         if streak and group.on_failure_streak is not None:
             group.on_failure_streak(self)
@@ -305,10 +315,12 @@ class Stats:
         return self._entries.get(address)
 
     def discard(self, address: str) -> None:
-        """Forget ``address`` (once its endpoint is gone and drained)."""
+        """Forget ``address`` (once its endpoint is gone and drained). Its calls still in flight leave
+        ``total_in_flight`` now; when they finish later, they leave only the entry's own count."""
         with self.lock:
             entry = self._entries.pop(address, None)
-            if entry is not None:
+            if entry is not None and not entry.discarded:
+                entry.discarded = True
                 self.total_in_flight -= entry.in_flight
 
     def __contains__(self, address: object) -> bool:

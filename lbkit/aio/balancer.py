@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -13,12 +14,13 @@ from typing import Any
 
 import grpc
 
+from lbkit._attempts import Attempts, CallRules
+from lbkit._config import check_float
 from lbkit._driver import KeyFn, Member
-from lbkit.aio.channel import AsyncDriver, BalancedChannel
+from lbkit.aio.channel import AsyncDriver, BalancedChannel, PickedChannel
 from lbkit.core import PickerBuild
 from lbkit.endpoint import Endpoint, EndpointSet
-from lbkit.errors import NoEndpointsError
-from lbkit.selectors.base import Key
+from lbkit.selectors.base import Key, Picker
 
 __all__ = ["Balancer"]
 
@@ -37,6 +39,7 @@ class Balancer(AsyncDriver):
     """
 
     _channels = grpc.aio
+    _tasks: list[asyncio.Task[None]] | None = None
 
     async def start(self) -> Balancer:
         """Start discovery, the channel pool and the timers (see :meth:`wait_ready`)."""
@@ -95,14 +98,24 @@ class Balancer(AsyncDriver):
         return BalancedChannel(self, key)
 
     async def pick(self, key: Key = None, timeout: float | None = None) -> grpc.aio.Channel:
-        """A ready grpc.aio.Channel for one endpoint, waiting up to ``timeout`` (default ``wait_timeout``)."""
-        member = await self.apick_member(key, self._deadline(timeout))
-        return member.channel
+        """The channel of one ready endpoint, waiting up to ``timeout`` (default ``wait_timeout``).
+
+        Its calls count in flight on that endpoint (its drain waits for them) and are not retried
+        elsewhere. Keep it while the endpoint is in discovery: once the endpoint leaves, new calls on it
+        fail at once with :class:`~lbkit.EndpointRemovedError`; pick again.
+        """
+        wait = self.options.wait_timeout if timeout is None else timeout
+        machine = Attempts(self._pick_rules, key, self.clock() + wait)
+        while True:
+            action = machine.next()
+            if isinstance(action, float):
+                await self.await_change(action, machine.picker)
+                continue
+            return PickedChannel(self, action)
 
     async def wait_ready(self, timeout: float = 10.0, count: int = 1) -> None:
         """Wait until at least ``count`` endpoints are pickable; raise NoReadyEndpointError on timeout."""
-        if not getattr(self, "_tasks", None):
-            raise RuntimeError(f"{self.service}: the Balancer is not started")
+        self.check_started()
         deadline = self.clock() + timeout
         while len(self.core.picker.endpoints) < count:
             left = deadline - self.clock()
@@ -111,14 +124,23 @@ class Balancer(AsyncDriver):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
 
-    async def aclose(self) -> None:
-        """Stop discovery, health checks and timers, and close every channel."""
+    async def aclose(self, grace: float | None = None) -> None:
+        """Stop taking calls, let calls in flight finish for up to ``grace`` seconds (None: do not wait),
+        then stop discovery, health checks and timers and close every channel, cutting short what is
+        still in flight (those calls fail with :class:`~lbkit.EndpointRemovedError`)."""
+        if grace is not None:
+            check_float("Balancer.aclose", "grace", grace, minimum=0.0)
         if self._closed:
             return
         self._closed = True
         self._detach()
-        if not getattr(self, "_tasks", None):
+        if not self._tasks:
             return
+        self._picker_changed()
+        if grace:
+            end = self.clock() + grace
+            while self.stats.total_in_flight > 0 and self.clock() < end:
+                await asyncio.sleep(0.005)
         tasks = [*self._tasks, *self._member_tasks.values(), *self._builds]
         if self._opener is not None:
             tasks.append(self._opener)
@@ -132,49 +154,36 @@ class Balancer(AsyncDriver):
             self._build_thread.shutdown(wait=False)
         members = list(self.members.values())
         self.members.clear()
+        reason = f"{self.service}: the balancer closed" + (f" (grace {grace:g} s)" if grace else "")
         for m in members:
-            await self._close_member(m)
+            await self._close_member(m, reason)
 
-    # ----------------------------------------------------------------- call path
-
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.options.wait_timeout if timeout is None else timeout)
-
-    def pick_now(self, key: Key, exclude: frozenset[str] = frozenset()) -> Member | None:
-        """The member for a pick now, or None when nothing suitable is pickable yet."""
-        picker = self.core.picker
-        try:
-            endpoint = picker.pick(key)
-            member = self.members.get(endpoint.address)
-            if member is not None and endpoint.address not in exclude:
-                return member
-            return self._pick_avoiding(picker, key, exclude)
-        except NoEndpointsError:
-            return None
-
-    async def apick_member(
-        self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()
-    ) -> Member:
-        """The member for a pick; waits for a ready endpoint until ``deadline`` (monotonic).
-
-        A ``deadline`` of None waits ``wait_timeout`` from now.
-        """
-        if not getattr(self, "_tasks", None):
+    def check_started(self) -> None:
+        """Raise RuntimeError, saying how to start it, if the balancer was never started."""
+        if not self._tasks:
             raise RuntimeError(
                 f"{self.service}: the Balancer is not started: "
                 "use `async with lbkit.aio.Balancer(...) as lb:` or await lb.start()"
             )
-        if deadline is None:
-            deadline = self._deadline(None)
-        while True:
-            member = self.pick_now(key, exclude)
-            if member is not None:
-                return member
-            left = deadline - time.monotonic()
-            if left <= 0 or self._closed:
-                raise self.no_endpoint_error()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
+
+    # ----------------------------------------------------------------- call path
+
+    @functools.cached_property
+    def _pick_rules(self) -> CallRules:
+        return CallRules(self, "pick", self.retry_policy)
+
+    async def await_change(self, until: float, picker: Picker | None) -> None:
+        """Wait until ``clock`` reaches ``until``, the picker is no longer ``picker``, the clock is
+        advanced or the balancer closes, whichever comes first."""
+        left = until - self.clock()
+        if left <= 0 or self._closed or self.core.picker is not picker:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._picker_event.wait(), min(left, 0.25))
+
+    def wake(self) -> None:
+        """End every :meth:`await_change` now."""
+        self._picker_changed()
 
     # ----------------------------------------------------------------- pool
 
@@ -252,8 +261,8 @@ class Balancer(AsyncDriver):
             return
         self.core.publish(build, picker)
 
-    async def _close_member(self, member: Member) -> None:
-        member.mark_closed()
+    async def _close_member(self, member: Member, reason: str) -> None:
+        member.mark_closed(reason)
         task = self._member_tasks.pop(member.address, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -275,7 +284,7 @@ class Balancer(AsyncDriver):
                 continue
             if m.stats.in_flight <= 0 or now - m.closing_at >= self.options.drain_timeout:
                 del self.members[address]
-                await self._close_member(m)
+                await self._close_member(m, self._drained(m, now))
                 self.core.forget(address)
             else:
                 pending = True

@@ -1,277 +1,605 @@
-"""The asyncio ``BalancedChannel``: grpc.aio-style call objects that pick an endpoint per call."""
+"""The asyncio ``BalancedChannel``: grpc.aio-style call objects that pick an endpoint per call.
+
+The asyncio driver of the attempt machine (:mod:`lbkit._attempts`), the twin of :mod:`lbkit.channel`:
+the same rules, the loops differ only in ``await``. A call starts its first attempt when it is made (as a
+grpc.aio call does) if an endpoint is ready; a retry is made where the caller awaits or iterates it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import random
-import time
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, ClassVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
 
-from lbkit._callspec import CallSpecBase, ChannelMethods, call_kwargs, closed_channel, timeout_left
+from lbkit._attempts import (
+    OK,
+    Attempt,
+    Attempts,
+    account,
+    attempt_code,
+    failure,
+    first_timeout,
+    may_retry,
+    pick_now,
+    wants_report,
+)
+from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
-from lbkit._grpc_private import finished_code, finished_trailing_metadata
-from lbkit.errors import NoEndpointsError
-from lbkit.orca import read_load_report
-from lbkit.retry import StopAtDeadline, attempt_left, server_code
-from lbkit.selectors.base import Key
+from lbkit._grpc_private import finished_code, finished_trailing_metadata, keep_server_status
+from lbkit.selectors.base import Picker
 
-__all__ = ["BalancedChannel"]
+__all__ = ["AsyncDriver", "AsyncRequestTape", "BalancedChannel", "PickedChannel"]
+
+MAX_REPLAY = 256
+"""Requests of a client stream kept for a retry before the first response; past it, no retry."""
 
 
 class AsyncDriver(BalancerBase):
-    """What the asyncio channel needs of its balancer beyond the shared base: picks now and awaited."""
+    """What the asyncio channel needs of its balancer beyond the shared base: an awaitable wait."""
 
-    def pick_now(self, key: Key, exclude: frozenset[str] = frozenset()) -> Member | None:
-        """The member for a pick now, or None when nothing suitable is pickable yet."""
+    async def await_change(self, until: float, picker: Picker | None) -> None:
+        """Wait until ``lb.clock`` reaches ``until``, the picker is no longer ``picker``, the clock is
+        advanced or the balancer closes, whichever comes first."""
         raise NotImplementedError
 
-    async def apick_member(
-        self, key: Key, deadline: float | None, exclude: frozenset[str] = frozenset()
-    ) -> Member:
-        """The member for a pick, waiting for a ready endpoint until ``deadline`` (monotonic)."""
+    def wake(self) -> None:
+        """End every :meth:`await_change` now (a call was cancelled)."""
         raise NotImplementedError
 
 
 class _Spec(CallSpecBase[AsyncDriver]):
-    """A stub method's shared call rules, with how one asyncio attempt starts."""
+    """A stub method's shared call rules."""
 
     __slots__ = ()
 
-    def start(
-        self, member: Member, request: Any, deadline: float | None, kw: dict[str, Any], observe: bool
-    ) -> Any:
-        """Issue one attempt on ``member``, counted in flight until it is done."""
-        lb = self.lb
-        st = member.stats
-        t0 = st.start()
+
+def _finisher(
+    lb: BalancerBase, member: Member, started: float, observe: bool, tape: AsyncRequestTape | None
+) -> Callable[[Any], None]:
+    """grpc's done callback of one attempt: its accounting, once. A call failed by its own request
+    iterator says nothing of the endpoint."""
+    stats = member.stats
+    counted = False
+
+    def done(call: Any) -> None:
+        nonlocal counted
+        if counted:
+            return
+        counted = True
+        if tape is not None and tape.error is not None:
+            code = None
+        else:
+            code = attempt_code(finished_code(call), call.cancelled(), member)
+        account(
+            lb,
+            stats,
+            started,
+            code,
+            observe,
+            finished_trailing_metadata(call) if wants_report(lb, stats) else None,
+        )
+
+    return done
+
+
+def _task_cancelled() -> bool:
+    """Whether the running task is being cancelled (Python 3.11+ can tell; 3.10 says no)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+def _code_of(error: BaseException) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    if isinstance(error, grpc.RpcError) and callable(code):
+        value = code()
+        if isinstance(value, grpc.StatusCode):
+            return value
+    return None
+
+
+class AsyncRequestTape:
+    """The requests of an asyncio client stream, read from their source once and given to one attempt at
+    a time: the twin of :class:`lbkit.channel.RequestTape`.
+
+    The source is the caller's iterator (sync or async) or, without one, what the caller passes to
+    ``write()`` until ``done_writing()``.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._writes: collections.deque[tuple[Any, asyncio.Future[None] | None]] | None = None
+        if source is None:
+            self._writes = collections.deque()
+            self._more = asyncio.Event()
+            self._source: Any = self._written()
+            self._async = True
+        elif hasattr(source, "__aiter__"):
+            self._source = source.__aiter__()
+            self._async = True
+        else:
+            self._source = iter(source)
+            self._async = False
+        self._log: list[Any] = []
+        self._base = 0
+        self._recording = True
+        self._attempt = 0
+        self._pull = asyncio.Lock()
+        self._ended = False
+        self._closed: BaseException | None = None
+        self._writing_done = False
+        self.error: BaseException | None = None
+        """What the source raised, if it did."""
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a new attempt can still be given every request read so far."""
+        return self._recording and self.error is None
+
+    def stop_recording(self) -> None:
+        """The first response came: no more retries, so no more requests kept."""
+        self._recording = False
+
+    def reader(self) -> AsyncIterator[Any]:
+        """The requests from the first, for a new attempt; earlier attempts' readers stop."""
+        self._attempt += 1
+        return self._read(self._attempt)
+
+    async def _next(self) -> Any:
+        if self._async:
+            return await self._source.__anext__()
         try:
-            timeout = attempt_left(deadline, self.attempt_timeout)
-            inner = member.callable(self.spec)(request, timeout=timeout, **kw)
-        except BaseException:
-            st.finish(t0, True, observe_latency=False)
-            raise
+            return next(self._source)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
-        def done(call: Any) -> None:
-            code = finished_code(call)
-            if lb.load_reports and st.load_wanted:
-                read_load_report(st, finished_trailing_metadata(call))
-            st.finish(t0, not lb.is_failure(code) if code is not None else True, observe_latency=observe)
-            if code is grpc.StatusCode.OK:
-                lb.budget.on_success()
+    async def _read(self, mine: int) -> AsyncIterator[Any]:
+        i = 0
+        while mine == self._attempt:
+            j = i - self._base
+            if j < len(self._log):
+                item = self._log[j]
+            else:
+                async with self._pull:
+                    if mine != self._attempt or self._ended:
+                        return
+                    if i - self._base >= len(self._log):
+                        try:
+                            item = await self._next()
+                        except StopAsyncIteration:
+                            self._ended = True
+                            return
+                        except BaseException as exc:
+                            if not isinstance(exc, asyncio.CancelledError):
+                                self.error = exc
+                                self._ended = True
+                            raise
+                        self._log.append(item)
+                        if self._recording and self._base + len(self._log) > MAX_REPLAY:
+                            self._recording = False
+                        if mine != self._attempt:
+                            return
+                    else:
+                        item = self._log[i - self._base]
+            i += 1
+            if not self._recording and i - self._base >= 64 and not self._pull.locked():
+                del self._log[: i - self._base]
+                self._base = i
+            yield item
 
-        inner.add_done_callback(done)
-        return inner
+    # the caller's write() / done_writing()
+    async def _written(self) -> AsyncIterator[Any]:
+        writes = self._writes
+        assert writes is not None
+        while True:
+            while not writes:
+                self._more.clear()
+                await self._more.wait()
+            item, taken = writes.popleft()
+            if taken is not None and not taken.done():
+                taken.set_result(None)
+            if taken is None:
+                return
+            yield item
+
+    def push(self, request: Any) -> asyncio.Future[None]:
+        """Queue ``request`` for the call; the future is done once an attempt has taken it."""
+        if self._writes is None:
+            raise grpc.aio.UsageError("write() is for calls made without a request iterator")
+        if self._closed is not None:
+            raise self._closed
+        if self._writing_done:
+            raise asyncio.InvalidStateError("done_writing() was called: no more requests")
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes.append((request, taken))
+        self._more.set()
+        return taken
+
+    async def write(self, request: Any) -> None:
+        """Hand ``request`` to the call; returns once an attempt has taken it."""
+        await self.push(request)
+
+    def done_writing(self) -> None:
+        """No more requests."""
+        if self._writes is None:
+            raise grpc.aio.UsageError("done_writing() is for calls made without a request iterator")
+        if not self._writing_done and self._closed is None:
+            self._writing_done = True
+            self._writes.append((None, None))
+            self._more.set()
+
+    def close(self, error: BaseException) -> None:
+        """The call is over: writes waiting or to come fail with ``error``."""
+        if self._closed is not None:
+            return
+        self._closed = error
+        for _, taken in self._writes or ():
+            if taken is not None and not taken.done():
+                taken.set_exception(error)
 
 
-class _CallBase:
-    """What every balanced aio call shares: the current attempt, its deadline, cancellation."""
+class _Call:
+    """What every balanced asyncio call shares: its attempts, cancellation, done callbacks, status."""
 
-    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+    _machine: Attempts | None = None
+    _attempt: Attempt | None = None
+    _inner: Any = None
+    _member: Member | None = None
+    _final: BaseException | None = None
+    """The call's error, once it ended with one."""
+    _ended = False
+    _cancelled = False
+    _callbacks: list[Callable[[Any], None]] | None = None
+    _fired = False
+    _tape: AsyncRequestTape | None = None
+    _got = False
+    _lock: asyncio.Lock | None = None
+
+    def __init__(self, c: _Spec, arg: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        key, kw["metadata"] = c.route(kw["metadata"], arg)
         self._c = c
-        self._request = request
+        self._arg = arg
+        self._key = key
+        self._timeout = timeout
         self._kw = kw
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._inner: Any = None
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._tried: tuple[str, ...] = ()
-        self._attempts = 0
-        self._callbacks: list[Callable[[Any], None]] | None = None
-
-    def _try_start_now(self, observe: bool) -> None:
-        member = self._c.lb.pick_now(self._c.key(self._kw["metadata"], self._request))
-        if member is not None:
-            self._issue(member, observe)
-
-    def _issue(self, member: Member, observe: bool) -> None:
-        """Start an attempt on ``member``; if its channel was drained and closed meanwhile (nothing was
-        sent), leave no attempt, so the next await picks another endpoint."""
-        self._tried += (member.address,)
-        self._attempts += 1
+        member = pick_now(c, key)
+        if member is None:
+            self._started = c.lb.clock()
+            return
+        started = self._started = member.stats.start()
+        self._member = member
         try:
-            self._inner = self._c.start(member, self._request, self._deadline, self._kw, observe)
-        except ValueError as err:
-            if not closed_channel(err) or self._attempts >= self._c.lb.retry_policy.max_attempts:
+            inner = member.callable(c.spec)(self._request(), timeout=first_timeout(c, timeout), **kw)
+            if self._tape is not None:
+                keep_server_status(inner)
+        except BaseException as exc:
+            machine = self._adopt()
+            assert self._attempt is not None
+            machine.done(self._attempt, failure(exc, member, begun=False))
+            if machine.stopped:  # a bad argument: raised where grpc raises it
                 raise
             return
-        for cb in self._callbacks or ():
-            self._inner.add_done_callback(lambda _call, cb=cb: cb(self))
+        inner.add_done_callback(_finisher(c.lb, member, started, c.observe, self._tape))
+        self._inner = inner
 
-    async def _ensure_inner(self, observe: bool) -> Any:
+    def _request(self) -> Any:
+        tape = self._tape
+        return tape.reader() if tape is not None else self._arg
+
+    def _adopt(self) -> Attempts:
+        """The machine, made when the call first needs it; it holds the first attempt, if one was made."""
+        machine = self._machine
+        if machine is not None:
+            return machine
         c = self._c
-        while self._inner is None:
+        timeout = self._timeout
+        machine = self._machine = Attempts(
+            c, self._key, None if timeout is None else self._started + timeout, self._tape
+        )
+        if self._member is not None:
+            self._attempt = machine.adopt(self._member, self._started, timeout)
+        return machine
+
+    async def _open(self) -> Any:
+        """Start the next attempt (waiting as the machine says) and return it, or raise the call's
+        error."""
+        machine = self._adopt()
+        c = self._c
+        lb = c.lb
+        while True:
             try:
-                member = await c.lb.apick_member(
-                    c.key(self._kw["metadata"], self._request), self._deadline, frozenset(self._tried)
-                )
-            except NoEndpointsError as err:
-                self._error = err
+                action = machine.next()
+            except BaseException as exc:
+                self._end(exc)
                 raise
-            if self._cancelled:
-                raise asyncio.CancelledError()
-            self._issue(member, observe)
-        return self._inner
+            if isinstance(action, float):
+                await lb.await_change(action, machine.picker)
+                continue
+            attempt = machine.start(action)
+            try:
+                inner = action.callable(c.spec)(self._request(), timeout=attempt.timeout, **self._kw)
+                if self._tape is not None:
+                    keep_server_status(inner)
+            except BaseException as exc:
+                machine.done(attempt, failure(exc, action, begun=False))
+                continue
+            inner.add_done_callback(_finisher(lb, action, attempt.started, c.observe, self._tape))
+            self._inner = inner
+            self._member = action
+            self._attempt = attempt
+            if self._callbacks is not None:
+                inner.add_done_callback(self._watch)
+            return inner
 
-    def _can_retry(self, err: grpc.RpcError) -> bool:
-        c = self._c
-        if self._cancelled or self._attempts >= c.lb.retry_policy.max_attempts:
-            return False
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            return False
-        return c.retryable(server_code(err.code(), self._cancelled), err.details(), self._deadline)
+    def _mine(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the caller's own cancellation (which is theirs to see, never retried)."""
+        return isinstance(exc, asyncio.CancelledError) and (self._cancelled or _task_cancelled())
 
-    async def _backoff(self, count: bool = True) -> None:
-        if count:
-            self._c.lb.note_retry()
-        await asyncio.sleep(random.uniform(0.0, self._c.lb.retry_policy.initial_backoff))
-        self._inner = None
+    def _failed(self, exc: BaseException) -> None:
+        """The current attempt failed with ``exc``: let the machine decide (its next() says what next)."""
+        inner = self._inner
+        if inner is not None and not inner.done():
+            # Failed in the client before grpc finished it (a bad argument raised in grpc's task):
+            # cancelling ends it, and grpc's done callback counts its end.
+            inner.cancel()
+        machine = self._adopt()
+        assert self._attempt is not None and self._member is not None
+        tape = self._tape
+        machine.failed(
+            self._attempt,
+            failure(
+                exc,
+                self._member,
+                responded=self._got,
+                cancelled=self._cancelled,
+                source_error=tape.error if tape is not None else None,
+            ),
+        )
+
+    async def _advance(self, inner: Any, exc: BaseException) -> Any:
+        """The attempt ``inner`` ended with ``exc``: return the attempt to go on with (the next one, made
+        now unless another reader or writer of this call made it already), or raise the call's error.
+        Whoever of the caller's reads, writes and awaits sees a failure first makes the retry."""
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = asyncio.Lock()
+        async with lock:
+            if self._inner is None:
+                return await self._open()  # no attempt yet: the first one
+            if inner is self._inner and not (self._attempt is not None and self._attempt.judged):
+                if self._mine(exc):
+                    self._end(exc)
+                    raise exc
+                self._failed(exc)
+                return await self._open()
+            if self._ended:
+                raise (
+                    self._final
+                    if self._final is not None
+                    else asyncio.InvalidStateError("the RPC has finished")
+                )
+            return self._inner
+
+    def _end(self, error: BaseException | None) -> None:
+        """The call the caller sees is over."""
+        if self._ended:
+            return
+        self._ended = True
+        self._final = error
+        tape = self._tape
+        if tape is not None:
+            tape.close(error if error is not None else asyncio.InvalidStateError("the RPC has finished"))
+        self._fire()
+
+    def _may_retry(self, inner: Any) -> bool:
+        if self._cancelled or self._got or self._ended or self._member is None:
+            return False
+        tape = self._tape
+        if tape is not None and not tape.replayable:
+            return False
+        code = finished_code(inner)
+        outcome = failure(_Status(code), self._member)
+        return may_retry(self._c, outcome, self._machine.count if self._machine is not None else 1)
+
+    def _watch(self, inner: Any) -> None:
+        """grpc's done callback while the caller has callbacks: fire them once the call is over."""
+        if inner is self._inner and (finished_code(inner) is OK or not self._may_retry(inner)):
+            self._fire()
+
+    def _fire(self) -> None:
+        if self._fired:
+            return
+        self._fired = True
+        for cb in self._callbacks or ():
+            cb(self)
 
     # grpc.aio.RpcContext / Call
     def cancelled(self) -> bool:
-        return self._cancelled or (self._inner is not None and bool(self._inner.cancelled()))
+        return self._cancelled
 
     def done(self) -> bool:
-        if self._error is not None:
+        if self._ended:
             return True
-        return self._inner is not None and bool(self._inner.done())
+        inner = self._inner
+        if inner is None or not inner.done():
+            return False
+        return finished_code(inner) is OK or not self._may_retry(inner)
 
     def time_remaining(self) -> float | None:
-        return timeout_left(self._deadline)
+        timeout = self._timeout
+        if timeout is None:
+            return None
+        return max(self._started + timeout - self._c.lb.clock(), 0.0)
 
     def cancel(self) -> bool:
+        if self._ended:
+            return False
         self._cancelled = True
-        if self._inner is not None:
-            return bool(self._inner.cancel())
+        machine = self._machine
+        if machine is not None:
+            machine.cancel(asyncio.CancelledError())
+            self._c.lb.wake()
+        inner = self._inner
+        if inner is not None:
+            inner.cancel()
         return True
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        """Call ``callback(call)`` when the current (and any later) attempt is done."""
+        """Call ``callback(call)`` once the call is over (after its last attempt)."""
+        if self._fired:
+            callback(self)
+            return
+        first = self._callbacks is None
         if self._callbacks is None:
             self._callbacks = []
         self._callbacks.append(callback)
-        if self._inner is not None:
-            self._inner.add_done_callback(lambda _call: callback(self))
+        if first and self._inner is not None:
+            self._inner.add_done_callback(self._watch)
+
+    async def _settle(self) -> None:
+        raise NotImplementedError
 
     async def _settled(self) -> Any:
-        if self._error is not None or self._inner is None:
-            return None
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._inner.code()
+        """Wait for the call to be over; return what holds its status (an error, or the last attempt)."""
+        try:
+            await self._settle()
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+        except Exception:
+            pass
+        final = self._final
+        if final is not None and _code_of(final) is not None:
+            return final
         return self._inner
 
     async def initial_metadata(self) -> Any:
-        inner = await self._ensure_inner(True)
+        inner = self._inner if self._inner is not None else await self._open()
         return await inner.initial_metadata()
 
     async def trailing_metadata(self) -> Any:
-        inner = await self._settled()
-        return grpc.aio.Metadata() if inner is None else await inner.trailing_metadata()
+        held = await self._settled()
+        if held is None:
+            return grpc.aio.Metadata()
+        value = held.trailing_metadata()
+        return await value if asyncio.iscoroutine(value) else value
 
     async def code(self) -> grpc.StatusCode:
-        inner = await self._settled()
-        if inner is None:
-            return grpc.StatusCode.UNAVAILABLE
-        return await inner.code()
+        held = await self._settled()
+        if held is None:
+            return grpc.StatusCode.CANCELLED if self._cancelled else grpc.StatusCode.UNAVAILABLE
+        if held is self._inner:
+            return await held.code()
+        return _code_of(held) or grpc.StatusCode.UNKNOWN
 
     async def details(self) -> str:
-        inner = await self._settled()
-        if inner is None:
-            return str(self._error) if self._error else ""
-        return await inner.details()  # type: ignore[no-any-return]
+        held = await self._settled()
+        if held is None:
+            return str(self._final) if self._final is not None else ""
+        if held is self._inner:
+            return await held.details()  # type: ignore[no-any-return]
+        return str(held.details())
 
     async def wait_for_connection(self) -> None:
-        inner = await self._ensure_inner(True)
+        inner = self._inner if self._inner is not None else await self._open()
         await inner.wait_for_connection()
 
-
-class _UnaryUnaryCall(_CallBase, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
-    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
-        super().__init__(c, request, timeout, kw)
-        self._outcome: tuple[bool, Any] | None = None
-        self._try_start_now(True)
-
-    async def _run(self) -> Any:
+    def __del__(self) -> None:
         inner = self._inner
-        if inner is None:
-            inner = await self._ensure_inner(True)
-        try:
-            return await inner
-        except grpc.RpcError as err:
-            if not self._can_retry(err):
-                raise
-        return await self._retry()
+        if inner is not None and not inner.done():
+            inner.cancel()
 
-    async def _retry(self) -> Any:
-        c = self._c
 
-        def _retry_on(exc: BaseException) -> bool:
-            return (
-                isinstance(exc, grpc.RpcError)
-                and not isinstance(exc, NoEndpointsError)
-                and self._can_retry(exc)
-            )
+class _Status(grpc.RpcError):  # type: ignore[misc]
+    """A finished attempt's status as an error, for the retry rule's questions."""
 
-        await self._backoff(count=False)
-        policy = c.lb.retry_policy
-        async for attempt in AsyncRetrying(
-            stop=stop_any(
-                stop_after_attempt(policy.max_attempts - self._attempts), StopAtDeadline(self._deadline)
-            ),
-            wait=wait_random_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff),
-            retry=retry_if_exception(_retry_on),
-            reraise=True,
-        ):
-            with attempt:
-                c.lb.note_retry()
-                self._inner = None
-                inner = await self._ensure_inner(True)
-                return await inner
-        raise AssertionError("unreachable")  # pragma: no cover
+    def __init__(self, code: grpc.StatusCode | None) -> None:
+        super().__init__()
+        self._code = code
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+
+class _UnaryResponse(_Call):
+    """A call with one response (unary-unary, client streaming): awaitable, retried where awaited."""
+
+    _response: Any = None
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if self._outcome is None:
+        inner = self._inner
+        if inner is not None and self._machine is None:
             try:
-                result = yield from self._run().__await__()
+                response = yield from inner.__await__()
             except BaseException as exc:
-                self._outcome = (False, exc)
-                raise
-            self._outcome = (True, result)
-            return result
-        ok, value = self._outcome
-        if ok:
-            return value
-        raise value
+                return (yield from self._retry(inner, exc).__await__())
+            if self._callbacks is not None or self._tape is not None:
+                self._response = response
+                self._end(None)
+            else:
+                self._ended = True
+            return response
+        return (yield from self._run().__await__())
+
+    async def _run(self) -> Any:
+        if self._ended:
+            if self._final is not None:
+                raise self._final
+            return self._response if self._machine is not None else await self._inner
+        inner = self._inner
+        if inner is None:
+            inner = await self._advance(None, asyncio.InvalidStateError())
+        elif self._attempt is not None and self._attempt.judged:
+            inner = await self._advance(inner, asyncio.InvalidStateError())
+        return await self._attempts(inner)
+
+    async def _retry(self, inner: Any, exc: BaseException) -> Any:
+        return await self._attempts(await self._advance(inner, exc))
+
+    async def _attempts(self, inner: Any) -> Any:
+        while True:
+            try:
+                response = await inner
+            except BaseException as exc:
+                inner = await self._advance(inner, exc)
+                continue
+            if inner is self._inner and not self._ended:
+                self._response = response
+                self._end(None)
+            return response
+
+    async def _settle(self) -> None:
+        await self
 
 
-class _StreamingCall(_CallBase):
-    """A response stream (server or bidirectional) retried on another endpoint before its first response."""
+class _StreamResponse(_Call):
+    """A call with a response stream (server streaming, bidirectional): retried before its first
+    response where the caller reads or writes."""
 
-    def __init__(
-        self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any], retry: bool
-    ) -> None:
-        super().__init__(c, request, timeout, kw)
-        self._retry_ok = retry
-        self._got_first = False
-        self._iter: AsyncIterator[Any] | None = None
-        self._try_start_now(False)
+    _iter: AsyncIterator[Any] | None = None
 
     async def _responses(self) -> AsyncIterator[Any]:
+        inner = self._inner
+        if inner is None:
+            inner = await self._advance(None, asyncio.InvalidStateError())
         while True:
-            inner = await self._ensure_inner(False)
             try:
                 async for response in inner:
-                    self._got_first = True
+                    if not self._got:
+                        self._got = True
+                        if self._tape is not None:
+                            self._tape.stop_recording()
                     yield response
-                return
-            except grpc.RpcError as err:
-                if self._got_first or not self._retry_ok or not self._can_retry(err):
-                    raise
-            await self._backoff()
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                inner = await self._advance(inner, exc)
+                continue
+            self._end(None)
+            return
 
     def __aiter__(self) -> AsyncIterator[Any]:
         if self._iter is None:
@@ -284,62 +612,98 @@ class _StreamingCall(_CallBase):
         except StopAsyncIteration:
             return grpc.aio.EOF
 
+    async def _settle(self) -> None:
+        async for _ in self.__aiter__():
+            pass
+
+
+class _Writes(_Call):
+    """write() / done_writing() of a client-streaming or bidirectional call made without an iterator:
+    a write returns once an attempt took the request; if the attempt ends first, the write makes the
+    retry (or raises the call's error)."""
+
+    _over: asyncio.Future[None] | None = None
+    _over_for: Any = None
+
     async def write(self, request: Any) -> None:
-        inner = await self._ensure_inner(False)
-        await inner.write(request)
+        tape = self._tape
+        assert tape is not None
+        taken = tape.push(request)
+        inner = self._inner
+        while not taken.done():
+            if inner is None:
+                inner = await self._advance(None, asyncio.InvalidStateError())
+                continue
+            over = self._attempt_over(inner)
+            await asyncio.wait((taken, over), return_when=asyncio.FIRST_COMPLETED)
+            if taken.done():
+                break
+            if finished_code(inner) is OK:
+                raise asyncio.InvalidStateError("the RPC has finished")
+            inner = await self._advance(inner, await _error_of(inner))
+        taken.result()
 
     async def done_writing(self) -> None:
-        inner = await self._ensure_inner(False)
-        await inner.done_writing()
+        tape = self._tape
+        assert tape is not None
+        tape.done_writing()
 
-    def __del__(self) -> None:
-        inner = getattr(self, "_inner", None)
-        if inner is not None and not inner.done():
-            inner.cancel()
+    def _attempt_over(self, inner: Any) -> asyncio.Future[None]:
+        """A future done when attempt ``inner`` is."""
+        if self._over_for is not inner or self._over is None:
+            over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def ended(_call: Any) -> None:
+                if not over.done():
+                    over.set_result(None)
+
+            inner.add_done_callback(ended)
+            self._over, self._over_for = over, inner
+        return self._over
 
 
-class _UnaryStreamCall(_StreamingCall, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
+async def _error_of(inner: Any) -> BaseException:
+    """The error a finished grpc.aio attempt ended with, as grpc raises it."""
+    error: BaseException = grpc.aio.AioRpcError(
+        await inner.code(),
+        await inner.initial_metadata(),
+        await inner.trailing_metadata(),
+        await inner.details(),
+    )
+    return error
+
+
+class _UnaryUnaryCall(_UnaryResponse, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     pass
 
 
-class _StreamStreamCall(_StreamingCall, grpc.aio.StreamStreamCall):  # type: ignore[misc]
+class _UnaryStreamCall(_StreamResponse, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
     pass
 
 
-class _StreamUnaryCall(_CallBase, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
-    """A client stream: not retried once it has started sending (its requests cannot be replayed)."""
+class _StreamUnaryCall(_Writes, _UnaryResponse, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
+    def __init__(self, c: _Spec, request_iterator: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        self._tape = AsyncRequestTape(request_iterator)
+        super().__init__(c, None, timeout, kw)
 
-    def __init__(self, c: _Spec, request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
-        super().__init__(c, request, timeout, kw)
-        self._try_start_now(True)
 
-    async def _run(self) -> Any:
-        inner = await self._ensure_inner(True)
-        return await inner
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return (yield from self._run().__await__())
-
-    async def write(self, request: Any) -> None:
-        inner = await self._ensure_inner(True)
-        await inner.write(request)
-
-    async def done_writing(self) -> None:
-        inner = await self._ensure_inner(True)
-        await inner.done_writing()
+class _StreamStreamCall(_Writes, _StreamResponse, grpc.aio.StreamStreamCall):  # type: ignore[misc]
+    def __init__(self, c: _Spec, request_iterator: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        self._tape = AsyncRequestTape(request_iterator)
+        super().__init__(c, None, timeout, kw)
 
 
 class _MultiCallable:
     __slots__ = ("_c",)
 
+    _call: ClassVar[Callable[..., Any]]
+
     def __init__(self, c: _Spec) -> None:
         self._c = c
 
-
-class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     def __call__(
         self,
-        request: Any,
+        request: Any = None,
         *,
         timeout: float | None = None,
         metadata: Any = None,
@@ -347,63 +711,37 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ig
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return _UnaryUnaryCall(
-            self._c, request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression)
-        )
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._call(self._c, request, timeout, kw)
+
+
+class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    _call = _UnaryUnaryCall
 
 
 class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return _UnaryStreamCall(
-            self._c, request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
-        )
+    _call = _UnaryStreamCall
 
 
 class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return _StreamUnaryCall(
-            self._c,
-            request_iterator,
-            timeout,
-            call_kwargs(metadata, credentials, wait_for_ready, compression),
-        )
+    _call = _StreamUnaryCall
 
 
 class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        # Requests may already be sent when the first attempt fails: no retry after it started.
-        return _StreamStreamCall(
-            self._c,
-            request_iterator,
-            timeout,
-            call_kwargs(metadata, credentials, wait_for_ready, compression),
-            False,
-        )
+    _call = _StreamStreamCall
+
+
+_MULTICALLABLES: dict[str, Callable[[Any], Any]] = {
+    "unary_unary": _UnaryUnary,
+    "unary_stream": _UnaryStream,
+    "stream_unary": _StreamUnary,
+    "stream_stream": _StreamStream,
+}
 
 
 class BalancedChannel(ChannelMethods):
@@ -413,12 +751,7 @@ class BalancedChannel(ChannelMethods):
     """
 
     _spec_class = _Spec
-    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = {
-        "unary_unary": _UnaryUnary,
-        "unary_stream": _UnaryStream,
-        "stream_unary": _StreamUnary,
-        "stream_stream": _StreamStream,
-    }
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
 
     async def close(self, grace: float | None = None) -> None:
         """Nothing to do: the balancer closes its channels."""
@@ -428,3 +761,53 @@ class BalancedChannel(ChannelMethods):
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+class PickedChannel(ChannelMethods, grpc.aio.Channel):  # type: ignore[misc]
+    """The channel of one endpoint, from ``await lb.pick()``: its calls count in flight (the endpoint's
+    drain waits for them) and go to that endpoint only, never retried elsewhere.
+
+    Good while the endpoint is in discovery: once it leaves, calls in flight get the drain's time to
+    finish and new calls fail at once with :class:`~lbkit.EndpointRemovedError` (pick again). Closing
+    it does nothing: the balancer owns the channel.
+    """
+
+    _spec_class = _Spec
+    _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+
+    def __init__(self, lb: Any, member: Member) -> None:
+        super().__init__(lb, None, member)
+        self.address = member.address
+        """The endpoint this channel calls."""
+
+    def _channel(self) -> Any:
+        assert self._pinned is not None
+        return self._pinned.channel
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The endpoint channel's connectivity."""
+        return self._channel().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        """Wait for the endpoint channel's connectivity to change from ``last_observed_state``."""
+        await self._channel().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        """Wait until the endpoint channel is READY."""
+        await self._channel().channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        """Nothing to do: the balancer closes its channels."""
+
+    async def __aenter__(self) -> PickedChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"PickedChannel({self.address!r})"
+
+
+with contextlib.suppress(Exception):  # the ABC leaves no abstract method unimplemented
+    PickedChannel.__abstractmethods__ = frozenset()

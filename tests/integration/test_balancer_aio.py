@@ -243,7 +243,7 @@ async def test_calls_that_pick_a_channel_closed_under_them_go_elsewhere(make_ser
     async with lbkit.aio.Balancer([s.address for s in servers], selector="round_robin") as lb:
         await lb.wait_ready(count=2)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
-        await lb._close_member(lb.members[servers[0].address])
+        await lb._close_member(lb.members[servers[0].address], "closed by the test")
         replies = {(await stub.Predict(REQ, timeout=5)).served_by for _ in range(4)}
         tokens = {t.served_by async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=2), timeout=5)}
         assert replies == tokens == {servers[1].address}

@@ -9,7 +9,7 @@ import contextlib
 import grpc
 import pytest
 
-from lbkit._grpc_private import connectivity, finished_code, finished_trailing_metadata
+from lbkit._grpc_private import connectivity, finished_code, finished_trailing_metadata, keep_server_status
 
 from .conftest import async_wait_for, pb2, pb2_grpc, wait_for
 
@@ -79,3 +79,32 @@ async def test_finished_trailing_metadata_reads_the_trailers_of_done_aio_calls(m
             trailers = finished_trailing_metadata(call)
             assert trailers is not None and dict(trailers)["lb-served-by"] == server.address
     assert finished_trailing_metadata(object()) is None
+
+
+async def test_keep_server_status_reports_the_servers_status_when_a_write_loses_the_race(
+    make_servers,
+) -> None:
+    (failing,) = make_servers(1, fail_rate=1.0, fail_code=grpc.StatusCode.UNAVAILABLE)
+
+    def updates() -> list[pb2.FeatureUpdate]:
+        return [pb2.FeatureUpdate(sequence=i) for i in range(50)]
+
+    async with grpc.aio.insecure_channel(failing.address) as channel:
+        stub = pb2_grpc.ModelServiceStub(channel)
+        seen: list[grpc.StatusCode | None] = []
+        for _ in range(20):  # the server ends each call while the client is still writing
+            call = stub.UpdateFeatures(updates(), timeout=5)
+            assert keep_server_status(call) is True
+            call.add_done_callback(lambda c: seen.append(finished_code(c)))
+            with pytest.raises(grpc.RpcError) as info:
+                async for _ in call:
+                    pass
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            upload = stub.UploadFeatures(updates(), timeout=5)
+            assert keep_server_status(upload) is True
+            with pytest.raises(grpc.RpcError) as info:
+                await upload
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        await async_wait_for(lambda: len(seen) == 20)
+        assert seen == [grpc.StatusCode.UNAVAILABLE] * 20  # one status per call, the server's
+    assert keep_server_status(object()) is False

@@ -23,6 +23,7 @@ LBKIT_ALL = [
     "DiscoveryError",
     "Endpoint",
     "EndpointDiff",
+    "EndpointRemovedError",
     "EndpointSet",
     "EndpointStats",
     "Event",
@@ -58,7 +59,7 @@ AIO_ALL = ["Balancer"]
 SYNC_ASYNC_PAIRS = {"close": "aclose"}
 """Methods whose asyncio twin has another name (documented in docs/getting-started.md)."""
 
-CALL_PATH_HELPERS = {"pick_member", "pick_now", "apick_member"}
+CALL_PATH_HELPERS = {"wait_change", "await_change"}
 """Public-named helpers the balanced channels call; not part of the documented surface."""
 
 
