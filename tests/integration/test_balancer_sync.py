@@ -190,11 +190,6 @@ def test_no_ready_endpoint_fails_unavailable_at_deadline():
     assert 0.5 <= elapsed <= 0.5 + SCHEDULING_MARGIN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known fault: a sync call without a deadline starts wait_timeout afresh at each pick "
-    "(it waited 0.6 s for wait_timeout=0.3), instead of wait_timeout in all",
-)
 def test_call_without_deadline_waits_default_wait_then_fails():
     dead = ModelServer().start()
     address = dead.address
