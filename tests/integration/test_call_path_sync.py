@@ -167,7 +167,8 @@ def test_backoff_never_runs_past_the_deadline(make_servers, kind):
                     list(stub.StreamPredict(REQ, timeout=0.2))
             worst = max(worst, time.monotonic() - start)
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert worst < 0.2 + 0.25, worst  # a backoff of up to 5 s was never slept past the 0.2 s deadline
+    # Backoffs of up to 5 s, none slept past the 0.2 s deadline (the margin is for a loaded machine).
+    assert worst < 0.2 + 0.8, worst
 
 
 def test_no_exception_leaves_a_call_in_flight(make_servers):
