@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "RegistrationError": "lbkit.errors",
     "Endpoint": "lbkit.endpoint",
     "EndpointDiff": "lbkit.endpoint",
+    "EndpointHealth": "lbkit.endpoint",
     "EndpointSet": "lbkit.endpoint",
     "Cause": "lbkit.events",
     "Event": "lbkit.events",
@@ -74,6 +75,7 @@ __all__ = [
     "DiscoveryError",
     "Endpoint",
     "EndpointDiff",
+    "EndpointHealth",
     "EndpointRemovedError",
     "EndpointSet",
     "EndpointStats",
@@ -111,7 +113,7 @@ if TYPE_CHECKING:
     from lbkit.discovery.base import Discovery
     from lbkit.discovery.consul import ConsulDiscovery
     from lbkit.discovery.static import StaticDiscovery
-    from lbkit.endpoint import Endpoint, EndpointDiff, EndpointSet
+    from lbkit.endpoint import Endpoint, EndpointDiff, EndpointHealth, EndpointSet
     from lbkit.errors import (
         ConfigError,
         DiscoveryError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -11,7 +12,7 @@ from typing import Any
 
 from lbkit.errors import ConfigError
 
-__all__ = ["Endpoint", "EndpointDiff", "EndpointSet", "parse_address"]
+__all__ = ["Endpoint", "EndpointDiff", "EndpointHealth", "EndpointSet", "parse_address"]
 
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$"
@@ -61,9 +62,22 @@ def _check_weight(weight: object, address: str) -> int:
     return weight
 
 
+class EndpointHealth(str, enum.Enum):
+    """What discovery says of an endpoint's health (Consul: its checks' aggregated status)."""
+
+    PASSING = "passing"
+    """In a state discovery accepts: the endpoint may be picked."""
+    CRITICAL = "critical"
+    """Unhealthy (Consul: a critical check, or a warning one when only passing is accepted): out of the
+    picker like an endpoint failing its active health check, and counted as unhealthy by panic mode."""
+    MAINTENANCE = "maintenance"
+    """In maintenance (Consul's maintenance mode): drained as if removed, its calls in flight finishing."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One server: ``host:port`` (``[v6]:port`` for IPv6), a weight >= 1, an optional zone, tags and metadata.
+    """One server: ``host:port`` (``[v6]:port`` for IPv6), a weight >= 1, an optional zone, tags, metadata,
+    and its health as discovery reports it.
 
     ``rank`` is the endpoint's place when discovery sorts by round-trip time from the client (Consul's
     ``near``; 0 is the nearest), None otherwise. Endpoints are equal when every field is equal; they hash
@@ -76,10 +90,15 @@ class Endpoint:
     tags: frozenset[str] = field(default_factory=frozenset)
     metadata: Mapping[str, str] = field(default_factory=lambda: _NO_METADATA)
     rank: int | None = None
+    health: EndpointHealth = EndpointHealth.PASSING
 
     def __post_init__(self) -> None:
         parse_address(self.address)
         _check_weight(self.weight, self.address)
+        if not isinstance(self.health, EndpointHealth):
+            raise ConfigError(
+                f"endpoint {self.address}: health must be an EndpointHealth, got {self.health!r}"
+            )
         if not isinstance(self.zone, str):
             raise ConfigError(f"endpoint {self.address}: zone must be a str, got {self.zone!r}")
         tags: Any = self.tags
@@ -122,6 +141,8 @@ class Endpoint:
             extra += f", zone={self.zone!r}"
         if self.rank is not None:
             extra += f", rank={self.rank}"
+        if self.health is not EndpointHealth.PASSING:
+            extra += f", health={self.health.value!r}"
         return f"Endpoint({self.address!r}{extra})"
 
 

@@ -23,6 +23,7 @@ LBKIT_ALL = [
     "DiscoveryError",
     "Endpoint",
     "EndpointDiff",
+    "EndpointHealth",
     "EndpointRemovedError",
     "EndpointSet",
     "EndpointStats",
