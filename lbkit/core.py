@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.endpoint import Endpoint, EndpointHealth, EndpointSet
 from lbkit.events import Cause, Event, EventKind
 from lbkit.health.outlier import OutlierDetection, OutlierDetector
 from lbkit.health.slow_start import SlowStart
@@ -97,7 +97,7 @@ class EndpointState:
         """One word for metrics: ready, connecting, unhealthy (ejection is the core's to say)."""
         if not self.ready:
             return "connecting"
-        if not (self.healthy and self.health_known):
+        if not (self.healthy and self.health_known) or self.endpoint.health is EndpointHealth.CRITICAL:
             return "unhealthy"
         return "ready"
 
@@ -361,7 +361,13 @@ class BalancerCore:
         self._flush()
 
     def _eligible(self, m: EndpointState) -> bool:
-        return m.ready and m.healthy and m.health_known and not self.is_ejected(m.endpoint.address)
+        return (
+            m.ready
+            and m.healthy
+            and m.health_known
+            and m.endpoint.health is EndpointHealth.PASSING
+            and not self.is_ejected(m.endpoint.address)
+        )
 
     def _coalesce_window(self) -> float:
         """How long after a rebuild further changes wait to be rebuilt together: 10x the last build's cost,
@@ -373,8 +379,14 @@ class BalancerCore:
         return 0.0 if cost < 0.001 else min(10.0 * cost, 0.1)
 
     def _down(self, m: EndpointState) -> bool:
-        """Known to be unusable: failed to connect, unhealthy or ejected (not merely still connecting)."""
-        return m.failed or (m.health_known and not m.healthy) or self.is_ejected(m.endpoint.address)
+        """Known to be unusable: failed to connect, unhealthy (by its health check or by discovery) or
+        ejected (not merely still connecting)."""
+        return (
+            m.failed
+            or (m.health_known and not m.healthy)
+            or m.endpoint.health is EndpointHealth.CRITICAL
+            or self.is_ejected(m.endpoint.address)
+        )
 
     def _is_down(self, address: str) -> bool:
         m = self.members.get(address)
@@ -383,10 +395,12 @@ class BalancerCore:
     def _update_members(self, now: float, cause: Cause, first: bool = False) -> bool:
         """Make the members the wanted endpoints, queueing the channels to open and close; True if
         anything changed. ``cause``: why endpoints join."""
+        # Endpoints discovery reports in maintenance are drained as if removed.
+        order = [e for e in self._order if e.health is not EndpointHealth.MAINTENANCE]
         if self.subsetting is None:
-            wanted: Sequence[Endpoint] = self._order
+            wanted: Sequence[Endpoint] = order
         else:
-            wanted = widened(self._order, self.subsetting.size, self._is_down)
+            wanted = widened(order, self.subsetting.size, self._is_down)
         members = self.members
         keep = {e.address for e in wanted}
         changed = False
@@ -397,7 +411,10 @@ class BalancerCore:
                 self.outlier.forget(address)
             if self._plan_open.pop(address, None) is None:
                 self._plan_close[address] = None
-            if address in self.endpoint_set.by_address:
+            listed = self.endpoint_set.by_address.get(address)
+            if listed is not None and listed.health is EndpointHealth.MAINTENANCE:
+                self._emit(EventKind.REMOVED, address, "in maintenance: drained", now, Cause.MAINTENANCE)
+            elif listed is not None:
                 self._emit(EventKind.REMOVED, address, "left the subset", now, Cause.SUBSET_LEFT)
             else:
                 self._emit(EventKind.REMOVED, address, "gone from discovery", now, Cause.DISCOVERY_REMOVED)
@@ -405,6 +422,8 @@ class BalancerCore:
             m = members.get(e.address)
             if m is not None:
                 if m.endpoint != e:
+                    if m.endpoint.health is not e.health:
+                        self._emit_discovery_health(e, now)
                     m.endpoint = e
                     changed = True
                 continue
@@ -416,7 +435,19 @@ class BalancerCore:
             changed = True
             reason = "discovered" if cause is Cause.DISCOVERED else "subset widened: one of it is down"
             self._emit(EventKind.ADDED, e.address, reason, now, cause)
+            if e.health is EndpointHealth.CRITICAL:
+                self._emit_discovery_health(e, now)
         return changed
+
+    def _emit_discovery_health(self, e: Endpoint, now: float) -> None:
+        if e.health is EndpointHealth.CRITICAL:
+            self._emit(
+                EventKind.UNHEALTHY, e.address, "discovery reports it critical", now, Cause.CONSUL_CRITICAL
+            )
+        else:
+            self._emit(
+                EventKind.HEALTHY, e.address, "discovery reports it passing", now, Cause.CONSUL_PASSING
+            )
 
     def _changed(self, now: float) -> None:
         """Widen or narrow the subset, then publish a new picker now, or soon when rebuilds are slow and
