@@ -19,8 +19,8 @@ from types import TracebackType
 from typing import Any, cast
 
 from lbkit._config import check_float, check_int, config
-from lbkit.discovery.consul import async_client, sync_client
-from lbkit.discovery.consul_core import ConsulConnection, format_duration, resolve_connection
+from lbkit.discovery.consul_connection import ConsulConnection, format_duration, resolve_connection
+from lbkit.discovery.consul_http import async_client, sync_client
 from lbkit.endpoint import parse_address
 from lbkit.errors import ConfigError, RegistrationError
 
@@ -182,10 +182,13 @@ class _Base:
         check: GrpcCheck | TtlCheck | None = None,
         consul_address: str | None = None,
         token: str | None = None,
+        token_file: str | None = None,
         ca_file: str | None = None,
+        ca_path: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
         verify: bool | None = None,
+        tls_server_name: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.definition = service_definition(
@@ -206,10 +209,13 @@ class _Base:
         self.connection: ConsulConnection = resolve_connection(
             address=consul_address,
             token=token,
+            token_file=token_file,
             ca_file=ca_file,
+            ca_path=ca_path,
             cert_file=cert_file,
             key_file=key_file,
             verify=verify,
+            tls_server_name=tls_server_name,
             env=os.environ if env is None else env,
             owner=type(self).__name__,
         )
@@ -398,8 +404,8 @@ def register(name: str, address: str, **kwargs: Any) -> Registration:
     deregister on exit. RegistrationError if the agent refuses or cannot be reached.
 
     Keyword options are those of :class:`Registration`: ``service_id``, ``tags``, ``meta``, ``weight``,
-    ``warning_weight``, ``check``, ``consul_address``, ``token``, ``ca_file``, ``cert_file``,
-    ``key_file``, ``verify``, ``env``.
+    ``warning_weight``, ``check``, ``consul_address``, ``token``, ``token_file``, ``ca_file``,
+    ``ca_path``, ``cert_file``, ``key_file``, ``verify``, ``tls_server_name``, ``env``.
     """
     return Registration(name, address, **kwargs).register()
 

@@ -6,8 +6,8 @@ streaming tokens through lbkit.aio, and a server leaving when its health check f
 2. A client finds them through ConsulDiscovery and streams six completions at once: least
    connections spreads the streams over the three servers, tokens arrive as they are generated.
 3. Live feature updates over a bidirectional stream.
-4. One server reports NOT_SERVING: Consul's check turns critical, discovery drops the server, and the
-   next completions go to the other two.
+4. One server reports NOT_SERVING: Consul's check turns critical, discovery reports the server
+   critical, the balancer leaves it out, and the next completions go to the other two.
 
 Run: python examples/model_service/run.py
 """
@@ -28,11 +28,14 @@ TOKENS = 6
 
 
 async def main(consul_address: str, servers: list[InferenceServer]) -> None:
-    removed = asyncio.Event()
+    critical = asyncio.Event()
+    watched: list[str] = []  # the address whose check is expected to turn critical
 
     def on_event(event: lbkit.Event) -> None:
-        if event.kind is lbkit.EventKind.REMOVED:
-            removed.set()
+        # Checks start critical until their first probe: only the leaving server's counts here.
+        critical_now = event.kind is lbkit.EventKind.UNHEALTHY and event.cause is lbkit.Cause.CONSUL_CRITICAL
+        if critical_now and event.address in watched:
+            critical.set()
 
     async with balancer(consul_address) as lb:
         lb.add_listener(on_event)
@@ -49,8 +52,9 @@ async def main(consul_address: str, servers: list[InferenceServer]) -> None:
 
         leaving = servers[0]
         print(f"{leaving.address} reports NOT_SERVING; waiting for Consul's check and discovery")
+        watched.append(leaving.address)
         leaving.set_serving(False)
-        await asyncio.wait_for(removed.wait(), timeout=10.0)
+        await asyncio.wait_for(critical.wait(), timeout=10.0)
         after = await stream_completions(lb, PROMPTS, TOKENS)
         if leaving.address in after or len(after) != SERVERS - 1:
             raise SystemExit(f"expected streams on the {SERVERS - 1} healthy servers only, got {dict(after)}")

@@ -113,7 +113,7 @@ class DemoOptions:
             except (ConfigError, ImportError) as exc:
                 raise ConfigError(f"{owner}: unknown selector {name!r} ({exc})") from None
         if self.consul is not None:
-            from lbkit.discovery.consul_core import parse_consul_address
+            from lbkit.discovery.consul_connection import parse_consul_address
 
             parse_consul_address(self.consul, source="--consul address")
         if self.service is not None and (not self.service or "/" in self.service):

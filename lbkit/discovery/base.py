@@ -33,6 +33,17 @@ class DiscoveryStatus:
     """The failure in force: set by each failed query, None again at the next good answer."""
     stopped: str = ""
     """Why the discovery loop ended for good (empty while it runs): no endpoint set will follow."""
+    last_contact: float | None = None
+    """Seconds since the answering server last heard from its leader (Consul's ``X-Consul-LastContact``:
+    0 from the leader, more for a stale read), at the last good answer; None if not told."""
+    known_leader: bool | None = None
+    """Whether the answering server knew a leader (``X-Consul-KnownLeader``); None if not told."""
+    cache_hit: bool | None = None
+    """Whether the last answer came from the agent's cache (``X-Cache``); None for uncached reads."""
+    cache_age: float | None = None
+    """Age in seconds of the cached answer (``Age``), for a cache hit."""
+    datacenter: str | None = None
+    """The datacenter whose endpoints are in force ("" the agent's own), for sources that fail over."""
     listeners: list[Callable[[DiscoveryStatus], None]] = field(
         default_factory=list, repr=False, compare=False
     )
@@ -91,6 +102,11 @@ class Discovery(ABC):
 
     service: str
     """The service's name, used in errors, logs and metric labels."""
+
+    local_zone: str = ""
+    """This client's zone as the source knows it ("" unknown), for zone-aware routing: ConsulDiscovery
+    takes it from its ``zone`` option, ``CONSUL_ZONE`` or the local agent's node metadata. Known once the
+    first endpoint set is published."""
 
     status: DiscoveryStatus
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import lbkit
-from lbkit.discovery.consul_core import resolve_connection
+from lbkit.discovery.consul_connection import resolve_connection
 from lbkit.events import Event, EventKind
 from lbkit.registration import GrpcCheck, Registration, TtlCheck
 from lbkit.registration import register as consul_register

@@ -6,7 +6,8 @@ import pytest
 
 from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
-from tests.unit.test_consul_parse import body, entry, make_core
+from tests.unit.test_consul_core import body, make_core
+from tests.unit.test_consul_parse import entry
 
 
 def test_near_ranks_endpoints_in_consuls_order_and_a_reorder_is_published():

@@ -1,4 +1,5 @@
-"""Consul discovery core: payload mapping, blocking-index rules, options and environment, secrecy."""
+"""From Consul health answers to endpoints: the mapping of one entry, health and maintenance, zones, and
+the incremental decoder (reused entries, other layouts, skipped entries warned about once)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,16 @@ from typing import Any
 
 import pytest
 
-from lbkit.discovery.consul import ConsulDiscovery
-from lbkit.discovery.consul_core import (
-    ConsulConnection,
-    ConsulOptions,
+from lbkit.discovery.consul_parse import (
     ConsulPayloadError,
-    ConsulWatchCore,
-    format_duration,
-    parse_consul_address,
+    EntryRules,
+    HealthDecoder,
+    aggregated_status,
     parse_health_entries,
-    resolve_connection,
 )
-from lbkit.endpoint import Endpoint, EndpointSet
-from lbkit.errors import ConfigError
-from lbkit.testing.clock import FakeClock
+from lbkit.endpoint import Endpoint, EndpointHealth
 
-TOKEN = "9f3c1e2a-token-never-shown"
+PASSING, CRITICAL, MAINTENANCE = EndpointHealth.PASSING, EndpointHealth.CRITICAL, EndpointHealth.MAINTENANCE
 
 
 def entry(
@@ -39,8 +34,9 @@ def entry(
     node_meta: dict[str, str] | None = None,
     tags: list[str] | None = None,
     status: str = "passing",
+    extra_checks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One /v1/health/service entry, shaped as Consul returns it."""
+    """One /v1/health/service entry, shaped (and ordered) as Consul returns it."""
     service: dict[str, Any] = {
         "ID": sid,
         "Service": "model",
@@ -68,15 +64,21 @@ def entry(
         "Checks": [
             {"Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "passing"},
             {"Node": node, "CheckID": f"service:{sid}", "Name": "grpc", "Status": status, "ServiceID": sid},
+            *(extra_checks or []),
         ],
     }
 
 
-def parse(payload: object, **kwargs: Any) -> list[Endpoint]:
-    return parse_health_entries(payload, service="model", **kwargs)
+def parse(payload: object, **rules: Any) -> list[Endpoint]:
+    return parse_health_entries(payload, service="model", rules=EntryRules(**rules))
 
 
-# --- mapping ---------------------------------------------------------------------------------------
+def decode(decoder: HealthDecoder, *entries: Any) -> list[Endpoint]:
+    """Decode entries written as Consul writes them (compact JSON)."""
+    return decoder.decode(json.dumps(list(entries), separators=(",", ":")).encode())
+
+
+# --- one entry ---------------------------------------------------------------------------------------
 
 
 def test_maps_address_port_tags_weight_meta_and_zone() -> None:
@@ -92,9 +94,7 @@ def test_maps_address_port_tags_weight_meta_and_zone() -> None:
         )
     ]
     (e,) = parse(payload)
-    assert e.address == "10.0.0.1:50051"
-    assert e.weight == 5
-    assert e.zone == "eu-1a"
+    assert (e.address, e.weight, e.zone, e.health) == ("10.0.0.1:50051", 5, "eu-1a", PASSING)
     assert e.tags == frozenset({"v1", "gpu"})
     # node metadata goes under the prefix; the service's own keys are kept as they are
     assert dict(e.metadata) == {
@@ -106,8 +106,7 @@ def test_maps_address_port_tags_weight_meta_and_zone() -> None:
 
 
 def test_service_meta_wins_over_prefixed_node_meta_on_a_clash() -> None:
-    payload = [entry("a", meta={"node.rack": "svc"}, node_meta={"rack": "node"})]
-    (e,) = parse(payload)
+    (e,) = parse([entry("a", meta={"node.rack": "svc"}, node_meta={"rack": "node"})])
     assert e.metadata["node.rack"] == "svc"
 
 
@@ -137,16 +136,74 @@ def test_weight_defaults_to_one_when_missing_or_not_positive(weights: Any, expec
     assert e.weight == expected
 
 
-def test_zone_falls_back_to_node_meta_then_locality_and_key_is_configurable() -> None:
-    node_zone = entry("a", node_meta={"zone": "us-2b"})
-    (e,) = parse([node_zone])
+def test_zone_sources_in_order_and_key_is_configurable() -> None:
+    both = entry("a", meta={"zone": "svc-z"}, node_meta={"zone": "node-z"})
+    both["Service"]["Locality"] = {"Region": "eu", "Zone": "loc-z"}
+    assert parse([both])[0].zone == "svc-z"
+    assert parse([both], zone_from=("node_meta", "service_meta"))[0].zone == "node-z"
+    assert parse([both], zone_from=("locality",))[0].zone == "loc-z"
+    (e,) = parse([entry("b", node_meta={"zone": "us-2b"})])
     assert e.zone == "us-2b"
-    loc = entry("b")
-    loc["Service"]["Locality"] = {"Region": "us", "Zone": "us-3c"}
-    (e,) = parse([loc])
-    assert e.zone == "us-3c"
-    (e,) = parse([entry("c", meta={"az": "x1", "zone": "ignored"})], zone_key="az")
+    (e,) = parse([entry("c", node_meta={"zone": "us-2b"})], zone_from=("service_meta", "locality"))
+    assert e.zone == ""
+    (e,) = parse([entry("d", meta={"az": "x1", "zone": "ignored"})], zone_key="az")
     assert e.zone == "x1"
+    node_loc = entry("e")
+    node_loc["Node"]["Locality"] = {"Region": "us", "Zone": "node-loc"}
+    assert parse([node_loc])[0].zone == "node-loc"
+
+
+def test_health_follows_the_aggregated_status_and_the_accepted_states() -> None:
+    payload = [
+        entry("p", "10.0.0.1"),
+        entry("w", "10.0.0.2", status="warning", weights={"Passing": 4, "Warning": 2}),
+        entry("w0", "10.0.0.3", status="warning", weights={"Passing": 4, "Warning": 0}),
+        entry("c", "10.0.0.4", status="critical"),
+    ]
+
+    def seen(**rules: Any) -> list[tuple[str, int, EndpointHealth]]:
+        return [(e.address.split(":")[0], e.weight, e.health) for e in parse(payload, **rules)]
+
+    # every instance is published; only the accepted states are passing
+    assert seen() == [
+        ("10.0.0.1", 1, PASSING),
+        ("10.0.0.2", 4, CRITICAL),
+        ("10.0.0.3", 4, CRITICAL),
+        ("10.0.0.4", 1, CRITICAL),
+    ]
+    assert seen(health="warning") == [
+        ("10.0.0.1", 1, PASSING),
+        ("10.0.0.2", 2, PASSING),  # weighted by Weights.Warning, as Consul defines
+        ("10.0.0.3", 4, CRITICAL),  # Warning: 0 means no traffic while warning
+        ("10.0.0.4", 1, CRITICAL),
+    ]
+    assert all(h is PASSING for _, _, h in seen(health="any"))
+
+
+@pytest.mark.parametrize(
+    ("check", "health"),
+    [
+        ({"CheckID": "_service_maintenance:a", "Status": "critical", "Notes": "kernel upgrade"}, MAINTENANCE),
+        ({"CheckID": "_node_maintenance", "Status": "critical"}, MAINTENANCE),
+        ({"CheckID": "other", "Status": "critical"}, CRITICAL),
+        ({"CheckID": "other", "Status": "warning"}, CRITICAL),
+        ({"CheckID": "other", "Status": "something-new"}, CRITICAL),
+    ],
+)
+def test_maintenance_is_told_by_the_check_ids_consul_uses(
+    check: dict[str, Any], health: EndpointHealth
+) -> None:
+    (e,) = parse([entry("a", extra_checks=[check])])
+    assert e.health is health
+    (e,) = parse([entry("a", extra_checks=[check])], health="any")
+    assert e.health is (MAINTENANCE if health is MAINTENANCE else PASSING)  # maintenance always drains
+
+
+def test_aggregated_status() -> None:
+    assert aggregated_status(None) == "passing" and aggregated_status([]) == "passing"
+    assert aggregated_status([{"Status": "warning"}, {"Status": "passing"}]) == "warning"
+    assert aggregated_status([{"Status": "warning"}, {"Status": "critical"}]) == "critical"
+    assert aggregated_status(["junk", {"Status": "passing"}]) == "passing"
 
 
 def test_malformed_entries_are_skipped_with_a_warning_naming_them(caplog: pytest.LogCaptureFixture) -> None:
@@ -157,6 +214,7 @@ def test_malformed_entries_are_skipped_with_a_warning_naming_them(caplog: pytest
         entry("bad-host", "not a host!", 80),
         entry("no-address", "", 80, node_address=""),
         {"Node": {"Node": "n"}, "Service": "not-an-object"},
+        "a string where an entry should be",
         entry("dup", "10.0.0.1", 1, node="node-b"),
         entry("good2", "10.0.0.4", 2),
     ]
@@ -164,321 +222,25 @@ def test_malformed_entries_are_skipped_with_a_warning_naming_them(caplog: pytest
         endpoints = parse(payload)
     assert [e.address for e in endpoints] == ["10.0.0.1:1", "10.0.0.4:2"]
     text = caplog.text
-    for name in ("no-port", "zero-port", "bad-host", "no-address", "dup on node node-b"):
+    for name in (
+        "'no-port'",
+        "'zero-port'",
+        "'bad-host'",
+        "'no-address'",
+        "'dup' on node 'node-b'",
+        "JSON str",
+    ):
         assert name in text
     assert all(r.name == "lbkit.discovery" and r.levelno == logging.WARNING for r in caplog.records)
-    assert len(caplog.records) == 6
+    assert len(caplog.records) == 7
 
 
-@pytest.mark.parametrize("payload", [{"Node": {}}, "text", None, 42, [1, 2], [entry("a"), "x"]])
-def test_payload_that_is_not_a_list_of_objects_is_rejected(payload: object) -> None:
+@pytest.mark.parametrize("payload", [{"Node": {}}, "text", None, 42])
+def test_payload_that_is_not_a_list_is_rejected(payload: object) -> None:
     with pytest.raises(ConsulPayloadError):
         parse(payload)
-
-
-def test_health_modes_filter_by_aggregated_status() -> None:
-    payload = [
-        entry("p", "10.0.0.1"),
-        entry("w", "10.0.0.2", status="warning", weights={"Passing": 4, "Warning": 2}),
-        entry("w0", "10.0.0.3", status="warning", weights={"Passing": 4, "Warning": 0}),
-        entry("c", "10.0.0.4", status="critical"),
-        entry("m", "10.0.0.5", status="maintenance"),
-    ]
-    assert [e.address for e in parse(payload)] == ["10.0.0.1:50051"]
-    warning = parse(payload, health="warning")
-    assert [(e.address, e.weight) for e in warning] == [("10.0.0.1:50051", 1), ("10.0.0.2:50051", 2)]
-    assert len(parse(payload, health="any")) == 5
-    assert parse(payload, health="any")[1].weight == 4
-
-
-# --- blocking-index rules ---------------------------------------------------------------------------
-
-
-def make_core(clock: FakeClock | None = None, **options: Any) -> ConsulWatchCore:
-    opts = ConsulOptions(**options)
-    conn = ConsulConnection("http", "127.0.0.1", 8500, token=TOKEN)
-    return ConsulWatchCore("model", opts, conn, clock=clock or FakeClock())
-
-
-def body(*entries: dict[str, Any]) -> str:
-    return json.dumps(list(entries))
-
-
-def params(core: ConsulWatchCore) -> dict[str, str]:
-    return dict(core.next_query().params)
-
-
-def test_first_query_is_a_plain_read_then_blocks_on_the_returned_index() -> None:
-    core = make_core(wait=30.0, request_timeout=5.0)
-    q = core.next_query()
-    assert q.path == "/v1/health/service/model"
-    assert "index" not in dict(q.params) and dict(q.params)["passing"] == "1"
-    assert q.timeout == 5.0
-    assert core.on_response(200, {"X-Consul-Index": "42"}, body(entry("a"))) is not None
-    q = core.next_query()
-    assert dict(q.params)["index"] == "42" and dict(q.params)["wait"] == "30s"
-    # the HTTP timeout outlasts wait plus Consul's jitter (wait/16)
-    assert q.timeout == pytest.approx(5.0 + 30.0 + 30.0 / 16)
-    assert q.headers == {"X-Consul-Token": TOKEN}
-
-
-def test_first_answer_is_published_even_when_empty_then_only_changes() -> None:
-    core = make_core()
-    first = core.on_response(200, {"X-Consul-Index": "5"}, "[]")
-    assert first == EndpointSet([]) and first is not None and first.version == 5
-    assert core.on_response(200, {"X-Consul-Index": "5"}, "[]") is None  # a return without change
-    snap = core.on_response(200, {"X-Consul-Index": "9"}, body(entry("a")))
-    assert snap is not None and snap.version == 9 and len(snap) == 1
-    # a new index with the same endpoints (an idempotent write elsewhere) publishes nothing
-    assert core.on_response(200, {"X-Consul-Index": "12"}, body(entry("a"))) is None
-    assert core.index == 12
-    changed = core.on_response(200, {"x-consul-index": "13"}, body(entry("a", weights={"Passing": 2})))
-    assert changed is not None and changed.endpoints[0].weight == 2
-    assert core.status.updates == 3
-
-
-def test_index_going_backwards_resets_to_zero_for_a_full_read() -> None:
-    core = make_core()
-    core.on_response(200, {"X-Consul-Index": "100"}, body(entry("a")))
-    assert core.on_response(200, {"X-Consul-Index": "40"}, body(entry("a"))) is None
-    assert core.index == 0
-    assert "index" not in params(core)  # a full, non-blocking read
-    core.on_response(200, {"X-Consul-Index": "41"}, body(entry("a")))
-    assert params(core)["index"] == "41"
-
-
-def test_index_zero_from_the_server_becomes_one() -> None:
-    core = make_core()
-    core.on_response(200, {"X-Consul-Index": "0"}, "[]")
-    assert core.index == 1
-    assert params(core)["index"] == "1"
-
-
-def test_queries_are_rate_limited_by_min_interval() -> None:
-    clock = FakeClock()
-    core = make_core(clock, min_interval=0.05)
-    assert core.delay() == 0.0
-    core.next_query()
-    core.on_response(200, {"X-Consul-Index": "3"}, "[]")
-    clock.now += 0.01
-    assert core.delay() == pytest.approx(0.04)
-    clock.now += 0.04
-    assert core.delay() == 0.0
-
-
-@pytest.mark.parametrize(
-    ("status", "headers", "payload"),
-    [
-        (500, {"X-Consul-Index": "7"}, "rpc error: No cluster leader"),
-        (200, {"X-Consul-Index": "7"}, "<html>proxy error</html>"),
-        (200, {"X-Consul-Index": "7"}, '{"not": "a list"}'),
-        (200, {}, "[]"),
-        (200, {"X-Consul-Index": "seven"}, "[]"),
-    ],
-)
-def test_errors_keep_the_last_set_and_mark_it_stale(
-    status: int, headers: dict[str, str], payload: str
-) -> None:
-    clock = FakeClock()
-    core = make_core(clock, backoff_initial=0.1, backoff_max=1.0)
-    core.on_response(200, {"X-Consul-Index": "5"}, body(entry("a")))
-    assert core.on_response(status, headers, payload) is None
-    assert core.status.stale and core.status.consecutive_errors == 1 and core.status.errors == 1
-    assert core.status.last_error
-    assert core.index == 5  # an error does not move the index
-    assert core.published is not None and len(core.published) == 1
-    # the answer after recovery that matches the kept set publishes nothing new
-    assert core.on_response(200, {"X-Consul-Index": "6"}, body(entry("a"))) is None
-    assert not core.status.stale and core.status.last_success == clock.now
-
-
-def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
-    clock = FakeClock()
-    core = make_core(clock, backoff_initial=0.1, backoff_max=0.5, min_interval=0.0)
-    delays = []
-    for _ in range(6):
-        core.on_error(ConnectionRefusedError("refused"))
-        delays.append(core.delay())
-    assert 0.1 <= delays[0] <= 0.2
-    assert 0.2 <= delays[1] <= 0.3
-    assert 0.4 <= delays[2] <= 0.5
-    assert all(d <= 0.5 for d in delays)
-    assert delays[-1] == pytest.approx(0.5)
-    core.on_response(200, {"X-Consul-Index": "1"}, "[]")
-    assert core.delay() == 0.0
-
-
-def test_outage_logs_one_warning_then_info_on_recovery(caplog: pytest.LogCaptureFixture) -> None:
-    core = make_core()
-    core.on_response(200, {"X-Consul-Index": "5"}, body(entry("a")))
-    with caplog.at_level(logging.DEBUG, logger="lbkit.discovery"):
-        for _ in range(3):
-            core.on_error(ConnectionRefusedError("connection refused"))
-        core.on_response(200, {"X-Consul-Index": "6"}, body(entry("a")))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    infos = [r for r in caplog.records if r.levelno == logging.INFO]
-    assert len(warnings) == 1 and "keeping 1 endpoints" in warnings[0].getMessage()
-    assert len(infos) == 1 and "recovered after 3 failed queries" in infos[0].getMessage()
-
-
-def test_acl_denied_is_logged_as_an_error_and_keeps_the_set(caplog: pytest.LogCaptureFixture) -> None:
-    core = make_core()
-    core.on_response(200, {"X-Consul-Index": "5"}, body(entry("a")))
-    with caplog.at_level(logging.DEBUG, logger="lbkit.discovery"):
-        assert core.on_response(403, {}, f"Permission denied: token {TOKEN} lacks service:read") is None
-        core.on_response(403, {}, "Permission denied")
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "ACL token refused" in errors[0].getMessage()
-    assert core.published is not None and len(core.published) == 1
-    assert TOKEN not in caplog.text and TOKEN not in core.status.last_error
-
-
-def test_disappeared_service_empties_the_set() -> None:
-    core = make_core()
-    core.on_response(200, {"X-Consul-Index": "5"}, body(entry("a")))
-    snap = core.on_response(200, {"X-Consul-Index": "6"}, "[]")
-    assert snap is not None and len(snap) == 0 and not core.status.stale
-
-
-def test_query_carries_tags_datacenter_near_filter_and_health() -> None:
-    core = make_core(tags=["gpu", "v2"], datacenter="dc2", near="_agent", filter='Service.Meta.tier == "a"')
-    q = core.next_query()
-    assert ("tag", "gpu") in q.params and ("tag", "v2") in q.params
-    assert ("dc", "dc2") in q.params and ("near", "_agent") in q.params
-    assert ("filter", 'Service.Meta.tier == "a"') in q.params
-    q = make_core(health="warning").next_query()
-    assert "passing" not in dict(q.params)
-
-
-def test_service_name_is_escaped_in_the_path() -> None:
-    conn = ConsulConnection("http", "127.0.0.1", 8500)
-    core = ConsulWatchCore("a b?c", ConsulOptions(), conn)
-    assert core.next_query().path == "/v1/health/service/a%20b%3Fc"
-
-
-def test_format_duration() -> None:
-    assert format_duration(60.0) == "60s"
-    assert format_duration(0.25) == "250ms"
-    assert format_duration(1.5) == "1500ms"
-
-
-# --- options and environment -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "named"),
-    [
-        ({"wait": -1.0}, "-1.0"),
-        ({"wait": 601.0}, "601.0"),
-        ({"wait": 0}, "0"),
-        ({"min_interval": -0.1}, "-0.1"),
-        ({"request_timeout": 0}, "0"),
-        ({"backoff_initial": 2.0, "backoff_max": 1.0}, "1.0"),
-        ({"health": "healthy"}, "healthy"),
-        ({"tags": ["ok", ""]}, "''"),
-        ({"tags": 5}, "5"),
-        ({"address": "consul:notaport"}, "consul:notaport"),
-        ({"address": "ftp://consul:8500"}, "ftp"),
-        ({"address": "::1:8500"}, "::1:8500"),
-        ({"address": ""}, "''"),
-        ({"datacenter": ""}, "''"),
-        ({"zone_key": ""}, "''"),
-        ({"verify": "yes"}, "yes"),
-        ({"no_such_option": 1}, "no_such_option"),
-    ],
-)
-def test_bad_options_raise_config_error_naming_the_value(kwargs: dict[str, Any], named: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        ConsulOptions(**kwargs)
-    assert named in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("address", "expected"),
-    [
-        ("127.0.0.1:8500", ("http", "127.0.0.1", 8500)),
-        ("consul.internal", ("http", "consul.internal", 8500)),
-        ("https://consul.internal", ("https", "consul.internal", 8501)),
-        ("https://10.0.0.9:9443/", ("https", "10.0.0.9", 9443)),
-        ("[::1]:8500", ("http", "::1", 8500)),
-    ],
-)
-def test_parse_consul_address(address: str, expected: tuple[str, str, int]) -> None:
-    assert parse_consul_address(address) == expected
-
-
-def test_environment_supplies_address_token_and_tls(tmp_path: Any) -> None:
-    ca = tmp_path / "ca.pem"
-    cert = tmp_path / "client.pem"
-    key = tmp_path / "client.key"
-    for f in (ca, cert, key):
-        f.write_text("x")
-    env = {
-        "CONSUL_HTTP_ADDR": "https://consul.example:8501",
-        "CONSUL_HTTP_TOKEN": TOKEN,
-        "CONSUL_CACERT": str(ca),
-        "CONSUL_CLIENT_CERT": str(cert),
-        "CONSUL_CLIENT_KEY": str(key),
-    }
-    conn = resolve_connection(env=env)
-    assert (conn.scheme, conn.host, conn.port, conn.token) == ("https", "consul.example", 8501, TOKEN)
-    assert conn.http_verify == str(ca) and conn.http_cert == (str(cert), str(key))
-    # explicit arguments win over the environment
-    conn = resolve_connection(address="127.0.0.1:9000", token="explicit", verify=False, env=env)
-    assert (conn.scheme, conn.port, conn.token, conn.http_verify) == ("http", 9000, "explicit", False)
-
-
-def test_environment_ssl_switch_and_default_address() -> None:
-    assert resolve_connection(env={}).address == "http://127.0.0.1:8500"
-    conn = resolve_connection(env={"CONSUL_HTTP_ADDR": "consul:8500", "CONSUL_HTTP_SSL": "true"})
-    assert conn.address == "https://consul:8500"
-    conn = resolve_connection(env={"CONSUL_HTTP_ADDR": "consul", "CONSUL_HTTP_SSL": "1"})
-    assert conn.address == "https://consul:8501"
-    assert resolve_connection(env={"CONSUL_HTTP_SSL_VERIFY": "false"}).verify is False
-
-
-@pytest.mark.parametrize(
-    ("env", "named"),
-    [
-        ({"CONSUL_HTTP_ADDR": "consul:99999"}, "consul:99999"),
-        ({"CONSUL_HTTP_SSL": "maybe"}, "maybe"),
-        ({"CONSUL_CACERT": "/no/such/ca.pem"}, "/no/such/ca.pem"),
-        ({"CONSUL_CLIENT_KEY": "/k.pem"}, "/k.pem"),
-    ],
-)
-def test_bad_environment_raises_config_error_naming_it(env: dict[str, str], named: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        ConsulDiscovery("model", env=env)
-    assert named in str(info.value)
-
-
-def test_bad_service_name() -> None:
-    for bad in ("", " model", "a/b", None):
-        with pytest.raises(ConfigError):
-            ConsulDiscovery(bad, env={})  # type: ignore[arg-type]
-
-
-# --- the token stays secret --------------------------------------------------------------------------
-
-
-def test_token_never_in_repr_or_errors(caplog: pytest.LogCaptureFixture) -> None:
-    d = ConsulDiscovery("model", token=TOKEN, env={})
-    assert TOKEN not in repr(d) and TOKEN not in repr(d.options) and TOKEN not in repr(d.connection)
-    assert "token=<set>" in repr(d.options)
-    env_d = ConsulDiscovery("model", env={"CONSUL_HTTP_TOKEN": TOKEN})
-    assert TOKEN not in repr(env_d) and TOKEN not in repr(env_d.connection)
-    with pytest.raises(ConfigError) as info:
-        ConsulOptions(token=TOKEN + " x")
-    assert TOKEN not in str(info.value)
-    with pytest.raises(ConfigError) as info:
-        ConsulDiscovery("model", env={"CONSUL_HTTP_TOKEN": TOKEN + "\n"})
-    assert TOKEN not in str(info.value)
-    core = make_core()
-    with caplog.at_level(logging.DEBUG, logger="lbkit.discovery"):
-        core.on_error(ConnectionError(f"failed with header X-Consul-Token: {TOKEN}"))
-        core.on_response(500, {}, f"bad token {TOKEN}")
-    assert TOKEN not in caplog.text and TOKEN not in core.status.last_error
-    assert "<token>" in core.status.last_error
+    with pytest.raises(ConsulPayloadError):
+        HealthDecoder("model").decode(json.dumps(payload))
 
 
 def test_payload_entries_are_not_mutated() -> None:
@@ -488,37 +250,73 @@ def test_payload_entries_are_not_mutated() -> None:
     assert payload == before
 
 
-def test_unchanged_instances_reuse_their_endpoint_objects() -> None:
-    cache: dict[Any, Endpoint] = {}
-    first = parse([entry("a", "10.0.0.1"), entry("b", "10.0.0.2")], cache=cache)
-    second = parse([entry("a", "10.0.0.1"), entry("b", "10.0.0.2", meta={"zone": "z9"})], cache=cache)
-    assert second[0] is first[0]
-    assert second[1] is not first[1] and second[1].zone == "z9"
-    assert len(cache) == 2  # only the last parse's endpoints are kept
+# --- the decoder ---------------------------------------------------------------------------------------
 
 
-def test_process_environment_is_read_when_no_env_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://consul.service:9443")
-    monkeypatch.setenv("CONSUL_HTTP_TOKEN", TOKEN)
-    d = ConsulDiscovery("model")
-    assert d.connection.address == "https://consul.service:9443" and d.connection.token == TOKEN
-    assert ConsulDiscovery("model", address="127.0.0.1:8600", token="mine").connection.token == "mine"
+def test_decoder_decodes_only_entries_that_changed() -> None:
+    decoder = HealthDecoder("model")
+    first = decode(decoder, entry("a", "10.0.0.1"), entry("b", "10.0.0.2"), entry("c", "10.0.0.3"))
+    assert decoder.decoded == 3 and len(first) == 3
+    again = decode(decoder, entry("a", "10.0.0.1"), entry("b", "10.0.0.2"), entry("c", "10.0.0.3"))
+    assert decoder.decoded == 0 and all(x is y for x, y in zip(first, again, strict=True))
+    changed = decode(
+        decoder, entry("a", "10.0.0.1"), entry("b", "10.0.0.2", status="critical"), entry("c", "10.0.0.3")
+    )
+    assert decoder.decoded == 1
+    assert changed[0] is first[0] and changed[2] is first[2] and changed[1].health is CRITICAL
+    assert decode(decoder) == [] and decoder.decoded == 0
 
 
-def test_modify_indexes_and_status_decide_reuse_when_present() -> None:
-    def indexed(service_index: int, status: str = "passing", port: int = 1) -> dict[str, Any]:
-        e = entry("a", "10.0.0.1", port, status=status, weights={"Passing": 4, "Warning": 2})
-        e["Service"]["ModifyIndex"] = service_index
-        e["Node"]["ModifyIndex"] = 3
-        return e
+def test_decoder_handles_answers_not_laid_out_as_consul_writes_them() -> None:
+    reordered = [
+        {"Service": e["Service"], "Checks": e["Checks"], "Node": e["Node"]}
+        for e in (entry("a"), entry("b", "10.0.0.2"))
+    ]
+    decoder = HealthDecoder("model")
+    spaced = json.dumps(reordered, indent=2).encode()
+    assert [e.address for e in decoder.decode(spaced)] == ["10.0.0.1:50051", "10.0.0.2:50051"]
+    assert decoder.decoded == 2 and len(decoder.decode(json.dumps([entry("a")]))) == 1
+    # Consul's layout, but a service's free-form Proxy.Config holds what looks like an entry boundary
+    tricky = entry("c", "10.0.0.3")
+    tricky["Service"]["Proxy"] = {"Config": {"x": [{"a": 1}, {"Node": {"Node": "fake"}}]}}
+    body = json.dumps([entry("a"), tricky], separators=(",", ":")).encode()
+    assert b'},{"Node":{' in body[body.index(b"Proxy") :]
+    assert [e.address for e in HealthDecoder("model").decode(body)] == ["10.0.0.1:50051", "10.0.0.3:50051"]
 
-    cache: dict[Any, Endpoint] = {}
-    (first,) = parse([indexed(10)], cache=cache)
-    (same,) = parse([indexed(10)], cache=cache)
-    assert same is first
-    (moved,) = parse([indexed(11, port=2)], cache=cache)  # a re-registration bumps ModifyIndex
-    assert moved.address == "10.0.0.1:2"
-    assert moved.weight == 4
-    (warned,) = parse([indexed(11, "warning", port=2)], cache=cache, health="warning")
-    assert warned.weight == 2  # same ModifyIndex, new status: rebuilt with the Warning weight
-    assert parse([indexed(11, "critical", port=2)], cache=cache) == []
+
+def test_decoder_takes_str_and_bytes_and_rejects_what_is_not_json() -> None:
+    assert len(HealthDecoder("model").decode(json.dumps([entry("a")]))) == 1
+    for junk in (b"<html>proxy error</html>", b"[", b"\xff\xfe[]", b""):
+        with pytest.raises(ConsulPayloadError):
+            HealthDecoder("model").decode(junk)
+
+
+def test_a_skipped_entry_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    decoder = HealthDecoder("model")
+    bad = entry("bad", "10.0.0.9", None)
+    with caplog.at_level(logging.WARNING, logger="lbkit.discovery"):
+        decode(decoder, entry("a"), bad)
+        decode(decoder, entry("a"), bad)
+        decode(decoder, entry("a", "10.0.0.2"), bad)  # another entry changed: still not a second warning
+        assert len(caplog.records) == 1 and "'bad'" in caplog.text
+        decode(decoder, entry("a"))
+        decode(decoder, entry("a"), bad)  # gone, then back: named again
+    assert len(caplog.records) == 2
+
+
+def test_many_skipped_entries_are_summed_up(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lbkit.discovery"):
+        got = HealthDecoder("model").decode(json.dumps([entry("a"), *range(100)]))
+    assert len(got) == 1
+    assert len(caplog.records) == 21 and "80 more" in caplog.records[-1].getMessage()
+
+
+def test_deeply_nested_entry_is_skipped_and_the_rest_used(caplog: pytest.LogCaptureFixture) -> None:
+    deep = entry("deep", "10.0.0.7")
+    deep["Service"]["Meta"] = {"x": "y"}
+    text = json.dumps(deep).replace('"x": "y"', '"x": ' + "[" * 5000 + "]" * 5000)
+    body = f"[{json.dumps(entry('a'))},{text}]".replace(", ", ",").replace(": ", ":")
+    with caplog.at_level(logging.WARNING, logger="lbkit.discovery"):
+        got = HealthDecoder("model").decode(body)
+    assert [e.address for e in got] == ["10.0.0.1:50051"]
+    assert "nested too deeply" in caplog.text
