@@ -169,6 +169,28 @@ _DISCOVERY_STALENESS = _Spec(
     _S,
     "max",
 )
+_DISCOVERY_LAST_CONTACT = _Spec(
+    "lbkit_discovery_last_contact_seconds",
+    "gauge",
+    "Seconds since the answering Consul server last heard from its leader, at the last good answer "
+    "(X-Consul-LastContact: 0 from the leader, more for stale reads).",
+    _S,
+    "max",
+)
+_DISCOVERY_KNOWN_LEADER = _Spec(
+    "lbkit_discovery_known_leader",
+    "gauge",
+    "1 if the answering Consul server knew a leader at the last good answer (X-Consul-KnownLeader), else 0.",
+    _S,
+    "min",
+)
+_DISCOVERY_CACHE_AGE = _Spec(
+    "lbkit_discovery_cache_age_seconds",
+    "gauge",
+    "Age of the last answer served from the Consul agent's cache (Age), for cached reads that hit.",
+    _S,
+    "max",
+)
 
 _SPECS: tuple[_Spec, ...] = (
     _ENDPOINTS,
@@ -192,6 +214,9 @@ _SPECS: tuple[_Spec, ...] = (
     _DISCOVERY_ERRORS,
     _DISCOVERY_CONSECUTIVE,
     _DISCOVERY_STALENESS,
+    _DISCOVERY_LAST_CONTACT,
+    _DISCOVERY_KNOWN_LEADER,
+    _DISCOVERY_CACHE_AGE,
 )
 
 _LE = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")
@@ -393,6 +418,13 @@ class BalancerCollector:
             since = status.last_success if status.last_success is not None else self._created
             staleness = max(0.0, time.monotonic() - since)
         sink.add(_DISCOVERY_STALENESS, labels, staleness)
+        # Consul's staleness facts, when the source reports them (absent samples: not told).
+        if status.last_contact is not None:
+            sink.add(_DISCOVERY_LAST_CONTACT, labels, status.last_contact)
+        if status.known_leader is not None:
+            sink.add(_DISCOVERY_KNOWN_LEADER, labels, 1.0 if status.known_leader else 0.0)
+        if status.cache_age is not None:
+            sink.add(_DISCOVERY_CACHE_AGE, labels, status.cache_age)
 
 
 class _RegistryCollector:
