@@ -304,6 +304,9 @@ class ApiBase:
                 return Response(drop=True)
             current = max(1, index())
             data = render()
+        if mode == "stale":  # the query's metadata is the server's as it answers, not as it was asked
+            with self._raft_lock:
+                leader, contact = self._leader, self._last_contact
         headers = {
             "X-Consul-Index": str(current),
             "X-Consul-KnownLeader": "true" if leader else "false",
