@@ -473,7 +473,11 @@ class BalancerCore:
         for m in members:  # one pass: this runs on every change, over every endpoint
             if m.ready and m.health_known:
                 connected.append(m)
-                if m.healthy and (outlier is None or not outlier.is_ejected(m.endpoint.address)):
+                if (
+                    m.healthy
+                    and m.endpoint.health is EndpointHealth.PASSING
+                    and (outlier is None or not outlier.is_ejected(m.endpoint.address))
+                ):
                     healthy.append(m)
                     if m.usable_since is None:
                         m.usable_since = now
