@@ -216,7 +216,11 @@ class BalancerBase:
             subscribe(wake)
 
     def _apply_update(self, endpoint_set: EndpointSet) -> None:
-        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
+        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest.
+        The client's zone discovery knows (``Discovery.local_zone``) is taken first, for zone routing."""
+        zone = self.discovery.local_zone
+        if zone:
+            self.core.set_zone(zone)
         self._apply_plan(self.core.set_endpoints(endpoint_set))
 
     def _apply_pending(self) -> None:

@@ -87,7 +87,9 @@ class BalancerOptions:
     """Hold channels to a subset of the endpoints (widened while some are down); None: to all of them."""
     zone: str | None = None
     """The client's zone, for zone-aware routing. None: ``CONSUL_ZONE`` if set, else what discovery
-    reports (the zone of the nearest instance with Consul's ``near``); "": zone routing off."""
+    reports (``Discovery.local_zone``: with ConsulDiscovery, its ``zone`` option or the local agent's node
+    metadata with ``zone_from_agent=True``; else the zone of the nearest instance with Consul's ``near``);
+    "": zone routing off."""
     zone_routing: ZoneRouting | None = None
     """How calls are kept in the client's zone; None: the default ZoneRouting()."""
 

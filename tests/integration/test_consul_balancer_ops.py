@@ -230,3 +230,26 @@ def test_metrics_expose_consul_staleness(consul: ConsulServer, make_servers: Any
         wait_for(lambda: registry.get_sample_value("lbkit_discovery_known_leader", labels) == 0.0, timeout=10)
         assert registry.get_sample_value("lbkit_discovery_last_contact_seconds", labels) == 2.0
         consul.set_raft()
+
+
+def test_the_clients_zone_from_the_agent_reaches_zone_routing(make_servers: Any) -> None:
+    a, b = make_servers(2)
+    with ConsulServer(node_meta={"zone": "eu-1b"}) as consul:
+        c = consul.client()
+        for sid, server, zone in (("a", a, "eu-1a"), ("b", b, "eu-1b")):
+            check = {"CheckID": f"service:{sid}", "Name": "ttl", "TTL": "60s", "Status": "passing"}
+            c.agent.service.register(
+                SERVICE,
+                service_id=sid,
+                address=server.host,
+                port=server.port,
+                check=check,
+                meta={"zone": zone},
+            )
+        discovery = lbkit.ConsulDiscovery(
+            SERVICE, address=consul.address, zone_from_agent=True, env={}, **FAST
+        )
+        with lbkit.Balancer(discovery) as lb:
+            lb.wait_ready(count=2)
+            assert lb.core.zones.learned == "eu-1b"
+            assert lb.core.zone_plan.zone == "eu-1b"  # what zone routing plans with (its rules decide)
