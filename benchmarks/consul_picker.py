@@ -3,7 +3,8 @@
 Four real model servers on 127.0.0.1 are registered in lbkit's test Consul server; an ``lbkit.Balancer``
 fed by ``lbkit.ConsulDiscovery`` (default options) runs over them. Each measured change is a
 deregistration, or a TTL check failed (``agent.check.ttl_fail``), of one instance. Latency runs from just
-before the HTTP call that makes the change to the balancer's REMOVED event for that endpoint, which the
+before the HTTP call that makes the change to the balancer's REMOVED event for that endpoint (UNHEALTHY,
+cause CONSUL_CRITICAL, for a failed check: the instance stays in the set, marked critical), which the
 core emits after publishing the picker without it (checked against ``lb.core.picker`` at that moment).
 After each change the instance is restored, and the next change waits until its channel is back in the
 picker, then ``min_interval`` plus a random 0-30 ms, so no change meets the watcher's rate limit.
@@ -20,7 +21,7 @@ from benchmarks._common import Progress, Result, fmt, median, module_main, perce
 from lbkit.balancer import Balancer
 from lbkit.discovery.consul import ConsulDiscovery
 from lbkit.discovery.consul_core import ConsulOptions
-from lbkit.events import Event, EventKind
+from lbkit.events import Cause, Event, EventKind
 from lbkit.testing.consul import ConsulServer
 from lbkit.testing.model_server import ModelServer
 
@@ -51,7 +52,8 @@ class Removals:
         self.still_picked: dict[str, bool] = {}
 
     def __call__(self, event: Event) -> None:
-        if event.kind is not EventKind.REMOVED:
+        critical = event.kind is EventKind.UNHEALTHY and event.cause is Cause.CONSUL_CRITICAL
+        if event.kind is not EventKind.REMOVED and not critical:
             return
         now = time.perf_counter()
         picked = any(e.address == event.address for e in self.lb.core.picker.endpoints)
@@ -165,8 +167,10 @@ def _measure(
             removed, picked = removals.wait(address)
             latencies.append((removed - start) * 1e3)
             still_picked += picked
-            # Restore it: once its channel is closed (so a fresh one opens), and wait until it is picked.
-            _wait(lambda a=address: a not in lb.members, f"{address}'s channel closing")
+            # Restore it: once a removed one's channel is closed (so a fresh one opens; a critical one
+            # keeps its channel), and wait until it is picked.
+            if not ttl:
+                _wait(lambda a=address: a not in lb.members, f"{address}'s channel closing")
             if ttl:
                 client.agent.check.ttl_pass(f"service:{sid}")
             else:
@@ -238,8 +242,9 @@ def run(quick: bool = False) -> Result:
             "lbkit.ConsulDiscovery with default options (wait 60 s, min_interval "
             f"{ConsulOptions().min_interval * 1000:.0f} ms) watching lbkit's test Consul server.",
             "Latency starts just before the HTTP call that makes the change (its own median: "
-            f"{fmt(median(call))} ms) and ends at the REMOVED event, emitted once the new picker is "
-            f"published; the picker excluded the endpoint at that moment in {confirmed} of "
+            f"{fmt(median(call))} ms) and ends at the REMOVED event (UNHEALTHY for a failed check), "
+            "emitted once the new picker is published; the picker excluded the endpoint at that moment "
+            f"in {confirmed} of "
             f"{changes * len(KINDS)} changes.",
             "Each change waits for the previous one's restoration (the endpoint ready and picked again) "
             "and then min_interval plus 0-30 ms, so the rate limit never delays it.",
