@@ -2,8 +2,8 @@
 
 The rule is Envoy's zone-aware routing. Let ``up[z]`` be zone ``z``'s share of the usable capacity
 (the weights of its ready, healthy, not ejected endpoints over all of them) and ``lo[z]`` its share of
-the clients (by default: its share of every known endpoint's weight, healthy or not, that is clients
-placed like the service's own instances). For the client's zone ``L``:
+the clients (by default the same for every zone that has an endpoint known to discovery, healthy or
+not: clients spread evenly over the service's zones). For the client's zone ``L``:
 
 * ``up[L] >= lo[L]`` (and ``up[L] > 0``), *direct*: every call stays in ``L``;
 * otherwise, *residual*: a share ``up[L] / lo[L]`` of calls stays in ``L``, and the rest goes to the
@@ -74,8 +74,8 @@ class ZoneRouting:
     routing_enabled: float = 100.0
     """Percent of calls routed by zone, in [0, 100]; the others go to any zone."""
     client_shares: Mapping[str, float] | None = None
-    """Each zone's share of the clients, any positive scale (``{"a": 2, "b": 1}``). None: clients are
-    placed like the service's endpoints (each zone's share of every known endpoint's weight)."""
+    """Each zone's share of the clients, any positive scale (``{"a": 2, "b": 1}``). None: an equal share
+    for every named zone with an endpoint known to discovery (in any state)."""
 
     def __post_init__(self) -> None:
         o = "ZoneRouting"
@@ -404,10 +404,9 @@ class ZoneRouter:
         if self.routing.client_shares is not None:
             clients = self.routing.client_shares
         else:
-            placed: dict[str, float] = {}
-            for e in known:
-                placed[e.zone] = placed.get(e.zone, 0.0) + e.weight
-            clients = placed
+            # Clients spread evenly over the zones the service is deployed in. Not weighted by the
+            # endpoints: an instance deregistered or drained does not move its zone's clients away.
+            clients = {e.zone: 1.0 for e in known if e.zone}
         return plan_zones(
             zone,
             capacity,

@@ -171,3 +171,70 @@ def test_ejected_local_server_spills_and_calls_still_succeed(zoned):
             stub.Predict(REQ, timeout=5)
         seen = shares(by_zone(servers), before)
     assert seen["a"] == pytest.approx(0.6, abs=0.1) and seen["b"] + seen["c"] == pytest.approx(0.4, abs=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through Consul: zones registered in Service.Meta (and Locality), found by ConsulDiscovery
+
+
+@pytest.fixture
+def consul_zoned(zoned):
+    import consul as pyconsul
+
+    from lbkit.testing import ConsulServer
+
+    servers, _ = zoned
+    with ConsulServer() as agent:
+        host, port = agent.address.rsplit(":", 1)
+        client = pyconsul.Consul(host=host, port=int(port))
+        for i, (s, z) in enumerate(zip(servers, ZONE_OF, strict=True)):
+            # Half declare the zone in Meta, half as Consul 1.17's Service.Locality.
+            zone_of = {"meta": {"zone": z}} if i % 2 else {"locality": {"Region": "eu", "Zone": z}}
+            client.agent.service.register("model", service_id=f"m{i}", address=s.host, port=s.port, **zone_of)
+        yield servers, client, agent
+
+
+def consul_discovery(agent: object, **options: object) -> lbkit.ConsulDiscovery:
+    return lbkit.ConsulDiscovery(
+        "model",
+        address=agent.address,
+        env={},
+        wait=2.0,
+        min_interval=0.01,
+        **options,  # type: ignore[attr-defined]
+    )
+
+
+def test_zones_from_consul_keep_calls_local_and_a_deregistered_local_instance_spills(consul_zoned):
+    servers, client, agent = consul_zoned
+    with lbkit.Balancer(consul_discovery(agent), zone="a", zone_routing=ROUTING) as lb:
+        lb.wait_ready(count=len(servers))
+        assert sorted(e.zone for e in lb.core.endpoints()) == sorted(ZONE_OF)
+        wait_for(lambda: lb.zone_plan.mode is ZoneMode.DIRECT)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        assert Load(stub, 30, 2).join() == []
+        assert by_zone(servers) == {"a": 60, "b": 0, "c": 0}
+        client.agent.service.deregister("m0")  # one of zone a's two instances leaves
+        wait_for(lambda: lb.zone_plan.local == pytest.approx(0.6))  # up[a] = 1/5, lo[a] = 1/3
+        before = by_zone(servers)
+        assert Load(stub, 150, 4).join() == []
+        seen = shares(by_zone(servers), before)
+    assert seen["a"] == pytest.approx(0.6, abs=0.07), seen
+
+
+def test_near_names_the_clients_zone_when_none_is_set(consul_zoned, monkeypatch):
+    monkeypatch.delenv("CONSUL_ZONE", raising=False)
+    servers, client, agent = consul_zoned
+    _, answer = client.health.service("model", near="_agent")
+    nearest = answer[0]["Service"]
+    nearest_zone = nearest["Meta"].get("zone") if nearest.get("Meta") else nearest["Locality"]["Zone"]
+    with lbkit.Balancer(consul_discovery(agent, near="_agent"), zone_routing=ROUTING) as lb:
+        lb.wait_ready(count=len(servers))
+        wait_for(lambda: lb.zone_plan.mode is ZoneMode.DIRECT)
+        assert lb.zone_plan.zone == nearest_zone
+        ranks = {e.address: e.rank for e in lb.core.endpoints()}
+        assert sorted(ranks.values()) == list(range(len(servers)))
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(40):
+            stub.Predict(REQ, timeout=5)
+    assert by_zone(servers)[nearest_zone] == 40

@@ -267,16 +267,34 @@ def test_consistent_hash_keeps_a_key_in_one_zone_and_on_one_endpoint():
     assert local == pytest.approx(0.75, abs=0.015)
 
 
-def test_weights_are_capacity():
-    # Zone a: 2 endpoints of weight 3 (6); b and c: 3 of weight 1 each; clients placed alike.
+def test_weights_are_capacity_and_clients_spread_evenly_over_zones():
+    # Zone a: 2 endpoints of weight 3 (6); b and c: 3 of weight 1 each (3 and 3).
     known = [
         *(Endpoint(f"10.0.0.{i}:1", weight=3, zone="a") for i in (1, 2)),
         *endpoints({"b": 3, "c": 3}),
     ]
-    usable = known[1:]  # a keeps weight 3 of 6: up[a] = 3/9, lo[a] = 6/12
     r = router(min_cluster_size=1)
-    r.build(Weighted(), usable, known, Stats())
-    assert r.plan.local == pytest.approx((3 / 9) / (6 / 12))
+    r.build(Weighted(), known, known, Stats())
+    assert r.plan.mode is ZoneMode.DIRECT  # up[a] = 6/12 >= lo[a] = 1/3
+    r.build(Weighted(), known[1:], known, Stats())  # a keeps weight 3: up[a] = 3/9, still a third
+    assert r.plan.mode is ZoneMode.DIRECT
+    without_b1 = [*known[:2], *known[3:]]  # b loses one of 3: up[b] = 2/11
+    r.build(Weighted(), without_b1, known, Stats())
+    assert r.plan.mode is ZoneMode.DIRECT
+    rb = router("b", min_cluster_size=1)
+    rb.build(Weighted(), without_b1, known, Stats())
+    assert rb.plan.local == pytest.approx((2 / 11) / (1 / 3))
+
+
+def test_a_deregistered_local_endpoint_spills_like_a_down_one():
+    """Clients do not leave a zone because an instance of the service did: by default they are spread
+    evenly over the zones, so an endpoint gone from discovery costs its zone capacity, not clients."""
+    known = endpoints({"a": 3, "b": 3, "c": 3})
+    down = router()
+    down.build(RoundRobin(), known[1:], known, Stats())
+    gone = router()
+    gone.build(RoundRobin(), known[1:], known[1:], Stats())
+    assert down.plan.local == gone.plan.local == pytest.approx(0.75)
 
 
 def test_routing_enabled_sends_the_rest_anywhere():
