@@ -1,18 +1,21 @@
 """Faults under load: a server killed, failing every call, hanging or slow; lbkit against native round robin.
 
 Four model servers (2 ms per call) run in a child process. A paced client sends a steady few hundred
-unary calls per second; a fault is injected into server 1 and later lifted. For each fault the table
-shows the calls the client saw fail, the calls that reached the bad server after the fault (counted by
-the servers), how long until the balancer stopped sending to it (from lbkit's events; for native round
-robin, the last call that failed), and how long after recovery until it served again. The slow-server
-table shows, per selector, the share of calls the 200 ms server got and the p99 against the same
-selector's all-healthy p99.
+unary calls per second; a fault is injected into server 1 and later lifted. Each fault is met by lbkit and
+by grpcio's native round robin twice: as it comes (the bare policy) and configured at its best through
+the service config, with what lbkit is given (retries of UNAVAILABLE with a per-attempt timeout and the
+same budget, outlier detection, health checks), so that failed calls compare the libraries, not their
+settings. For each run the table shows the calls the client saw fail, the calls that reached the bad
+server after the fault (counted by the servers), how long until the client stopped sending to it, and
+how long after recovery until it served again. The slow-server table shows, per selector, the share of
+calls the 200 ms server got and the p99 against the same selector's all-healthy p99.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +49,19 @@ _FAULTS: dict[str, tuple[str, str]] = {
 }
 _GONE = {"ejected", "not_ready", "unhealthy", "removed"}
 _BACK = {"returned", "ready", "healthy"}
+
+LBKIT = "lbkit"
+NATIVE = "native"
+"""grpcio's round_robin as it comes: the policy and nothing else."""
+NATIVE_BEST = "native configured"
+"""grpcio's round_robin at its best for these faults (see :func:`native_best_config`)."""
+CLIENT_NAMES = {
+    LBKIT: "lbkit round_robin",
+    NATIVE: "native round_robin",
+    NATIVE_BEST: "native round_robin, configured",
+}
+QUIET_S = 0.25
+"""A native client has stopped sending to the bad server once the server counts no call for this long."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +147,23 @@ class CountPoller:
             if self._stop.wait(self._interval):
                 return
 
+    def first_quiet(self, index: int, start: float, end: float, quiet: float) -> float | None:
+        """When server ``index`` last got a call before its first span of ``quiet`` seconds without one,
+        between ``start`` and ``end``; None if it never went quiet that long."""
+        last_change, last_count = start, None
+        for t, counts in self.samples:
+            if t < start:
+                last_count = counts[index]
+                continue
+            if t > end:
+                break
+            if last_count is not None and counts[index] != last_count:
+                last_change = t
+            elif t - last_change >= quiet:
+                return last_change
+            last_count = counts[index]
+        return None
+
     def between(self, index: int, start: float, end: float) -> tuple[int, int]:
         """Bounds on the calls server ``index`` got from ``start`` to ``end``: counted between the samples
         just inside the span, and between those just outside it."""
@@ -181,6 +214,66 @@ ATTEMPT_TIMEOUT = DEADLINE / 4
 """Seconds one attempt may take before lbkit retries the call elsewhere (Envoy's per-try timeout)."""
 
 
+def native_best_config(quick: bool) -> dict[str, Any]:
+    """The service config giving grpcio's round_robin what lbkit gets here (grpcio 1.85 accepts all of it).
+
+    Retries: lbkit's RetryPolicy defaults as a ``retryPolicy`` for UNAVAILABLE (3 attempts, 10 ms backoff
+    doubling up to 0.5 s) with the same per-attempt timeout (``perAttemptRecvTimeout``, which grpcio
+    reads only with the ``grpc.experimental.enable_hedging`` channel argument) and the same budget as
+    ``retryThrottling`` (100 tokens, 0.1 back per success). Outlier detection (gRFC A50,
+    ``outlier_detection_experimental`` around round_robin) with lbkit's interval and ejection times;
+    A50 has no consecutive-failure ejection, so failure-percentage ejection stands in for it, sized for
+    four servers at this load (``minimumHosts`` 4 and ``requestVolume`` 10, where A50's defaults of 5 and 50
+    would never judge). Success-rate ejection is left out: one bad server of four never falls below
+    ``mean - 1.9 stdev``. Health: ``healthCheckConfig`` makes grpcio watch ``grpc.health.v1`` (gRFC A17).
+    """
+    base, longest = _ejection(quick)
+    return {
+        "loadBalancingConfig": [
+            {
+                "outlier_detection_experimental": {
+                    "interval": "0.5s",
+                    "baseEjectionTime": f"{base:g}s",
+                    "maxEjectionTime": f"{longest:g}s",
+                    "maxEjectionPercent": 10,
+                    "failurePercentageEjection": {
+                        "threshold": 85,
+                        "enforcementPercentage": 100,
+                        "minimumHosts": 4,
+                        "requestVolume": 10,
+                    },
+                    "childPolicy": [{"round_robin": {}}],
+                }
+            }
+        ],
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "perAttemptRecvTimeout": f"{ATTEMPT_TIMEOUT:g}s",
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    }
+
+
+def native_options(kind: str, quick: bool) -> list[tuple[str, Any]]:
+    """Channel options of a native client: the bare round_robin policy, or its best configuration."""
+    if kind == NATIVE:
+        return [("grpc.service_config", _RR_CONFIG)]
+    return [
+        ("grpc.service_config", json.dumps(native_best_config(quick))),
+        ("grpc.experimental.enable_hedging", 1),  # grpcio reads perAttemptRecvTimeout only with it
+    ]
+
+
 def _lbkit_options(quick: bool) -> dict[str, Any]:
     """Short ejections (so return is timed in seconds), health checks, and a per-attempt timeout."""
     import lbkit
@@ -201,8 +294,9 @@ def _lbkit_options(quick: bool) -> dict[str, Any]:
 def _client(
     kind: str, selector: str, addresses: list[str], events: Events, quick: bool, *, faults: bool = True
 ) -> Iterator[Any]:
-    """A sync stub: lbkit with ``selector`` (and fast outlier detection), or native round robin."""
-    if kind == "lbkit":
+    """A sync stub: lbkit with ``selector`` (and fast outlier detection), or native round robin (bare or
+    configured)."""
+    if kind == LBKIT:
         cls = balancer_class(False)
         with cls(
             StaticDiscovery(addresses),
@@ -214,7 +308,7 @@ def _client(
             yield pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         return
     target = "ipv4:" + ",".join(addresses)
-    with grpc.insecure_channel(target, options=[("grpc.service_config", _RR_CONFIG)]) as channel:
+    with grpc.insecure_channel(target, options=native_options(kind, quick)) as channel:
         grpc.channel_ready_future(channel).result(timeout=10.0)
         yield pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
 
@@ -254,14 +348,17 @@ def fault_run(
                 records = load.stop()
     failed = [r for r in records if not r.ok]
     failed_after = [r for r in failed if r.start >= t_fault]
-    gone = events.first(bad, _GONE, t_fault)
-    if gone is None and kind == "native" and failed_after:
-        last = max(r.end for r in failed_after)
-        gone = None if last >= t_recover - 0.25 else last  # failing to the end: never ejected
-    back = next((r.end for r in records if r.ok and r.server == bad and r.start >= t_recover), None)
     counted = fault not in ("killed",)
+    if kind == LBKIT:
+        gone = events.first(bad, _GONE, t_fault)
+    elif counted:
+        gone = counts.first_quiet(BAD, t_fault, t_recover, QUIET_S)
+    else:  # a killed server counts nothing: its last failed call
+        last = max((r.end for r in failed_after), default=None)
+        gone = None if last is None or last >= t_recover - QUIET_S else last
+    back = next((r.end for r in records if r.ok and r.server == bad and r.start >= t_recover), None)
     return {
-        "client": "lbkit round_robin" if kind == "lbkit" else "native round_robin",
+        "client": CLIENT_NAMES[kind],
         "fault": fault,
         "calls": len(records),
         "failed": len(failed),
@@ -303,6 +400,23 @@ def slow_run(
     }
 
 
+def _native_summary() -> str:
+    """What the configured native client is given, in words, from :func:`native_best_config`."""
+    config = native_best_config(quick=False)
+    retry = config["methodConfig"][0]["retryPolicy"]
+    od = config["loadBalancingConfig"][0]["outlier_detection_experimental"]
+    fp = od["failurePercentageEjection"]
+    throttle = config["retryThrottling"]
+    return (
+        f"a retryPolicy for {', '.join(retry['retryableStatusCodes'])} ({retry['maxAttempts']} attempts,"
+        f" perAttemptRecvTimeout {retry['perAttemptRecvTimeout']}), retryThrottling ({throttle['maxTokens']}"
+        f" tokens, {throttle['tokenRatio']} back per success), outlier_detection_experimental around"
+        f" round_robin (failure percentage >= {fp['threshold']} % over >= {fp['requestVolume']} calls per"
+        f" {od['interval']} interval, the same ejection times; gRFC A50 has no consecutive-failure"
+        " ejection) and healthCheckConfig (grpc.health.v1)"
+    )
+
+
 def _restore(servers: ServerProcess) -> None:
     """Lift every fault from the bad server (after a run that failed midway)."""
     for _, off in _FAULTS.values():
@@ -334,12 +448,12 @@ def _fault_rows(
     """Run ``fault`` with each client kind; append its table rows, data and errors."""
     for kind in kinds:
         progress.step(f"{fault} {kind}")
-        if kind == "native" and (fault == "health NOT_SERVING" or (quick and fault != "fails every call")):
-            continue  # native round robin has no health checks; a quick run keeps one baseline
+        if kind != LBKIT and quick and fault != "fails every call":
+            continue  # a quick run keeps one fault for the native baselines
         try:
             r = fault_run(servers, kind, fault, rate=rate, phases=phases, quick=quick)
         except Exception as exc:
-            if kind != "lbkit":
+            if kind != LBKIT:
                 raise
             errors.append(f"{fault}, lbkit: {type(exc).__name__}: {exc}".splitlines()[0][:200])
             fault_rows.append([fault, "lbkit round_robin", "error", "", "", "", "", "", "", "FAIL"])
@@ -358,7 +472,7 @@ def _fault_rows(
                 to_bad,
                 _s(r["ejected_after_s"]),
                 _s(r["back_after_s"]),
-                _fault_goal(r) if kind == "lbkit" else "baseline",
+                _fault_goal(r) if kind == LBKIT else "baseline",
             ]
         )
 
@@ -380,10 +494,10 @@ def run(quick: bool = False) -> Result:
     rate = 300.0
     phases = (0.3, 1.0, 1.5) if quick else (1.0, 5.0, 4.0)
     slow_duration = 0.7 if quick else 5.0
-    kinds = ["native"] + ([] if missing else ["lbkit"])
+    kinds = [NATIVE, NATIVE_BEST] + ([] if missing else [LBKIT])
     faults = list(_FAULTS)
     selectors = ["least_connections", "peak_ewma"] if quick else list(SELECTORS)
-    slow_variants = [("native", "round_robin")] + ([] if missing else [("lbkit", s) for s in selectors])
+    slow_variants = [(NATIVE, "round_robin")] + ([] if missing else [(LBKIT, s) for s in selectors])
     progress = Progress("faults", len(kinds) * len(faults) + 2 * len(slow_variants))
     fault_rows: list[list[Any]] = []
     fault_data: list[dict[str, Any]] = []
@@ -409,7 +523,7 @@ def run(quick: bool = False) -> Result:
                 progress.step(f"slow server, {name}, one slow")
                 slowed = slow_run(shared, kind, selector, slow=True, rate=rate, duration=slow_duration)
             except Exception as exc:
-                if kind != "lbkit":
+                if kind != LBKIT:
                     raise
                 errors.append(f"slow server, {name}: {type(exc).__name__}: {exc}".splitlines()[0][:200])
                 continue
@@ -451,13 +565,18 @@ def run(quick: bool = False) -> Result:
         f" {ATTEMPT_TIMEOUT:g} s (RetryPolicy.attempt_timeout: an attempt on a hung server is retried"
         " elsewhere within the call's deadline; without it, calls sent to a hung server fail with"
         " DEADLINE_EXCEEDED until it is ejected).",
+        "'native round_robin' is grpcio's policy as it comes (no retries, no outlier detection, no health"
+        " checks): what an unconfigured channel does. 'native round_robin, configured' is grpcio given the"
+        f" same as lbkit through its service config: {_native_summary()}. Failed calls compare the two"
+        " libraries on that row, not their defaults.",
         "The servers count the calls they get, sampled every 10 ms, so counts are shown as a range (the goal"
         " is judged on its top): 'before ejection' from the fault to the first ejection, 'during fault' all"
-        " the time it was faulty, including probes after each ejection ends. lbkit retries the failed calls"
-        " on other servers.",
-        "'ejected after' is the first ejected/not-ready/unhealthy event for the bad server (lbkit) or the"
-        " last failed call (native; 'never' if it failed calls to the end); 'back after' is the first call"
-        " it served after recovery.",
+        " the time it was faulty, including probes after each ejection ends. Retried calls succeed on other"
+        " servers.",
+        "'ejected after' is the first ejected/not-ready/unhealthy event for the bad server (lbkit); for"
+        f" native clients, which tell nothing, the last call the bad server got before a {QUIET_S:g} s span"
+        " without one (for a killed server, which counts nothing, the last failed call); 'never' if it kept"
+        " getting calls. 'back after' is the first call it served after recovery.",
         "'killed' SIGKILLs the server's own process (the servers run one process each for this scenario);"
         " a killed server cannot count its calls: n/a.",
     ]
