@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and its report names each module.
+"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and its report names each module;
+a default run leaves the docs alone, and the figures the docs quote are the generated ones.
 
 No figure is asserted: the machine is shared and noisy. The suite's quick run is bounded by the modules'
 own time limits; the subprocess timeout here is the backstop.
@@ -6,8 +7,10 @@ own time limits; the subprocess timeout here is the backstop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +21,20 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240.0
 
 
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
 @pytest.mark.timeout(TIMEOUT + 20)
-def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
-    out, results, plots = tmp_path / "bench.md", tmp_path / "results.json", tmp_path / "img"
-    argv = ["--quick", "--out", str(out), "--json", str(results), "--plots", str(plots)]
+def test_quick_suite_writes_report_json_and_plots_and_leaves_the_docs_alone(tmp_path: Path) -> None:
+    docs_before = _tree_digest(ROOT / "docs")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *argv],
-        cwd=ROOT,
+        [sys.executable, "-m", "benchmarks", "--quick"],  # the defaults, as a user runs it
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
@@ -32,8 +42,11 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = out.read_text()
-    data = json.loads(results.read_text())
+    assert _tree_digest(ROOT / "docs") == docs_before  # a default run writes nothing into docs/
+    out = tmp_path / "bench-results"
+    report = (out / "benchmarks.md").read_text()
+    data = json.loads((out / "results.json").read_text())
+    plots = out / "img"
     assert report.startswith("# lbkit benchmarks")
     assert data["machine"]["cores"] in report and data["machine"]["grpcio"] in report
     modules = data["modules"]
@@ -75,7 +88,7 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     assert "| FAIL |" in report or "| pass |" in report
     # matplotlib is a bench dependency: the slow-server latency CDF is drawn from the faults data.
     assert (plots / "latency_cdf_slow_server.png").stat().st_size > 1000
-    assert "latency_cdf_slow_server.png" in report
+    assert "](img/latency_cdf_slow_server.png)" in report
     # The subsetting simulation: its goals hold at the quick scale too, and its plot is drawn.
     subsetting = modules["subsetting"]["data"]
     assert subsetting["balance"]["lbkit deterministic"]["max_over_mean"] <= 1.10
@@ -86,6 +99,66 @@ def test_quick_suite_writes_report_json_and_plots(tmp_path: Path) -> None:
     assert zones["simulated"]["max_error"] < 0.02
     assert zones["grpc"]["failed"] == 0 and len(zones["grpc"]["steps"]) == 3
     assert (plots / "zones.png").stat().st_size > 1000 and "zones.png" in report
+
+    # Faults: native grpcio appears unconfigured and at its best, next to lbkit, on the same fault.
+    clients = {row[1] for row in modules["faults"]["tables"][0]["rows"] if row[0] == "fails every call"}
+    assert clients == {"native round_robin", "native round_robin, configured", "lbkit round_robin"}
+
+    # The summary the FAQ quotes is in the report, and --update-docs would put that very text in a page.
+    from benchmarks.__main__ import SUMMARY_TITLE, refresh_blocks, summary_vs_round_robin
+
+    summary = summary_vs_round_robin(modules)
+    assert summary is not None and f"## {SUMMARY_TITLE}\n\n{summary}\n" in report
+    pages = tmp_path / "docs"
+    pages.mkdir()
+    (pages / "faq.md").write_text((ROOT / "docs" / "faq.md").read_text())
+    assert refresh_blocks(modules, pages) == [pages / "faq.md"]
+    assert _generated(pages / "faq.md") == summary
+    assert refresh_blocks(modules, pages) == []  # a second refresh changes nothing
+
+
+def _generated(page: Path, name: str = "vs-round-robin") -> str:
+    from benchmarks.__main__ import block_pattern
+
+    found = block_pattern(name).search(page.read_text())
+    assert found, f"{page.name} has no generated block {name!r}"
+    return found.group(2)
+
+
+RATIO = re.compile(r"\b\d+(?:\.\d+)?(?:\s*-\s*\d+(?:\.\d+)?)?\s*x\b")
+"""A ratio such as 1.07x or 0.93-1.00x."""
+MEASURED = re.compile(r"\b\d[\d,.]*\s*(?:ns|us|µs)\b")
+"""A measured cost in nano- or microseconds (milliseconds and seconds in the docs are settings)."""
+
+
+def test_the_faq_quotes_generated_figures_only() -> None:
+    from benchmarks.__main__ import PLACEHOLDER, SUMMARY_TITLE, block_pattern
+
+    faq = (ROOT / "docs" / "faq.md").read_text()
+    block = _generated(ROOT / "docs" / "faq.md")
+    typed = block_pattern("vs-round-robin").sub("", faq)
+    assert RATIO.findall(typed) == [] and MEASURED.findall(typed) == []  # nothing typed by hand ...
+    published = (ROOT / "docs" / "benchmarks.md").read_text()
+    heading = f"## {SUMMARY_TITLE}\n\n"
+    if heading in published:  # ... and the block is the published run's own summary
+        section = published.split(heading, 1)[1].split("\n## ", 1)[0].strip()
+        assert block.strip() == section
+    else:  # no run has published one yet
+        assert block == PLACEHOLDER
+
+
+def test_update_docs_publishes_full_runs_only() -> None:
+    for extra in (["--quick"], ["--only", "selectors"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--update-docs", *extra],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2 and "--update-docs publishes a full run" in proc.stderr
 
 
 @pytest.mark.parametrize("quick", [True, False])

@@ -164,3 +164,16 @@ def test_asyncio_twins_are_coroutines_where_the_sync_ones_block() -> None:
         assert inspect.iscoroutinefunction(getattr(lbkit.aio.Balancer, name)), name
     for name in ("start", "pick", "wait_ready", "close", "channel"):
         assert not inspect.iscoroutinefunction(getattr(lbkit.Balancer, name)), name
+
+
+def test_import_lbkit_leaves_grpc_unimported() -> None:
+    # docs/faq.md: public names load lazily, so `import lbkit` does not pay for importing grpc.
+    import subprocess
+    import sys
+
+    code = "import sys, lbkit; print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "[]"
