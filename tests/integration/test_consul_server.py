@@ -358,6 +358,23 @@ def test_blocking_query_waits_for_wait_without_change(agent: Agent, name: str) -
     assert index2 == index and len(entries) == 1
 
 
+def parked(agent: Agent, path: str, param: str, before: int = 0) -> bool:
+    """Whether the test server has received more than ``before`` blocking GETs of ``path`` (with ``param``:
+    index or hash).
+
+    A real agent shows nothing of the queries it holds: for it, 0.2 s is taken as enough to get there.
+    """
+    return blocking_gets(agent, path, param) > before
+
+
+def blocking_gets(agent: Agent, path: str, param: str) -> int:
+    """Blocking GETs of ``path`` the test server received (for a real agent: 1, after 0.2 s)."""
+    if agent.server is None:
+        time.sleep(0.2)
+        return 1
+    return sum(r.method == "GET" and r.path == path and param in r.query for r in agent.server.requests)
+
+
 def test_blocking_query_wakes_on_change(agent: Agent, name: str) -> None:
     c = agent.client
     c.agent.service.register(name, port=1)
@@ -370,8 +387,8 @@ def test_blocking_query_wakes_on_change(agent: Agent, name: str) -> None:
 
     thread = threading.Thread(target=block)
     thread.start()
-    time.sleep(0.2)  # let the query reach the agent and park
-    assert "answer" not in result
+    wait_for(lambda: parked(agent, f"/v1/health/service/{name}", "index"))  # the agent holds it ...
+    assert thread.is_alive() and "answer" not in result  # ... unanswered until the change
     changed_at = time.monotonic()
     agent.client.agent.service.register(name, port=2)
     thread.join(timeout=5)
@@ -387,7 +404,7 @@ def test_blocking_query_ignores_other_services(agent: Agent, name: str) -> None:
     started = time.monotonic()
     with futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(c.health.service, name, index=index, wait="400ms")
-        time.sleep(0.1)
+        wait_for(lambda: parked(agent, f"/v1/health/service/{name}", "index"))
         c.agent.service.register(name + "-other")
         assert pending.result(timeout=5)[0] == index
     assert time.monotonic() - started >= 0.4
@@ -404,9 +421,12 @@ def test_agent_service_hash_blocking(agent: Agent, name: str) -> None:
     started = time.monotonic()
     status, headers, _ = agent.call("GET", f"/v1/agent/service/{name}?hash={digest}&wait=300ms")
     assert time.monotonic() - started >= 0.3 and headers["X-Consul-ContentHash"] == digest
+    path = f"/v1/agent/service/{name}"
+    before = 0 if agent.server is None else blocking_gets(agent, path, "hash")
     with futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(agent.call, "GET", f"/v1/agent/service/{name}?hash={digest}&wait=10s")
-        time.sleep(0.2)
+        pending = pool.submit(agent.call, "GET", f"{path}?hash={digest}&wait=10s")
+        wait_for(lambda: parked(agent, path, "hash", before))
+        assert not pending.done()
         c.agent.service.register(name, port=2)
         _, headers, body = pending.result(timeout=5)
     assert headers["X-Consul-ContentHash"] != digest and json.loads(body)["Port"] == 2
@@ -418,7 +438,8 @@ async def test_aio_client_blocking_query(agent: Agent, name: str) -> None:
     try:
         index, _ = await aio.health.service(name)
         pending = asyncio.ensure_future(aio.health.service(name, index=index, wait="10s"))
-        await asyncio.sleep(0.2)
+        path = f"/v1/health/service/{name}"
+        await asyncio.wait_for(asyncio.to_thread(wait_for, lambda: parked(agent, path, "index")), 6)
         assert not pending.done()
         await asyncio.to_thread(agent.client.agent.service.register, name, port=2)
         new_index, entries = await asyncio.wait_for(pending, 2)
