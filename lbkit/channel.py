@@ -32,6 +32,9 @@ from lbkit.selectors.base import Key, Picker
 
 __all__ = ["BalancedChannel", "PickedChannel", "RequestTape", "SyncDriver"]
 
+_LOCK_MAKING = threading.Lock()
+"""Held only while a call makes its own lock (on its slow path)."""
+
 MAX_REPLAY = 256
 """Requests of a client stream kept for a retry before the first response; past it, no retry."""
 
@@ -114,10 +117,11 @@ def _stream_finisher(
     stats = member.stats
 
     def done(call: Any) -> None:
+        code = call.code()
         if tape is not None and tape.error is not None:
             code = None
-        else:
-            code = attempt_code(call.code(), call.cancelled(), member)
+        elif code is not OK:
+            code = attempt_code(code, call.cancelled(), member)
         account(
             lb, stats, started, code, False, call.trailing_metadata() if wants_report(lb, stats) else None
         )
@@ -136,13 +140,16 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
 
     def _invoke(self, request: Any, timeout: float | None, kw: dict[str, Any], with_call: bool) -> Any:
         c = self._c
-        key, kw["metadata"] = c.route(kw["metadata"], request)
+        if kw["metadata"] is None and c.key_fn is None:
+            key: Key = None
+        else:
+            key, kw["metadata"] = c.route(kw["metadata"], request)
         member = pick_now(c, key)
         if member is not None:
             stats = member.stats
             started = stats.start()
             try:
-                mc = member.callable(c.spec)
+                mc = member.callables.get(c.spec) or member.callable(c.spec)
                 t = timeout if c.attempt_timeout is None else first_timeout(c, timeout)
                 if c.load_reports and stats.load_wanted:
                     result, trailers = _blocking(mc, request, t, kw, with_call, True)
@@ -551,6 +558,16 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
     status), and done callbacks fire once, for the call the caller sees.
     """
 
+    # What the slow path sets; a call that succeeds at once never does.
+    _got = False
+    _cancelled = False
+    _machine: Attempts | None = None
+    _attempt: Attempt | None = None
+    _callbacks: list[Callable[[], None]] | None = None
+    _fired = False
+    _final: BaseException | None = None
+    _inner: Any = None
+
     def __init__(
         self,
         c: CallSpec,
@@ -562,19 +579,14 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         wait_for_ready: Any,
         compression: Any,
     ) -> None:
-        key, metadata = c.route(metadata, request)
+        if metadata is None and c.key_fn is None:
+            key: Key = None
+        else:
+            key, metadata = c.route(metadata, request)
         self._c = c
         self._request = request
         self._tape = tape
         self._kw = _kw(metadata, credentials, wait_for_ready, compression)
-        self._got = False
-        self._cancelled = False
-        self._machine: Attempts | None = None
-        self._attempt: Attempt | None = None
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] | None = None
-        self._fired = False
-        self._final: BaseException | None = None
         self._key = key
         self._timeout = timeout
         member = pick_now(c, key)
@@ -586,9 +598,8 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._member = member
         self._started = started
         try:
-            inner = member.callable(c.spec)(
-                tape.reader() if tape is not None else request, timeout=timeout, **self._kw
-            )
+            mc = member.callables.get(c.spec) or member.callable(c.spec)
+            inner = mc(tape.reader() if tape is not None else request, timeout=timeout, **self._kw)
         except BaseException as exc:
             machine = self._adopt()
             assert self._attempt is not None
@@ -668,6 +679,15 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             if not self._got:
                 self._first()
             return response
+
+    @property
+    def _lock(self) -> threading.Lock:
+        """The call's own lock, made when first needed (a call that succeeds at once needs none)."""
+        lock: threading.Lock | None = self.__dict__.get("_call_lock")
+        if lock is None:
+            with _LOCK_MAKING:
+                lock = self.__dict__.setdefault("_call_lock", threading.Lock())
+        return lock
 
     def _advance(self, inner: Any, err: BaseException) -> None:
         """The attempt ``inner`` failed with ``err``: open the next one, or raise the call's error."""

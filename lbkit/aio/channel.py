@@ -30,7 +30,7 @@ from lbkit._attempts import (
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
 from lbkit._grpc_private import finished_code, finished_trailing_metadata, keep_server_status
-from lbkit.selectors.base import Picker
+from lbkit.selectors.base import Key, Picker
 
 __all__ = ["AsyncDriver", "AsyncRequestTape", "BalancedChannel", "PickedChannel"]
 
@@ -70,10 +70,11 @@ def _finisher(
         if counted:
             return
         counted = True
+        code = finished_code(call)
         if tape is not None and tape.error is not None:
             code = None
-        else:
-            code = attempt_code(finished_code(call), call.cancelled(), member)
+        elif code is not OK:
+            code = attempt_code(code, call.cancelled(), member)
         account(
             lb,
             stats,
@@ -259,7 +260,10 @@ class _Call:
     _lock: asyncio.Lock | None = None
 
     def __init__(self, c: _Spec, arg: Any, timeout: float | None, kw: dict[str, Any]) -> None:
-        key, kw["metadata"] = c.route(kw["metadata"], arg)
+        if kw["metadata"] is None and c.key_fn is None:
+            key: Key = None
+        else:
+            key, kw["metadata"] = c.route(kw["metadata"], arg)
         self._c = c
         self._arg = arg
         self._key = key
@@ -272,7 +276,12 @@ class _Call:
         started = self._started = member.stats.start()
         self._member = member
         try:
-            inner = member.callable(c.spec)(self._request(), timeout=first_timeout(c, timeout), **kw)
+            mc = member.callables.get(c.spec) or member.callable(c.spec)
+            inner = mc(
+                self._request() if self._tape is not None else arg,
+                timeout=timeout if c.attempt_timeout is None else first_timeout(c, timeout),
+                **kw,
+            )
             if self._tape is not None:
                 keep_server_status(inner)
         except BaseException as exc:
