@@ -294,6 +294,8 @@ def report_load(
             "named_metrics": named_metrics,
         },
     )
+    if not figures:
+        return
     call = _calls.get(id(context))
     if call is not None:
         call.figures = _overlay(call.figures, figures)

@@ -113,8 +113,9 @@ class WeightedRoundRobinPicker:
                 self._lock.release()
         return self._pick()
 
-    def report_weights(self, now: float) -> list[float]:
-        """Each endpoint's weight from its reports as of ``now`` (0: none usable, in blackout or expired)."""
+    def _report_weights(self, now: float) -> list[float]:
+        """Each endpoint's weight from its reports as of ``now`` (0: none usable, in blackout or expired),
+        reading each endpoint's latest report and restarting the runs of those expired."""
         policy = self._policy
         blackout = policy.blackout_period
         expiration = policy.weight_expiration_period
@@ -137,7 +138,7 @@ class WeightedRoundRobinPicker:
         self._next = now + self._policy.weight_update_period
         endpoints = self._endpoints
         factors = [st.weight_factor for st in self._rows]
-        weights = schedule_weights(self.report_weights(now))
+        weights = schedule_weights(self._report_weights(now))
         if weights is None:
             weights = [1.0] * len(endpoints)
         if any(f < 1.0 for f in factors):
