@@ -73,14 +73,24 @@ def shares_of(stub: Any, seconds: float, threads: int = 4) -> Counter[str]:
 
 def test_shares_follow_reported_capacity(reporting_servers):
     fast1, fast2, slow = reporting_servers(0.003, 0.003, 0.030)
+    registry = CollectorRegistry()
     with lbkit.Balancer([fast1.address, fast2.address, slow.address], selector=FAST) as lb:
+        instrument(lb, registry)
         lb.wait_ready(count=3)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         shares_of(stub, 1.0)  # reports arrive, blackouts pass
         counts = shares_of(stub, 1.5)
-        weights = dict(
-            zip((e.address for e in lb.core.picker.endpoints), lb.core.picker.weights, strict=True)
-        )
+        picker = lb.core.picker
+        weights = dict(zip((e.address for e in picker.endpoints), picker.weights, strict=True))
+        gauges = {
+            (family.name, s.labels["endpoint"]): s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            if family.name in ("lbkit_endpoint_load_utilization", "lbkit_endpoint_load_qps")
+            for s in family.samples
+        }
+    for address in (fast1.address, fast2.address, slow.address):
+        assert gauges[("lbkit_endpoint_load_qps", address)] > 0
+        assert 0 < gauges[("lbkit_endpoint_load_utilization", address)] <= 1
     total = sum(counts.values())
     # Round robin would give the slow server a third; it has about a tenth of a fast one's capacity.
     assert counts[slow.address] / total < 0.2, (counts, weights)
