@@ -469,14 +469,14 @@ class BalancerCore:
         members = self.members.values()
         connected: list[EndpointState] = []
         healthy: list[EndpointState] = []
-        outlier = self.outlier
+        ejected = self.outlier.ejected if self.outlier is not None else frozenset()
         for m in members:  # one pass: this runs on every change, over every endpoint
             if m.ready and m.health_known:
                 connected.append(m)
                 if (
                     m.healthy
                     and m.endpoint.health is EndpointHealth.PASSING
-                    and (outlier is None or not outlier.is_ejected(m.endpoint.address))
+                    and (not ejected or m.endpoint.address not in ejected)
                 ):
                     healthy.append(m)
                     if m.usable_since is None:
