@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import queue
 import resource
 import subprocess
 import sys
@@ -112,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     asyncio.run(_serve(args.ports))
 
 
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Move a child's output lines to ``lines``; None when it ends."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
 class PortFarm:
     """``ports`` endpoints on 127.0.0.1 served by child processes (see the module doc).
 
@@ -126,7 +135,7 @@ class PortFarm:
         self.ports = ports
         self._sizes = [min(limit, ports - i) for i in range(0, ports, limit)]
         self._start_timeout = start_timeout
-        self._procs: list[subprocess.Popen[str]] = []
+        self._procs: list[tuple[subprocess.Popen[str], queue.Queue[str | None]]] = []
         self.addresses: list[str] = []
         """``127.0.0.1:port`` of every endpoint."""
 
@@ -143,9 +152,12 @@ class PortFarm:
                     text=True,
                     bufsize=1,
                 )
-                self._procs.append(proc)
-            for proc in self._procs:
-                line = self._read(proc, self._start_timeout)
+                lines: queue.Queue[str | None] = queue.Queue()
+                assert proc.stdout is not None
+                threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+                self._procs.append((proc, lines))
+            for proc, lines in self._procs:
+                line = self._next(proc, lines, self._start_timeout)
                 if not line.startswith("READY "):
                     raise RuntimeError(f"port farm said {line!r} instead of READY")
                 self.addresses += [f"127.0.0.1:{p}" for p in line[len("READY ") :].split(",")]
@@ -155,26 +167,22 @@ class PortFarm:
         return self
 
     @staticmethod
-    def _read(proc: subprocess.Popen[str], timeout: float) -> str:
-        out: IO[str] | None = proc.stdout
-        assert out is not None
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not box:
-            raise TimeoutError(f"port farm did not answer within {timeout}s")
-        if not box[0]:
+    def _next(proc: subprocess.Popen[str], lines: queue.Queue[str | None], timeout: float) -> str:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"port farm did not answer within {timeout}s") from None
+        if line is None:
             raise RuntimeError(f"port farm exited (code {proc.poll()})")
-        return box[0].rstrip("\n")
+        return line
 
     def command(self, text: str, timeout: float = 10.0) -> list[str]:
         """Send ``text`` to every child; return the text after each one's ``OK``."""
-        for proc in self._procs:
+        for proc, _ in self._procs:
             assert proc.stdin is not None
             proc.stdin.write(text.strip() + "\n")
             proc.stdin.flush()
-        replies = [self._read(proc, timeout) for proc in self._procs]
+        replies = [self._next(proc, lines, timeout) for proc, lines in self._procs]
         bad = [r for r in replies if not r.startswith("OK")]
         if bad:
             raise RuntimeError(f"{text!r}: {bad[0]}")
@@ -190,7 +198,7 @@ class PortFarm:
 
     def close(self) -> None:
         """Stop the children; kill any that do not exit within a few seconds."""
-        procs, self._procs = self._procs, []
+        procs, self._procs = [p for p, _ in self._procs], []
         for proc in procs:
             with contextlib.suppress(OSError, ValueError):
                 if proc.stdin is not None:
