@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -140,15 +141,29 @@ class ConsulProcess:
             bufsize=1,
         )
         self.pid = self._proc.pid
-        line = self._read()
-        if not line.startswith("READY "):
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, name="soak-consul-out", daemon=True).start()
+        try:
+            line = self._read(20.0)
+            if not line.startswith("READY "):
+                raise RuntimeError(f"consul child said {line!r}")
+        except BaseException:
             self.close()
-            raise RuntimeError(f"consul child said {line!r}")
+            raise
         self.address = line.split()[1]
 
-    def _read(self) -> str:
+    def _pump(self) -> None:
         assert self._proc.stdout is not None
-        return self._proc.stdout.readline().strip()
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._proc.stdout:
+                self._lines.put(line.strip())
+        self._lines.put("EOF")
+
+    def _read(self, timeout: float = 10.0) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"consul child did not answer within {timeout} s") from None
 
     def command(self, verb: str) -> None:
         """Send ``stop`` or ``start`` and wait for it to be done."""
@@ -169,8 +184,6 @@ class ConsulProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=5.0)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
 
 
 # --------------------------------------------------------------------------- what was true when
@@ -188,6 +201,8 @@ class Truth:
     strikes: list[list[tuple[float, float]]] = field(default_factory=list)
     """Per server, (start, end) of each kill or hang: calls running on it then could not finish there."""
     faults: Counter[str] = field(default_factory=Counter)
+    log: list[tuple[float, str]] = field(default_factory=list)
+    """(time, name) of each fault injected."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -497,6 +512,7 @@ def _schedule(cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event)
         begin, end = _fault(cluster, name, step % SERVERS, p)
         begin()
         cluster.truth.faults[name] += 1
+        cluster.truth.log.append((time.monotonic(), name))
         done.append(name)
         try:
             pause(p.fault)
@@ -746,6 +762,7 @@ def _judge(
             "calls": 0,
             "failed": 0,
             "avoidable": 0,
+            "no_fault": 0,
             "twice": 0,
         }
         for k in kinds
@@ -753,11 +770,19 @@ def _judge(
     latencies: dict[str, list[float]] = defaultdict(list)
     avoidable_codes: Counter[str] = Counter()
     failed_codes: Counter[str] = Counter()
+    no_fault_codes: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
+    sent = [t for t in records.start[: records.sent] if t]
+    first = min(sent, default=0.0)
+    step = max(1, round((max(sent, default=0.0) - first) / 60))
+    timeline: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    """Per ``step`` seconds of load (60 steps in all): calls, failed, failed with no fault on their server."""
     for seq in range(records.sent):
         start = records.start[seq]
         if start == 0.0:
             continue  # not sent
+        bucket = timeline[int((start - first) // step) * step]
+        bucket[0] += 1
         kind = kinds[seq % len(kinds)]
         row = per_kind[kind.name]
         row["calls"] += 1
@@ -771,8 +796,15 @@ def _judge(
         code = records.codes[records.code[seq]] or "UNFINISHED"
         row["failed"] += 1
         failed_codes[code] += 1
+        bucket[1] += 1
         ran_on = {index_of[e] for _, _, e in runs if e in index_of}
         end = end or start + CALL_TIMEOUT
+        if ran_on and all(
+            truth.serving_throughout(i, start, end) and not truth.struck(i, start, end) for i in ran_on
+        ):
+            row["no_fault"] += 1
+            no_fault_codes[code] += 1
+            bucket[2] += 1
         others = [
             i
             for i in range(truth.count)
@@ -825,6 +857,9 @@ def _judge(
         "kinds": per_kind,
         "failed_codes": dict(failed_codes),
         "avoidable_codes": dict(avoidable_codes),
+        "no_fault_codes": dict(no_fault_codes),
+        "timeline": [[t, *counts] for t, counts in sorted(timeline.items())],
+        "fault_log": [[round(t - first, 1), name] for t, name in truth.log],
         "avoidable_examples": examples,
         "faults": dict(truth.faults),
         "in_flight": in_flight,
@@ -847,6 +882,7 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             r["calls"],
             r["failed"],
             r["avoidable"],
+            r["no_fault"],
             r["twice"],
             fmt(r.get("p50_ms", 0.0)),
             fmt(r.get("p99_ms", 0.0)),
@@ -872,6 +908,7 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
                     "calls",
                     "failed",
                     "could have succeeded elsewhere",
+                    "failed with no fault on its server",
                     "executed twice",
                     "p50 ms",
                     "p99 ms",
@@ -890,7 +927,9 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             "have moved there without running twice (no response yet; its method retries, or no server had "
             "started it). Executed twice: its request id is in the servers' log more than once.",
             f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
-            f"{data['avoidable_codes'] or 'none'}. Calls not sent (client saturated): {data['not_sent']}.",
+            f"{data['avoidable_codes'] or 'none'}; with no fault on the server it ran on (serving and "
+            f"neither killed nor hung during the call): {data['no_fault_codes'] or 'none'}. Calls not sent "
+            f"(the client had {MAX_OUTSTANDING} running): {data['not_sent']}.",
             "Client RSS and threads, measured with no call running (after the first round of faults, "
             f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
             f"{data['load_average']} on {os.cpu_count()} cores.",

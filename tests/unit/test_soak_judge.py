@@ -75,7 +75,9 @@ def test_classification_of_failures_and_duplicates() -> None:
     executed["c5"] = [(60.0, "UpdateFeatures", "a:0"), (60.05, "UpdateFeatures", "a:1")]
     _record(records, 6, 60.0, 60.1, True)  # unary retried: executed twice, retries on
     executed["c6"] = [(60.0, "Predict", "a:0"), (60.05, "Predict", "a:1")]
-    records.sent = 7
+    _record(records, 7, 60.0, 62.0, False, "DEADLINE_EXCEEDED")  # bidi failed on a healthy server
+    executed["c7"] = [(60.0, "UpdateFeatures", "a:1")]
+    records.sent = 8
     data = _judge(KINDS, records, executed, truth, index_of, {}, {}, unfinished=0)
     assert data["kinds"]["unary"] == {
         "method": "Predict",
@@ -83,12 +85,14 @@ def test_classification_of_failures_and_duplicates() -> None:
         "calls": 3,
         "failed": 2,
         "avoidable": 1,
+        "no_fault": 0,
         "twice": 1,
         "p50_ms": 100.0,
         "p99_ms": 100.0,
     }
-    assert data["kinds"]["bidi"]["calls"] == 3 and data["kinds"]["bidi"]["failed"] == 2
-    assert data["kinds"]["bidi"]["avoidable"] == 1 and data["kinds"]["bidi"]["twice"] == 1
+    bidi = data["kinds"]["bidi"]
+    assert bidi["calls"] == 4 and bidi["failed"] == 3 and bidi["avoidable"] == 1 and bidi["twice"] == 1
+    assert bidi["no_fault"] == 1 and data["no_fault_codes"] == {"DEADLINE_EXCEEDED": 1}
     goals = data["goals"]
     assert goals["avoidable failures"] == {"value": 2, "goal": "0", "pass": False}
     assert goals["executed twice, retries off"]["value"] == 1  # the retried unary call is not counted
