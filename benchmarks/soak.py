@@ -1,6 +1,6 @@
 """Soak: 300 calls/s of every call kind over 6 servers found through Consul, under faults on a schedule.
 
-``python -m benchmarks.soak --minutes 10`` gives the published figures; ``--quick`` runs about 30 s of load.
+``python -m benchmarks.soak --minutes 10`` gives the published figures; ``--quick`` runs 25 s of load.
 
 Six real grpc model servers run one per process (``lbkit.testing.server_process --processes``), registered
 with gRPC health checks in the Consul-compatible test server, itself in a child process so that it can be
@@ -97,9 +97,9 @@ class Plan:
 
 
 def plan(minutes: float | None, quick: bool) -> Plan:
-    """The plan for ``--minutes`` (default 10), or the quick one (about 30 s of load)."""
+    """The plan for ``--minutes`` (default 10), or the quick one (25 s of load)."""
     if quick:
-        return Plan(seconds=30.0, warmup=3.0, fault=1.5, gap=1.5, cooldown=4.0)
+        return Plan(seconds=25.0, warmup=2.0, fault=1.0, gap=1.0, cooldown=3.0)
     seconds = 60.0 * (10.0 if minutes is None else minutes)
     if seconds < 30.0:
         raise ValueError(f"--minutes must be at least 0.5, got {minutes}")
@@ -497,8 +497,11 @@ def _fault(cluster: _Cluster, name: str, k: int, p: Plan) -> tuple[Callable[[], 
     raise ValueError(f"no fault {name!r}")
 
 
-def _schedule(cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event) -> list[str]:
-    """Inject faults one after another until ``stop_at``; return their names, in order."""
+def _schedule(
+    cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event, after_round: Callable[[], None]
+) -> list[str]:
+    """Inject faults one after another until ``stop_at``, calling ``after_round`` once every kind of fault
+    has been injected once; return their names, in order."""
     done: list[str] = []
 
     def pause(seconds: float) -> bool:
@@ -519,6 +522,8 @@ def _schedule(cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event)
         finally:
             end()
         step += 1
+        if step == len(FAULTS):
+            after_round()
         if not pause(p.gap):
             break
     return done
@@ -692,22 +697,12 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
 
         dispatcher = threading.Thread(target=dispatch, name="soak-dispatch", daemon=True)
         dispatcher.start()
-        warm_at = start + p.warmup + 6 * (p.fault + p.gap)  # after one round of every fault
-        if warm_at >= load_end - p.cooldown:
-            warm_at = start + p.warmup
         load_average = [os.getloadavg()[0]]
 
-        def sample_warm() -> None:
-            if not stop.wait(max(0.0, warm_at - time.monotonic())):
-                measure("warm")
-
-        sampler = threading.Thread(target=sample_warm, name="soak-sample", daemon=True)
-        sampler.start()
-        done = _schedule(cluster, p, load_end - p.cooldown, stop)
+        done = _schedule(cluster, p, load_end - p.cooldown, stop, lambda: measure("warm"))
         say(f"{len(done)} faults done; load until the end")
         dispatcher.join(timeout=max(0.0, load_end - time.monotonic()) + 5.0)
         stop.set()
-        sampler.join(5.0)
         with idle:
             idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 3 + 5.0)
             unfinished = running[0]
@@ -936,13 +931,13 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             "Retrying methods: RetryPolicy(attempt_timeout=0.5); the bidi method: retryable_codes=() "
             f"(retries off). Calls time out after {CALL_TIMEOUT:.0f} s; drain_timeout 1 s.",
         ]
-        + (["Quick run: 30 s of load, figures are rough."] if quick else []),
+        + (["Quick run: 25 s of load, figures are rough."] if quick else []),
         "data": data,
     }
 
 
 def run(quick: bool = False, minutes: float | None = None) -> Result:
-    """Run the soak (``quick``: about 30 s of load) and return its report."""
+    """Run the soak (``quick``: 25 s of load) and return its report."""
     p = plan(minutes, quick)
     data = soak(p, progress=lambda text: print(f"soak: {text}", file=sys.stderr, flush=True))
     return report(data, p, quick=quick)
@@ -952,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.soak [--minutes N | --quick] [--json PATH]``; exits 1 if a goal failed."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=None, help="minutes of load (default 10)")
-    parser.add_argument("--quick", action="store_true", help="about 30 s of load (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="25 s of load (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--consul-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 240.0
+TIMEOUT = 300.0
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
