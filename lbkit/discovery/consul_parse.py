@@ -217,9 +217,9 @@ def _decode_json(body: str | bytes) -> Any:
             gc.enable()
 
 
-def _split(body: bytes) -> list[tuple[int, int]] | None:
-    """(start, end) of each entry of a Consul health answer, or None when the body is not laid out as
-    Consul writes it (the caller then decodes it whole)."""
+def _bounds(body: bytes) -> tuple[int, int] | None:
+    """Where the entries of an answer lie, ``[`` and ``]`` excluded (whitespace around them trimmed), or
+    None when the body is not a JSON array laid out as Consul writes it."""
     start = 0
     end = len(body)
     while start < end and body[start] in b" \t\r\n":
@@ -228,9 +228,13 @@ def _split(body: bytes) -> list[tuple[int, int]] | None:
         end -= 1
     if end - start < 2 or body[start] != 0x5B or body[end - 1] != 0x5D:  # [ ... ]
         return None
-    start += 1
-    end -= 1
-    if start == end:
+    return start + 1, end - 1
+
+
+def _split_range(body: bytes, start: int, end: int) -> list[tuple[int, int]] | None:
+    """(start, end) of each entry between ``start`` and ``end``, or None when they do not begin as
+    Consul's entries do."""
+    if start >= end:
         return []
     if body[start : start + len(_FIRST)] != _FIRST:
         return None
@@ -243,6 +247,42 @@ def _split(body: bytes) -> list[tuple[int, int]] | None:
             return spans
         spans.append((start, cut + 1))
         start = cut + 2
+
+
+def _split(body: bytes) -> list[tuple[int, int]] | None:
+    """(start, end) of each entry of a Consul health answer, or None when the body is not laid out as
+    Consul writes it (the caller then decodes it whole)."""
+    bounds = _bounds(body)
+    return None if bounds is None else _split_range(body, *bounds)
+
+
+def _common_prefix(a: bytes, b: bytes, limit: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``limit`` (a few memcmp calls)."""
+    lo, hi = 0, limit
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    while lo < hi and a[lo] == b[lo]:
+        lo += 1
+    return lo
+
+
+def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
+    """Length of the longest common suffix of ``a`` and ``b``, at most ``limit``."""
+    la, lb = len(a), len(b)
+    lo, hi = 0, limit
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[la - mid : la - lo] == b[lb - mid : lb - lo]:
+            lo = mid
+        else:
+            hi = mid
+    while lo < hi and a[la - lo - 1] == b[lb - lo - 1]:
+        lo += 1
+    return lo
 
 
 @dataclass
@@ -282,25 +322,46 @@ class HealthDecoder:
         self._log = log
         self._pause = pause
         self._entries: dict[bytes, _Decoded] = {}
+        """The previous answer's entries by the digest of their text."""
+        self._raw: bytes | None = None
+        """The previous answer, when it was laid out as Consul writes it; with its entries' spans,
+        digests and decodings, in order."""
+        self._spans: list[tuple[int, int]] = []
+        self._digests: list[bytes] = []
+        self._items: list[_Decoded] = []
+        self._endpoints: list[Endpoint] = []
         self._warned: set[str] = set()
         self.decoded = 0
         """Entries decoded from JSON by the last :meth:`decode` (the rest came from the previous answer)."""
+        self.hashed = 0
+        """Entries of the last :meth:`decode` whose text was hashed (the rest lay in the part of the answer
+        equal to the previous one, before or after what changed)."""
 
     def decode(self, body: str | bytes) -> list[Endpoint]:
         """The endpoints of one answer body (see the class doc)."""
         raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-        spans = _split(raw)
-        if spans is None:
-            return self._decode_whole(raw)
+        self.decoded = self.hashed = 0
+        if self._raw is not None and raw == self._raw:  # a blocking query's wait ran out: nothing new
+            return list(self._endpoints)
+        aligned = self._align(raw)
+        if aligned is None:
+            head, tail, delta = 0, len(self._spans), 0
+            middle = _split(raw)
+            if middle is None:
+                return self._decode_whole(raw)
+        else:
+            head, tail, delta, middle = aligned
+        # Entries before and after what changed are the previous answer's: not hashed, not decoded.
+        spans = self._spans[:head]
+        digests = self._digests[:head]
+        items = self._items[:head]
         view = memoryview(raw)
         previous = self._entries
         fresh: dict[bytes, _Decoded] = {}
-        results: list[_Decoded] = []
         clock = time.perf_counter
         pause = self._pause
         next_pause = clock() + pause if pause is not None else float("inf")
-        self.decoded = 0
-        for i, (start, end) in enumerate(spans):
+        for i, (start, end) in enumerate(middle):
             digest = hashlib.blake2b(view[start:end], digest_size=16).digest()
             item = previous.get(digest) or fresh.get(digest)
             if item is None:
@@ -312,12 +373,52 @@ class HealthDecoder:
                     item = _Decoded(None, "nested too deeply to decode", f"the entry at byte {start}")
                 self.decoded += 1
             fresh[digest] = item
-            results.append(item)
+            spans.append((start, end))
+            digests.append(digest)
+            items.append(item)
             if i & 63 == 63 and clock() >= next_pause:
                 time.sleep(0)  # let other threads (an event loop) run
                 next_pause = clock() + pause  # type: ignore[operator]
-        self._entries = fresh
-        return self._collect(results)
+        self.hashed = len(middle)
+        if tail < len(self._spans):
+            spans.extend((start + delta, end + delta) for start, end in self._spans[tail:])
+            digests.extend(self._digests[tail:])
+            items.extend(self._items[tail:])
+        endpoints = self._collect(items)
+        self._raw, self._spans, self._digests, self._items = raw, spans, digests, items
+        self._entries = dict(zip(digests, items, strict=True))
+        self._endpoints = endpoints
+        return list(endpoints)
+
+    def _align(self, raw: bytes) -> tuple[int, int, int, list[tuple[int, int]]] | None:
+        """Line ``raw`` up with the previous answer: (entries reused from its start, index of the first
+        reused at its end, the shift of those, spans of the entries in between), or None."""
+        prev, spans = self._raw, self._spans
+        if prev is None or not spans:
+            return None
+        bounds = _bounds(raw)
+        if bounds is None:
+            return None
+        la, lb = len(prev), len(raw)
+        common = _common_prefix(prev, raw, min(la, lb))
+        back = _common_suffix(prev, raw, min(la, lb) - common)
+        n = len(spans)
+        tail_sep = len(_SEPARATOR) - 1  # after an entry's closing brace: ,{"Node":{
+        head = 0
+        while head < n - 1 and spans[head][1] + tail_sep <= common:
+            head += 1
+        tail = n
+        while tail - 1 >= max(head, 1) and spans[tail - 1][0] - 2 >= la - back:
+            tail -= 1
+        delta = lb - la
+        start = spans[head - 1][1] + 1 if head > 0 else bounds[0]
+        end = spans[tail][0] + delta - 1 if tail < n else bounds[1]
+        if end < start:
+            if start - end != 1 or head == 0:  # only a removal leaves the separator's comma between
+                return None
+            return head, tail, delta, []
+        middle = _split_range(raw, start, end)
+        return None if middle is None else (head, tail, delta, middle)
 
     def _decode_entry(self, entry: object) -> _Decoded:
         try:
@@ -335,7 +436,8 @@ class HealthDecoder:
         if type(payload) is not list:
             raise ConsulPayloadError(f"expected a JSON list of health entries, got {type(payload).__name__}")
         self._entries = {}
-        self.decoded = len(payload)
+        self._raw, self._spans, self._digests, self._items = None, [], [], []
+        self.decoded = self.hashed = len(payload)
         return self._collect([self._decode_entry(entry) for entry in payload])
 
     def _collect(self, results: Iterable[_Decoded]) -> list[Endpoint]:

@@ -166,3 +166,62 @@ def test_a_huge_answer_of_junk_is_survived() -> None:
         pass
     else:
         raise AssertionError("a JSON object is not a health answer")
+
+
+@st.composite
+def edit_scripts(draw: st.DrawFn) -> list[tuple[str, int]]:
+    kinds = st.sampled_from(["insert", "delete", "modify", "status", "maintenance", "same", "move", "bad"])
+    return draw(st.lists(st.tuples(kinds, st.integers(0, 10**6)), min_size=1, max_size=14))
+
+
+def _fields(endpoints: list[Any]) -> list[tuple[Any, ...]]:
+    return [(e.address, e.weight, e.zone, e.tags, dict(e.metadata), e.health, e.rank) for e in endpoints]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 12), edit_scripts(), st.booleans())
+def test_an_answer_decoded_against_the_previous_one_equals_a_fresh_decoding(
+    start: int, script: list[tuple[str, int]], ranked: bool
+) -> None:
+    """The decoder reuses the unchanged start and end of the previous answer: whatever changed between
+    two answers (entries added, removed, moved, changed, broken), it decodes what a fresh decoder does."""
+    counter = iter(range(10**6))
+    entries: list[object] = []
+
+    def fresh_entry() -> dict[str, Any]:
+        n = next(counter)
+        return entry(f"svc-{n}", f"10.{n // 250 % 250}.{n % 250}.1", 1000 + n, meta={"zone": f"z{n % 3}"})
+
+    for _ in range(start):
+        entries.append(fresh_entry())
+    quiet = logging.getLogger("test.consul.decode.quiet")
+    quiet.propagate = False
+    decoder = HealthDecoder("model", log=quiet, ranked=ranked)
+    for kind, r in script:
+        size = len(entries)
+        if kind == "insert" or size == 0:
+            entries.insert(r % (size + 1), fresh_entry())
+        elif kind == "delete":
+            del entries[r % size]
+        elif kind == "modify":
+            target = entries[r % size]
+            if isinstance(target, dict) and "Checks" in target:
+                target["Service"]["Weights"] = {"Passing": 1 + r % 7, "Warning": 1}
+        elif kind == "status":
+            target = entries[r % size]
+            if isinstance(target, dict) and "Checks" in target:
+                target["Checks"][1]["Status"] = ["passing", "warning", "critical"][r % 3]
+        elif kind == "maintenance":
+            target = entries[r % size]
+            if isinstance(target, dict) and "Checks" in target:
+                target["Checks"].append({"CheckID": "_node_maintenance", "Status": "critical"})
+        elif kind == "move":
+            entries.insert(r % size, entries.pop((r // 7) % size))
+        elif kind == "bad":
+            entries.insert(r % (size + 1), {"Node": {"Node": "x"}, "Service": {"ID": "bad", "Port": "80"}})
+        body = json.dumps(entries, separators=(",", ":")).encode()
+        got = decoder.decode(body)
+        want = HealthDecoder("model", log=quiet, ranked=ranked).decode(body)
+        assert _fields(got) == _fields(want)
+        assert decoder.hashed <= len(entries)
+        assert _fields(decoder.decode(body)) == _fields(want)  # the same answer again (a wait ran out)

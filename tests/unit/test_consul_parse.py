@@ -320,3 +320,23 @@ def test_deeply_nested_entry_is_skipped_and_the_rest_used(caplog: pytest.LogCapt
         got = HealthDecoder("model").decode(body)
     assert [e.address for e in got] == ["10.0.0.1:50051"]
     assert "nested too deeply" in caplog.text
+
+
+def test_a_change_in_a_big_answer_hashes_only_the_changed_entry() -> None:
+    entries = [entry(f"s{i}", f"10.0.{i // 250}.{i % 250 + 1}", 5000 + i) for i in range(1000)]
+    decoder = HealthDecoder("model")
+    first = decode(decoder, *entries)
+    entries[500]["Checks"][1]["Status"] = "critical"
+    second = decode(decoder, *entries)
+    assert decoder.hashed == 1 and decoder.decoded == 1
+    assert second[500].health is CRITICAL and all(second[i] is first[i] for i in range(1000) if i != 500)
+    entries.insert(700, entry("new", "10.9.9.9", 9999))
+    third = decode(decoder, *entries)
+    # one more may be hashed (found, not decoded): the new entry's first bytes equal its neighbour's
+    assert decoder.hashed <= 2 and decoder.decoded == 1
+    assert len(third) == 1001 and third[700].address == "10.9.9.9:9999"
+    del entries[10]
+    fourth = decode(decoder, *entries)
+    assert decoder.hashed <= 1 and decoder.decoded == 0 and len(fourth) == 1000 and fourth[10] is third[11]
+    decode(decoder, *entries)
+    assert decoder.hashed == 0 and decoder.decoded == 0  # the same answer: nothing looked at
