@@ -259,7 +259,9 @@ def test_a_flapping_service_cannot_make_the_watcher_exceed_the_rate_limit(server
         before = len(health_gets(server))
         start = time.monotonic()
         flaps = 0
-        while flaps < 300 and time.monotonic() - start < 1.0:
+        while flaps < 300 and (
+            time.monotonic() - start < 1.0 or (flaps < 20 and time.monotonic() - start < 10.0)
+        ):
             register(client, "flap", 7100)
             client.agent.service.deregister("flap")
             flaps += 1
