@@ -296,6 +296,11 @@ class _SyncRun:
             watch.session.close()
 
 
+def _decode(core: ConsulWatchCore, status: int, headers: Any, chunks: list[bytes]) -> EndpointSet | None:
+    """An answer's chunks joined and handed to the core (in a worker thread)."""
+    return core.on_response(status, headers, b"".join(chunks))
+
+
 class _AsyncRun:
     """One :meth:`ConsulDiscovery.arun`: a task per datacenter the failover wants, one HTTP session."""
 
@@ -363,15 +368,16 @@ class _AsyncRun:
                 async with self.session.get(
                     self.d._url(query), headers=query.headers, **self._request_kwargs(query.timeout)
                 ) as resp:
-                    status, headers, body = resp.status, resp.headers, await resp.read()
+                    status, headers = resp.status, resp.headers
+                    chunks = [chunk async for chunk in resp.content.iter_any()]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 core.on_error(exc)
                 self._settle(dc, None, failed=True)
                 continue
-            # Decoding a big answer takes tens of milliseconds: off the loop, published on it.
-            snapshot = await asyncio.to_thread(core.on_response, status, headers, body)
+            # Joining and decoding a big answer takes tens of milliseconds: off the loop, published on it.
+            snapshot = await asyncio.to_thread(_decode, core, status, headers, chunks)
             self._settle(dc, snapshot, failed=core.status.consecutive_errors > 0)
 
     def _settle(self, dc: str, snapshot: EndpointSet | None, *, failed: bool) -> None:
