@@ -185,7 +185,9 @@ class _SyncRun:
         self.on_update = on_update
         self.stop = stop
         self.order = discovery.options.datacenters
-        self.failover = DatacenterFailover(discovery.service, self.order)
+        self.failover = DatacenterFailover(
+            discovery.service, self.order, warm=discovery.options.failover_warm
+        )
         self.lock = threading.Lock()
         self.watches: dict[str, _Watch] = {}
         self.threads: list[threading.Thread] = []
@@ -211,6 +213,8 @@ class _SyncRun:
         try:
             if self.d._zone_from_agent:
                 self._read_zone(primary.session)
+            with self.lock:
+                self._reconcile()  # warm failover: the other datacenters are watched from the start
             self._loop(self.order[0], primary)
         finally:
             finished.set()
@@ -308,7 +312,9 @@ class _AsyncRun:
         self.d = discovery
         self.on_update = on_update
         self.order = discovery.options.datacenters
-        self.failover = DatacenterFailover(discovery.service, self.order)
+        self.failover = DatacenterFailover(
+            discovery.service, self.order, warm=discovery.options.failover_warm
+        )
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.session: aiohttp.ClientSession | None = None
         conn = discovery.connection
@@ -321,6 +327,7 @@ class _AsyncRun:
                 await self._read_zone()
             primary = asyncio.create_task(self._loop(self.order[0]), name=f"lbkit-consul-{self.d.service}")
             self.tasks[self.order[0]] = primary
+            self._start_wanted()
             await primary
         finally:
             tasks = list(self.tasks.values())
@@ -380,14 +387,17 @@ class _AsyncRun:
             snapshot = await asyncio.to_thread(_decode, core, status, headers, chunks)
             self._settle(dc, snapshot, failed=core.status.consecutive_errors > 0)
 
+    def _start_wanted(self) -> None:
+        for other in self.failover.wanted:
+            if other not in self.tasks:
+                self.tasks[other] = asyncio.create_task(self._loop(other), name=f"lbkit-consul-{other}")
+
     def _settle(self, dc: str, snapshot: EndpointSet | None, *, failed: bool) -> None:
         decided = self.failover.on_failure(dc) if failed else self.failover.on_answer(dc, snapshot)
         wanted = set(self.failover.wanted)
         for other in [o for o in self.tasks if o not in wanted and o != self.order[0]]:
             self.tasks.pop(other).cancel()
             self.failover.forget(other)
-        for other in self.failover.wanted:
-            if other not in self.tasks:
-                self.tasks[other] = asyncio.create_task(self._loop(other), name=f"lbkit-consul-{other}")
+        self._start_wanted()
         if decided is not None:
             self.d._publish(self.on_update, self.failover, decided)

@@ -103,6 +103,9 @@ class ConsulOptions:
     failover: str | Iterable[str] = ()
     """Datacenters to fail over to, in order, while ``datacenter`` has no usable instance (a prepared
     query's failover): the first one that has one is used, until the local one has one again."""
+    failover_warm: bool = True
+    """Watch the failover datacenters all the time (a blocking query each), so a failover publishes at
+    once; False: watch each only while the ones before it have nothing usable."""
     tags: str | Iterable[str] = ()
     """Only instances carrying every one of these tags."""
     near: str | None = None
@@ -166,7 +169,7 @@ class ConsulOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{owner}: {name} must be a bool or None, got {value!r}")
-        for name in ("cached", "zone_from_agent"):
+        for name in ("cached", "zone_from_agent", "failover_warm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{owner}: {name} must be a bool, got {getattr(self, name)!r}")
         if self.token is not None and self.token_file is not None:
@@ -470,11 +473,14 @@ class DatacenterFailover:
     after the accepted states) is in force; a datacenter not heard from yet is waited for before going
     past it, and one whose watch has failed with nothing known is gone past. When none has a usable
     instance, the first one with any instance not in maintenance is in force (so panic mode can use its
-    unhealthy ones), else the first. Only the datacenters up to the one in force are watched
-    (:attr:`wanted`): the local one always, the next ones while it has nothing usable.
+    unhealthy ones), else the first. With ``warm`` every datacenter is watched all the time
+    (:attr:`wanted`), so a failover needs no query; else only those up to the one in force: the local
+    one always, the next ones while it has nothing usable.
     """
 
-    def __init__(self, service: str, datacenters: Sequence[str], *, log: logging.Logger = logger) -> None:
+    def __init__(
+        self, service: str, datacenters: Sequence[str], *, warm: bool = True, log: logging.Logger = logger
+    ) -> None:
         if not datacenters:
             raise ConfigError("DatacenterFailover: at least one datacenter is needed")
         self.service = service
@@ -485,7 +491,8 @@ class DatacenterFailover:
         """Datacenters whose last query failed."""
         self.current: str | None = None
         """The datacenter in force (None before anything is known)."""
-        self.wanted: tuple[str, ...] = self.order[:1]
+        self.warm = warm
+        self.wanted: tuple[str, ...] = self.order if warm else self.order[:1]
         self._published: tuple[str, EndpointSet] | None = None
         self._log = log
 
@@ -507,6 +514,12 @@ class DatacenterFailover:
         self.failing.discard(datacenter)
 
     def _decide(self) -> EndpointSet | None:
+        decided = self._choose()
+        if self.warm:
+            self.wanted = self.order
+        return decided
+
+    def _choose(self) -> EndpointSet | None:
         chosen: str | None = None
         wanted = len(self.order)
         for i, dc in enumerate(self.order):

@@ -115,7 +115,9 @@ def test_failover_to_the_next_datacenter_and_back() -> None:
         local, remote = dc1.client(), dc2.client()
         ttl_instance(local, "near", 7101)
         ttl_instance(remote, "far", 7201)
-        d = ConsulDiscovery(SERVICE, address=dc1.address, failover=["dc2"], env={}, **FAST)
+        d = ConsulDiscovery(
+            SERVICE, address=dc1.address, failover=["dc2"], failover_warm=False, env={}, **FAST
+        )
         with watching(d) as rec:
             rec.wait_for(lambda s: healths(s) == {7101: P})
             assert d.status.datacenter == ""
@@ -131,6 +133,31 @@ def test_failover_to_the_next_datacenter_and_back() -> None:
             remote.agent.check.ttl_fail("service:far")
             time.sleep(0.2)  # dc2 is no longer watched: its change publishes nothing
             assert healths(rec.sets[-1]) == {7101: P}
+
+
+def test_warm_failover_watches_the_next_datacenter_all_along() -> None:
+    with two_datacenters() as (dc1, dc2):
+        local, remote = dc1.client(), dc2.client()
+        ttl_instance(local, "near", 7101)
+        ttl_instance(remote, "far", 7201)
+        d = ConsulDiscovery(SERVICE, address=dc1.address, failover=["dc2"], env={}, **FAST)
+        with watching(d) as rec:
+            rec.wait_for(lambda s: healths(s) == {7101: P})
+            deadline = time.monotonic() + 5
+            while (
+                not any(r.query.get("dc") == ["dc2"] for r in health_gets(dc1))
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            assert any(r.query.get("dc") == ["dc2"] for r in health_gets(dc1))  # watched before it is needed
+            remote.agent.check.ttl_warn("service:far")
+            time.sleep(0.1)
+            assert healths(rec.sets[-1]) == {7101: P}  # dc2's changes publish nothing while dc1 serves
+            local.agent.check.ttl_fail("service:near")
+            # nothing usable anywhere (dc2's warning instance is not accepted): the first in force
+            rec.wait_for(lambda s: healths(s) == {7101: C})
+            remote.agent.check.ttl_pass("service:far")
+            rec.wait_for(lambda s: healths(s) == {7201: P})  # dc2 usable: its endpoints at once
 
 
 async def test_async_failover_to_the_next_datacenter_and_back() -> None:

@@ -270,14 +270,14 @@ P, C, M = EndpointHealth.PASSING, EndpointHealth.CRITICAL, EndpointHealth.MAINTE
 
 
 def test_failover_uses_the_local_datacenter_while_it_has_a_usable_instance() -> None:
-    f = DatacenterFailover("model", ["", "dc2", "dc3"])
+    f = DatacenterFailover("model", ["", "dc2", "dc3"], warm=False)
     assert f.wanted == ("",)
     local = dc_set(P, C)
     assert f.on_answer("", local) is local and f.current == "" and f.wanted == ("",)
 
 
 def test_failover_goes_to_the_next_usable_datacenter_in_order_and_comes_back() -> None:
-    f = DatacenterFailover("model", ["", "dc2", "dc3"])
+    f = DatacenterFailover("model", ["", "dc2", "dc3"], warm=False)
     f.on_answer("", dc_set(P))
     assert f.on_answer("", dc_set(C, C)) is None  # nothing usable: wait for dc2 before deciding
     assert f.wanted == ("", "dc2")
@@ -292,7 +292,7 @@ def test_failover_goes_to_the_next_usable_datacenter_in_order_and_comes_back() -
 
 
 def test_failover_goes_past_an_unreachable_datacenter() -> None:
-    f = DatacenterFailover("model", ["", "dc2", "dc3"])
+    f = DatacenterFailover("model", ["", "dc2", "dc3"], warm=False)
     f.on_answer("", dc_set(C))
     assert f.on_failure("dc2") is None and f.wanted == ("", "dc2", "dc3")
     dc3 = dc_set(P, base=3)
@@ -300,18 +300,29 @@ def test_failover_goes_past_an_unreachable_datacenter() -> None:
 
 
 def test_without_any_usable_instance_the_first_datacenter_with_instances_is_in_force() -> None:
-    f = DatacenterFailover("model", ["", "dc2"])
+    f = DatacenterFailover("model", ["", "dc2"], warm=False)
     f.on_answer("", dc_set(M, M))
     dc2 = dc_set(C, base=2)
     assert f.on_answer("dc2", dc2) is dc2  # its critical instances can still serve in panic mode
-    f = DatacenterFailover("model", ["", "dc2"])
+    f = DatacenterFailover("model", ["", "dc2"], warm=False)
     local = dc_set(C)
     f.on_answer("", local)
     assert f.on_answer("dc2", dc_set(base=2)) is local
 
 
-def test_a_failing_local_datacenter_keeps_its_last_set_in_force() -> None:
+def test_warm_failover_watches_every_datacenter_and_decides_the_same() -> None:
     f = DatacenterFailover("model", ["", "dc2"])
+    assert f.wanted == ("", "dc2")
+    dc2 = dc_set(P, base=2)
+    assert f.on_answer("dc2", dc2) is None  # the local datacenter has not answered: wait for it
+    local = dc_set(P)
+    assert f.on_answer("", local) is local and f.wanted == ("", "dc2")
+    assert f.on_answer("", dc_set(C)) is dc2  # dc2's set is known: the failover is immediate
+    assert f.wanted == ("", "dc2")
+
+
+def test_a_failing_local_datacenter_keeps_its_last_set_in_force() -> None:
+    f = DatacenterFailover("model", ["", "dc2"], warm=False)
     local = dc_set(P)
     f.on_answer("", local)
     assert f.on_failure("") is None and f.current == "" and f.wanted == ("",)
