@@ -33,6 +33,7 @@ from lbkit.stats import EndpointStats
 __all__ = [
     "SUCCESS",
     "Attempt",
+    "AttemptTimeout",
     "Attempts",
     "CallRules",
     "Outcome",
@@ -74,6 +75,7 @@ class CallRules:
     __slots__ = (
         "attempt_timeout",
         "core",
+        "first_response_timeout",
         "kind",
         "lb",
         "load_reports",
@@ -94,8 +96,12 @@ class CallRules:
         self.pinned = pinned
         """The one member a channel from ``lb.pick()`` calls; its calls are never sent elsewhere."""
         self.policy = policy if pinned is None else RetryPolicy(max_attempts=1)
-        self.attempt_timeout = self.policy.attempt_timeout if kind == "unary_unary" else None
-        """The per-attempt timeout: unary calls only (a stream's length is the application's)."""
+        unary_response = kind in ("unary_unary", "stream_unary")
+        self.attempt_timeout = self.policy.attempt_timeout if unary_response else None
+        """The per-attempt timeout given to grpc: calls with one response (an attempt ends with it)."""
+        self.first_response_timeout = None if unary_response else self.policy.attempt_timeout
+        """For response streams, how long an attempt may wait for its first response (a stream's length
+        after that is the application's): the driver cuts it then, while a retry is still possible."""
         self.observe = kind == "unary_unary"
         """Whether an attempt's latency feeds the latency stats (a stream's length says nothing of the
         endpoint's speed)."""
@@ -187,14 +193,20 @@ def failure(
     responded: bool = False,
     cancelled: bool = False,
     source_error: BaseException | None = None,
+    timed_out: float | None = None,
 ) -> Outcome:
     """The outcome of an attempt on ``member`` that ended with ``exc``.
 
     ``begun``: grpc accepted the call (False when starting it raised). ``cancelled``: the caller
-    cancelled. ``source_error``: what the request iterator raised, if it did.
+    cancelled. ``source_error``: what the request iterator raised, if it did. ``timed_out``: the
+    first-response timeout after which the driver cut the attempt, if it did.
     """
     if source_error is not None:
         return Outcome(None, source_error, responded=responded, local=True)
+    if timed_out is not None:
+        late = AttemptTimeout(member.address, timed_out)
+        late.__cause__ = exc
+        return Outcome(_DEADLINE, late, responded=responded)
     if cancelled:
         return Outcome(_CANCELLED, exc, responded=responded, cancelled=True)
     rpc = isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))
@@ -210,6 +222,44 @@ def failure(
     if rpc:
         return Outcome(_UNAVAILABLE if code is _CANCELLED else code, exc, responded=responded)
     return Outcome(None, exc, responded=responded, local=True)
+
+
+class AttemptTimeout(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A stream attempt cut because no response came within ``attempt_timeout``: DEADLINE_EXCEEDED, as
+    a unary attempt that runs out of its per-attempt timeout ends (what the caller sees if no retry
+    follows)."""
+
+    def __init__(self, address: str, seconds: float) -> None:
+        self.address = address
+        self._details = f"no response from {address} within attempt_timeout ({seconds:g} s)"
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return _DEADLINE
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def debug_error_string(self) -> str:
+        return self._details
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
 
 
 def attempt_code(
@@ -418,18 +468,22 @@ class Attempts:
         self.tried.add(member.address)
         deadline = self.deadline
         left = None if deadline is None else max(deadline - started, 0.0)
-        per = self.rules.attempt_timeout
+        rules = self.rules
+        per = rules.attempt_timeout
         if per is not None and (left is None or per < left):
             return Attempt(member, started, per, True, self.count)
-        return Attempt(member, started, left, False, self.count)
+        first = rules.first_response_timeout
+        limited = first is not None and (left is None or first < left)
+        return Attempt(member, started, left, limited, self.count)
 
     def adopt(self, member: Member, started: float, timeout: float | None) -> Attempt:
         """Take over the fast path's first attempt, started at ``started`` with the call's ``timeout``."""
         self.count += 1
         self.tried.add(member.address)
-        per = self.rules.attempt_timeout
+        rules = self.rules
+        per = rules.attempt_timeout if rules.attempt_timeout is not None else rules.first_response_timeout
         limited = per is not None and (timeout is None or per < timeout)
-        return Attempt(member, started, first_timeout(self.rules, timeout), limited, self.count)
+        return Attempt(member, started, first_timeout(rules, timeout), limited, self.count)
 
     def finish(self, attempt: Attempt, outcome: Outcome, trailers: Any = None) -> None:
         """Count the attempt's end, once (later calls do nothing); ``trailers``: its trailing metadata,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
 import threading
@@ -202,6 +203,9 @@ class BalancerBase:
         """Retries made: each time a call that may have reached a server was tried again."""
         self._retry_lock = threading.Lock()
         self._closed = False
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._timer_lock = threading.Lock()
 
     _channels: Any = grpc
     """The grpc module whose channels the driver opens: ``grpc`` or ``grpc.aio``."""
@@ -281,6 +285,36 @@ class BalancerBase:
         else:
             reason = "answering again"
         self.core.set_discovery_status(status.stale, reason)
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the driver's timer loop once ``clock`` reaches ``when`` (the call path's timers:
+        ``fn`` must be quick and must not block)."""
+        with self._timer_lock:
+            heapq.heappush(self._timers, (when, next(self._timer_seq), fn))
+        if when < self._sleep_until:
+            self._timer_added()
+
+    _sleep_until = float("inf")
+    """Until when (``clock`` time) the driver's timer loop sleeps; a timer due earlier wakes it."""
+
+    def _timer_added(self) -> None:
+        """Wake the driver's timer loop: a timer is due before it would wake."""
+
+    def _run_due(self, now: float) -> float | None:
+        """Run the timers due at ``now``; return when the next one is due (None: none)."""
+        timers = self._timers
+        while True:
+            with self._timer_lock:
+                if not timers:
+                    return None
+                when, _, fn = timers[0]
+                if when > now:
+                    return when
+                heapq.heappop(timers)
+            try:
+                fn()
+            except Exception:  # a call path timer must not stop the others
+                log.exception("%s: a call timer failed", self.service)
 
     def _drained(self, member: Member, now: float) -> str:
         """Why a removed endpoint's channel is being closed, for the calls it cuts short."""

@@ -160,6 +160,11 @@ class Balancer(SyncDriver):
         """End every :meth:`wait_change` now."""
         self._notify_picker()
 
+    def _timer_added(self) -> None:
+        wake = getattr(self, "_wake", None)
+        if wake is not None:
+            wake.set()
+
     def _on_clock_advanced(self) -> None:
         self._wake.set()
         self._notify_picker()
@@ -282,7 +287,11 @@ class Balancer(SyncDriver):
                     self._apply_pending()
             next_core = core.tick()
             next_drain = self._drain()
-            deadlines = [d for d in (next_core, next_drain) if d is not None]
-            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
-            self._wake.wait(min(timeout, 1.0))
+            self._sleep_until = float("inf")  # planning: a timer added now wakes the wait below
+            next_timer = self._run_due(self.clock())
+            deadlines = [d for d in (next_core, next_drain, next_timer) if d is not None]
+            now = self.clock()
+            timeout = min(max(0.0, min(deadlines) - now) if deadlines else 1.0, 1.0)
+            self._sleep_until = now + timeout
+            self._wake.wait(timeout)
             self._wake.clear()

@@ -7,6 +7,7 @@ only when a call needs it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from lbkit._attempts import (
     SUCCESS,
     Attempt,
     Attempts,
+    Outcome,
     account,
     attempt_code,
     failure,
@@ -109,17 +111,20 @@ def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) 
 
 
 def _stream_finisher(
-    lb: BalancerBase, member: Member, started: float, tape: RequestTape | None
+    lb: BalancerBase, member: Member, started: float, tape: RequestTape | None, cut: set[Any] | None
 ) -> Callable[[Any], None]:
     """grpc's done callback of one stream attempt: its accounting, once (it holds no reference to the
     call the user sees, so an abandoned stream can be collected and cancelled). A call failed by its
-    own request iterator says nothing of the endpoint."""
+    own request iterator says nothing of the endpoint; one cut for want of a first response (in
+    ``cut``) ran out of time there."""
     stats = member.stats
 
     def done(call: Any) -> None:
         code = call.code()
         if tape is not None and tape.error is not None:
             code = None
+        elif cut is not None and call in cut:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
         elif code is not OK:
             code = attempt_code(code, call.cancelled(), member)
         account(
@@ -567,6 +572,8 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
     _fired = False
     _final: BaseException | None = None
     _inner: Any = None
+    _cut: set[Any] | None = None
+    """Attempts cut for want of a first response within ``attempt_timeout`` (only with one)."""
 
     def __init__(
         self,
@@ -597,6 +604,8 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         started = member.stats.start()
         self._member = member
         self._started = started
+        if c.first_response_timeout is not None:
+            self._cut = set()
         try:
             mc = member.callables.get(c.spec) or member.callable(c.spec)
             inner = mc(tape.reader() if tape is not None else request, timeout=timeout, **self._kw)
@@ -606,8 +615,10 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             machine.done(self._attempt, failure(exc, member, begun=False))
             self._open()
             return
-        inner.add_done_callback(_stream_finisher(c.lb, member, started, tape))
+        inner.add_done_callback(_stream_finisher(c.lb, member, started, tape, self._cut))
         self._inner = inner
+        if self._cut is not None:
+            self._arm(inner, started, None if timeout is None else started + timeout)
 
     def _adopt(self) -> Attempts:
         """The machine, made on the first failure, holding the first attempt."""
@@ -637,10 +648,14 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             except BaseException as exc:
                 machine.done(attempt, failure(exc, action, begun=False))
                 continue
-            inner.add_done_callback(_stream_finisher(c.lb, action, attempt.started, tape))
+            if c.first_response_timeout is not None and self._cut is None:
+                self._cut = set()
+            inner.add_done_callback(_stream_finisher(c.lb, action, attempt.started, tape, self._cut))
             self._inner = inner
             self._member = action
             self._attempt = attempt
+            if attempt.limited:
+                self._arm(inner, attempt.started, machine.deadline)
             if self._callbacks is not None:
                 inner.add_done_callback(self._watch)
             return
@@ -663,9 +678,41 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         return self.__next__()
 
     def _first(self) -> None:
-        self._got = True
+        if self._cut is not None:
+            with self._lock:  # against _first_due cutting the attempt at this instant
+                self._got = True
+        else:
+            self._got = True
         if self._tape is not None:
             self._tape.stop_recording()
+
+    def _arm(self, inner: Any, started: float, deadline: float | None) -> None:
+        """Cut attempt ``inner`` if no response comes within ``attempt_timeout`` (sooner than the call's
+        deadline), so that it can be retried elsewhere."""
+        c = self._c
+        first = c.first_response_timeout
+        assert first is not None
+        due = started + first
+        if deadline is None or due < deadline:
+            c.lb.call_at(due, functools.partial(self._first_due, inner))
+
+    def _first_due(self, inner: Any) -> None:
+        """The timer of attempt ``inner``: no response yet? Then cut it, if it could be retried."""
+        cut = self._cut
+        if cut is None or inner is not self._inner or self._got or self._cancelled or self._fired:
+            return
+        tape = self._tape
+        machine = self._machine
+        if (tape is not None and not tape.replayable) or (machine is not None and machine.stopped):
+            return
+        late = Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, None)
+        if not may_retry(self._c, late, machine.count if machine is not None else 1):
+            return
+        with self._lock:
+            if self._got:
+                return
+            cut.add(inner)
+        inner.cancel()
 
     def _next_after(self, inner: Any, err: grpc.RpcError) -> Any:
         while True:
@@ -706,6 +753,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
                     responded=self._got,
                     cancelled=self._cancelled,
                     source_error=tape.error if tape is not None else None,
+                    timed_out=self._timed_out(inner),
                 ),
             )
             try:
@@ -734,9 +782,17 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         tape = self._tape
         if tape is not None and not tape.replayable:
             return False
-        outcome = failure(inner, self._member, cancelled=inner.cancelled())
+        timed_out = self._timed_out(inner)
+        outcome = failure(
+            inner, self._member, cancelled=inner.cancelled() and not timed_out, timed_out=timed_out
+        )
         count = self._machine.count if self._machine is not None else 1
         return may_retry(self._c, outcome, count)
+
+    def _timed_out(self, inner: Any) -> float | None:
+        """The first-response timeout after which ``inner`` was cut, if it was."""
+        cut = self._cut
+        return self._c.first_response_timeout if cut is not None and inner in cut else None
 
     def _watch(self, inner: Any) -> None:
         """grpc's done callback while the caller has callbacks: fire them once the call is over."""

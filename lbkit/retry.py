@@ -44,9 +44,10 @@ class RetryPolicy:
     ``budget_token_ratio``; retries stop while tokens <= half of this. 0 disables the budget."""
     budget_token_ratio: float = 0.1
     attempt_timeout: float | None = None
-    """Seconds one attempt of a unary call may take (Envoy's per-try timeout); an attempt that runs out
-    is retried on another endpoint while the call's own deadline allows. None: an attempt has the whole
-    deadline."""
+    """Seconds one attempt may take before its response (Envoy's per-try timeout): a whole attempt for
+    unary and client-streaming calls, the wait for the first response for server-streaming and
+    bidirectional ones (a stream that answers is never cut). An attempt that runs out is retried on
+    another endpoint while the call's own deadline allows. None: an attempt has the whole deadline."""
 
     def __post_init__(self) -> None:
         name = "RetryPolicy"

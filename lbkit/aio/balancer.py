@@ -185,6 +185,9 @@ class Balancer(AsyncDriver):
         """End every :meth:`await_change` now."""
         self._picker_changed()
 
+    def _timer_added(self) -> None:
+        self._threadsafe(self._wake.set)()
+
     # ----------------------------------------------------------------- pool
 
     def _on_update(self, endpoint_set: EndpointSet) -> None:
@@ -307,8 +310,12 @@ class Balancer(AsyncDriver):
             self._apply_pending()
             next_core = core.tick()
             next_drain = await self._drain()
-            deadlines = [d for d in (next_core, next_drain) if d is not None]
-            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
+            self._sleep_until = float("inf")  # planning: a timer added now wakes the wait below
+            next_timer = self._run_due(self.clock())
+            deadlines = [d for d in (next_core, next_drain, next_timer) if d is not None]
+            now = self.clock()
+            timeout = min(max(0.0, min(deadlines) - now) if deadlines else 1.0, 1.0)
+            self._sleep_until = now + timeout
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(timeout, 1.0))
+                await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()

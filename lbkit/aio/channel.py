@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ from lbkit._attempts import (
     OK,
     Attempt,
     Attempts,
+    Outcome,
     account,
     attempt_code,
     failure,
@@ -58,10 +60,16 @@ class _Spec(CallSpecBase[AsyncDriver]):
 
 
 def _finisher(
-    lb: BalancerBase, member: Member, started: float, observe: bool, tape: AsyncRequestTape | None
+    lb: BalancerBase,
+    member: Member,
+    started: float,
+    observe: bool,
+    tape: AsyncRequestTape | None,
+    cut: set[Any] | None,
 ) -> Callable[[Any], None]:
     """grpc's done callback of one attempt: its accounting, once. A call failed by its own request
-    iterator says nothing of the endpoint."""
+    iterator says nothing of the endpoint; one cut for want of a first response (in ``cut``) ran out of
+    time there."""
     stats = member.stats
     counted = False
 
@@ -73,6 +81,8 @@ def _finisher(
         code = finished_code(call)
         if tape is not None and tape.error is not None:
             code = None
+        elif cut is not None and call in cut:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
         elif code is not OK:
             code = attempt_code(code, call.cancelled(), member)
         account(
@@ -258,6 +268,8 @@ class _Call:
     _tape: AsyncRequestTape | None = None
     _got = False
     _lock: asyncio.Lock | None = None
+    _cut: set[Any] | None = None
+    """Attempts cut for want of a first response within ``attempt_timeout`` (only with one)."""
 
     def __init__(self, c: _Spec, arg: Any, timeout: float | None, kw: dict[str, Any]) -> None:
         if kw["metadata"] is None and c.key_fn is None:
@@ -275,6 +287,8 @@ class _Call:
             return
         started = self._started = member.stats.start()
         self._member = member
+        if c.first_response_timeout is not None:
+            self._cut = set()
         try:
             mc = member.callables.get(c.spec) or member.callable(c.spec)
             inner = mc(
@@ -291,8 +305,10 @@ class _Call:
             if machine.stopped:  # a bad argument: raised where grpc raises it
                 raise
             return
-        inner.add_done_callback(_finisher(c.lb, member, started, c.observe, self._tape))
+        inner.add_done_callback(_finisher(c.lb, member, started, c.observe, self._tape, self._cut))
         self._inner = inner
+        if self._cut is not None:
+            self._arm(inner, started, None if timeout is None else started + timeout)
 
     def _request(self) -> Any:
         tape = self._tape
@@ -335,13 +351,46 @@ class _Call:
             except BaseException as exc:
                 machine.done(attempt, failure(exc, action, begun=False))
                 continue
-            inner.add_done_callback(_finisher(lb, action, attempt.started, c.observe, self._tape))
+            if c.first_response_timeout is not None and self._cut is None:
+                self._cut = set()
+            inner.add_done_callback(_finisher(lb, action, attempt.started, c.observe, self._tape, self._cut))
             self._inner = inner
             self._member = action
             self._attempt = attempt
+            if attempt.limited and self._cut is not None:
+                self._arm(inner, attempt.started, machine.deadline)
             if self._callbacks is not None:
                 inner.add_done_callback(self._watch)
             return inner
+
+    def _arm(self, inner: Any, started: float, deadline: float | None) -> None:
+        """Cut attempt ``inner`` if no response comes within ``attempt_timeout`` (sooner than the call's
+        deadline), so that it can be retried elsewhere."""
+        c = self._c
+        first = c.first_response_timeout
+        assert first is not None
+        due = started + first
+        if deadline is None or due < deadline:
+            c.lb.call_at(due, functools.partial(self._first_due, inner))
+
+    def _first_due(self, inner: Any) -> None:
+        """The timer of attempt ``inner``: no response yet? Then cut it, if it could be retried."""
+        cut = self._cut
+        if cut is None or inner is not self._inner or self._got or self._ended or self._cancelled:
+            return
+        tape = self._tape
+        machine = self._machine
+        if (tape is not None and not tape.replayable) or (machine is not None and machine.stopped):
+            return
+        late = Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, None)
+        if may_retry(self._c, late, machine.count if machine is not None else 1):
+            cut.add(inner)
+            inner.cancel()
+
+    def _timed_out(self, inner: Any) -> float | None:
+        """The first-response timeout after which ``inner`` was cut, if it was."""
+        cut = self._cut
+        return self._c.first_response_timeout if cut is not None and inner in cut else None
 
     def _mine(self, exc: BaseException) -> bool:
         """Whether ``exc`` is the caller's own cancellation (which is theirs to see, never retried)."""
@@ -362,6 +411,7 @@ class _Call:
             failure(
                 exc,
                 self._member,
+                timed_out=self._timed_out(inner),
                 responded=self._got,
                 cancelled=self._cancelled,
                 source_error=tape.error if tape is not None else None,
@@ -410,7 +460,7 @@ class _Call:
         if tape is not None and not tape.replayable:
             return False
         code = finished_code(inner)
-        outcome = failure(_Status(code), self._member)
+        outcome = failure(_Status(code), self._member, timed_out=self._timed_out(inner))
         return may_retry(self._c, outcome, self._machine.count if self._machine is not None else 1)
 
     def _watch(self, inner: Any) -> None:

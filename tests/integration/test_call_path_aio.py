@@ -318,3 +318,20 @@ async def test_bad_close_grace_is_a_config_error():
     lb = lbkit.aio.Balancer(["127.0.0.1:1"])
     with pytest.raises(lbkit.ConfigError, match="grace"):
         await lb.aclose(grace=-1.0)
+
+
+async def test_a_stream_without_a_first_response_within_attempt_timeout_moves_elsewhere(make_servers):
+    (hung,) = make_servers(1, hang=True)
+    (slow,) = make_servers(1, delay=0.1)
+    policy = lbkit.RetryPolicy(attempt_timeout=0.3)
+    async with lbkit.aio.Balancer([hung.address, slow.address], selector="round_robin", retry=policy) as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(2):
+            tokens = [t async for t in stub.StreamPredict(pb2.PredictRequest(max_tokens=5), timeout=10)]
+            assert [t.served_by for t in tokens] == [slow.address] * 5
+            acks = [a async for a in stub.UpdateFeatures(aupdates(3), timeout=10)]
+            assert [a.served_by for a in acks] == [slow.address] * 3
+        assert hung.calls["StreamPredict"] >= 1 and hung.calls["UpdateFeatures"] >= 1
+        await async_wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert lb.stats[hung.address].failures >= 2

@@ -363,3 +363,22 @@ def test_bad_call_options_fail_at_construction():
     lb = lbkit.Balancer(["127.0.0.1:1"])
     with pytest.raises(lbkit.ConfigError, match="grace"):
         lb.close(grace=-1.0)
+
+
+def test_a_stream_without_a_first_response_within_attempt_timeout_moves_elsewhere(make_servers):
+    (hung,) = make_servers(1, hang=True)
+    (slow,) = make_servers(1, delay=0.1)  # 0.1 s per token: 0.5 s for five, well past attempt_timeout
+    policy = lbkit.RetryPolicy(attempt_timeout=0.3)
+    with lbkit.Balancer([hung.address, slow.address], selector="round_robin", retry=policy) as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(2):  # one of the two starts on the hung server
+            start = time.monotonic()
+            tokens = list(stub.StreamPredict(pb2.PredictRequest(max_tokens=5), timeout=10))
+            assert [t.served_by for t in tokens] == [slow.address] * 5  # a stream that answers is not cut
+            assert time.monotonic() - start < 5.0
+            acks = list(stub.UpdateFeatures(updates(3), timeout=10))
+            assert [a.served_by for a in acks] == [slow.address] * 3
+        assert hung.calls["StreamPredict"] >= 1 and hung.calls["UpdateFeatures"] >= 1
+        wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert lb.stats[hung.address].failures >= 2  # no answer in time: the endpoint's failure
