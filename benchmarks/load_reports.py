@@ -2,14 +2,14 @@
 server loses half its capacity, and what reading the reports costs a client per call.
 
 ``python -m benchmarks.load_reports [--quick]``. Four model servers run in a child process (so the
-client's CPU is its own). Each has 4 slots and serves a call in 20 ms, so it can do 200 calls/s, and
+client's CPU is its own). Each has 4 slots and serves a call in 40 ms, so it can do 100 calls/s, and
 reports load with :class:`lbkit.server.LoadReportInterceptor`: calls per second and its slots' utilization,
 measured (:class:`lbkit.server.ServerLoad`), and its queue depth as a named metric. An asyncio client
-sends 400 calls/s with Poisson arrivals (half the pool's capacity) through one variant at a time. Mid-run
+sends 200 calls/s with Poisson arrivals (half the pool's capacity) through one variant at a time. Mid-run
 server 3's service time doubles: its capacity halves, and so does its weight as its reports tell it.
 
 Per variant: latency before and after the change, server 3's share of the calls (its fair share drops
-from 1/4 to 1/7: 100 of the pool's 700 calls/s), the time until its share is within 10 % of 1/7 (judged
+from 1/4 to 1/7: 50 of the pool's 350 calls/s), the time until its share is within 10 % of 1/7 (judged
 on sliding windows of arrivals), and for lbkit's weighted_round_robin the time until its weight halved.
 Then, closed-loop sync calls against servers that answer at once, with and without reading the reports,
 interleaved: the client CPU per call that reading costs. ``--quick`` runs static weights and lbkit's
@@ -41,8 +41,8 @@ __all__ = ["PLANS", "main", "run"]
 SERVERS = 4
 SLOTS = 4
 """Calls a server works on at once; more wait for a slot."""
-SERVICE_MS = 20.0
-RATE = 400.0
+SERVICE_MS = 40.0
+RATE = 200.0
 """Calls per second offered: half the pool's capacity before the change."""
 SLOW = 3
 """The server whose service time doubles."""
@@ -534,6 +534,8 @@ def report(
 ) -> Result:
     """The result dict: the scenario's table, the read-cost table, notes and data."""
     goal_s = 2 * plan.blackout
+    half = SLOTS * 1e3 / SERVICE_MS / 2  # the slowed server's capacity, calls/s
+    pool = half * (2 * SERVERS - 1)
     rows = []
     for variant in chosen:
         r = results[variant.name]
@@ -601,12 +603,12 @@ def report(
             f" servers measure over {plan.window:g} s windows. Goal: server {SLOW}'s share settles within 2"
             f" blackout periods ({goal_s:g} s) of the change: {_seconds(wrr['time_to_share_s'])},"
             f" {'pass' if shift_ok else 'FAIL'}.",
-            "With the other servers unchanged, half the capacity is 100 of the pool's 700 calls/s, a share"
-            " of 1/7 (14.3 %) rather than half of 1/4; the time is to the end of the first sliding window of"
-            f" arrivals ({plan.share_window:g} s) whose share is within 10 % of it. 'Time to weight / 2':"
-            " until the weight lbkit's picker gives the server is half the others' mean (within 10 %).",
-            "Static weights keep giving the server a quarter of the calls, 100 calls/s against its new"
-            " capacity of 100: it runs full, and its queue grows with each burst of arrivals.",
+            f"With the other servers unchanged, half the capacity is {half:g} of the pool's {pool:g} calls/s,"
+            " a share of 1/7 (14.3 %) rather than half of 1/4; the time is to the end of the first sliding"
+            f" window of arrivals ({plan.share_window:g} s) whose share is within 10 % of it. 'Time to weight"
+            " / 2': until the weight lbkit's picker gives the server is half the others' mean (within 10 %).",
+            f"Static weights keep giving the server a quarter of the calls, {RATE / SERVERS:g} calls/s"
+            f" against its new capacity of {half:g}: it runs full, its queue growing with each burst.",
             "The native row is grpcio's own weighted_round_robin (C-core) with the same blackout and update"
             " period over the same reports (servers send the standard endpoint-load-metrics-bin trailer).",
             "Read cost: one sync weighted_round_robin balancer against servers that answer at once, one"

@@ -111,7 +111,8 @@ class EndpointStats:
         selectors that use load reports, see :attr:`lbkit.Selector.uses_load_reports`); read lazily."""
         self.load_wanted = True
         """Whether a reader wants the endpoint's next load report: the call path asks grpc for a call's
-        trailers only while this is set, and clears it; each :meth:`take_load_report` sets it again."""
+        trailers only while this is set, and clears it. Readers set it: :attr:`load_report` does, and
+        weighted round robin shortly before each weight update."""
         self._load_taken: object = None
         self._load_report: LoadReport | None = None
         self.load_reports = 0
@@ -196,21 +197,24 @@ class EndpointStats:
 
     @property
     def load_report(self) -> LoadReport | None:
-        """The latest well-formed load report the endpoint sent, decoded now if new; None before any."""
+        """The latest well-formed load report the endpoint sent, decoded now if new; None before any.
+
+        Reading it asks for the next one (:attr:`load_wanted`), which the endpoint's next call brings.
+        """
         self.take_load_report()
+        self.load_wanted = True
         return self._load_report
 
     def take_load_report(self) -> None:
         """Decode the latest report if it is new and bring the ``load_*`` figures up to date.
 
         The call path only keeps a call's raw trailer (:attr:`load_raw`), and only when a reader wants one
-        (:attr:`load_wanted`); decoding waits for the reader. So a client reads and decodes one report per
-        endpoint per look (weighted round robin looks once per weight update), not one per call. A
-        malformed report is counted in :attr:`load_reports_malformed` and logged once per endpoint; it
-        changes nothing else.
+        (:attr:`load_wanted`); decoding waits for the reader. So a client reads and decodes about one
+        report per endpoint per look (weighted round robin looks once per weight update), not one per
+        call. A malformed report is counted in :attr:`load_reports_malformed` and logged once per
+        endpoint; it changes nothing else.
         """
         group = self._group
-        self.load_wanted = True
         with group.lock:
             raw = self.load_raw
             if raw is self._load_taken:

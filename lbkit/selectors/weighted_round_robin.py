@@ -20,7 +20,10 @@ As in gRFC A58 (and grpc's C-core):
   gets the same (round robin);
 * weights are clamped to [0.01, 10] times their mean, so no endpoint starves and none takes all;
 * the picker recomputes the weights every ``weight_update_period`` seconds: the first pick that finds
-  them due does it (others meanwhile use the current schedule, never waiting).
+  them due does it (others meanwhile use the current schedule, never waiting). Shortly before (the last
+  fifth of the period), it asks each endpoint for its next report, so a call brings one (grpcio makes
+  reading a sync call's trailers cost a few percent of the call: one per endpoint per update, not one
+  per call).
 
 The schedule is :class:`~lbkit.selectors.weighted.AliasPicker`'s: a golden-ratio sequence through an
 alias table, one O(1) lock-free step per pick at any N (a static-stride scheduler, as in C-core, skips
@@ -49,6 +52,9 @@ MIN_RATIO = 0.01
 """No weight in a schedule falls below this share of the mean of the endpoints' weights."""
 
 _INF = math.inf
+_WANT_AHEAD = 0.2
+"""Share of the update period before an update when the picker asks each endpoint for its next report, so
+that the update reads fresh reports: one report per endpoint per update, not one per call."""
 
 
 def schedule_weights(weights: Sequence[float]) -> list[float] | None:
@@ -78,6 +84,7 @@ class WeightedRoundRobinPicker:
         "_pick",
         "_policy",
         "_rows",
+        "_want",
         "_weights",
     )
 
@@ -90,6 +97,7 @@ class WeightedRoundRobinPicker:
         self._weights: tuple[float, ...] = ()
         self._pick: Callable[[], Endpoint] = lambda: endpoints[0]
         self._next = -_INF
+        self._want = -_INF
         self._refresh(self._clock())
 
     @property
@@ -104,11 +112,15 @@ class WeightedRoundRobinPicker:
 
     def pick(self, key: Key = None) -> Endpoint:
         """The next endpoint of the weighted schedule; ``key`` is ignored."""
-        if self._clock() >= self._next and self._lock.acquire(blocking=False):
+        if self._clock() >= self._want and self._lock.acquire(blocking=False):
             try:
                 now = self._clock()
                 if now >= self._next:
                     self._refresh(now)
+                elif now >= self._want:
+                    self._want = self._next  # once per update: each endpoint's next call brings a report
+                    for st in self._rows:
+                        st.load_wanted = True
             finally:
                 self._lock.release()
         return self._pick()
@@ -135,7 +147,9 @@ class WeightedRoundRobinPicker:
         return out
 
     def _refresh(self, now: float) -> None:
-        self._next = now + self._policy.weight_update_period
+        period = self._policy.weight_update_period
+        self._next = now + period
+        self._want = now + period * (1.0 - _WANT_AHEAD)
         endpoints = self._endpoints
         factors = [st.weight_factor for st in self._rows]
         weights = schedule_weights(self._report_weights(now))

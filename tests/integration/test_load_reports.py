@@ -257,8 +257,9 @@ def test_malformed_reports_never_fail_a_call(servers, caplog):
         served: Counter[str] = Counter()
         for _ in range(20):
             served[stub.Predict(REQ, timeout=5).served_by] += 1
-            bad_stats.take_load_report()  # a reader after every call (the picker reads once a second)
-            good_stats.take_load_report()
+            for entry in (bad_stats, good_stats):  # a reader after every call (the picker: once a second)
+                entry.take_load_report()
+                entry.load_wanted = True
         samples = {
             (s.labels["endpoint"], s.labels["outcome"]): s.value
             for family in text_string_to_metric_families(generate_latest(registry).decode())
@@ -300,7 +301,7 @@ def test_futures_and_streams_report_too():
                 lambda: list(stub.UpdateFeatures(iter(features), timeout=5)),
             ]
             for call in calls:
-                entry.take_load_report()  # a reader wants the next report
+                entry.load_wanted = True  # a reader wants the next report
                 before = entry.load_raw
                 call()
                 wait_for(lambda before=before: entry.load_raw is not before)  # done callbacks: grpc's thread

@@ -232,11 +232,12 @@ def test_trailers_are_read_while_a_reader_wants_one() -> None:
     assert entry.load_wanted  # the first call brings a report
     read_load_report(entry, (("lb-served-by", "x"),))  # a call without one still answers the want
     assert not entry.load_wanted
-    entry.take_load_report()
-    assert entry.load_wanted
+    entry.take_load_report()  # taking what came asks for nothing more
+    assert not entry.load_wanted
+    entry.load_wanted = True  # a reader asks (weighted round robin, before each weight update)
     read_load_report(entry, ((MIRROR_TRAILER, encode(LoadReport(qps=1.0))),))
     assert not entry.load_wanted
-    assert entry.load_report is not None and entry.load_wanted
+    assert entry.load_report is not None and entry.load_wanted  # reading the report asks for the next
 
 
 def test_only_the_latest_trailer_is_decoded() -> None:

@@ -92,6 +92,31 @@ def test_weights_change_only_every_update_period() -> None:
     assert picker.weights == (200.0, 800.0)
 
 
+def test_each_endpoint_is_asked_for_a_report_once_shortly_before_each_update() -> None:
+    clock, stats, policy = setup(weight_update_period=1.0)
+    picker = policy.build([A, B], stats)
+    rows = [stats[A.address], stats[B.address]]
+    for st in rows:
+        st.load_wanted = False  # the first calls answered
+    clock.now += 0.5
+    picker.pick()
+    assert [st.load_wanted for st in rows] == [False, False]
+    clock.now += 0.35  # the last fifth of the period
+    picker.pick()
+    assert [st.load_wanted for st in rows] == [True, True]
+    rows[0].load_wanted = False  # A's next call brought its report
+    picker.pick()
+    assert [st.load_wanted for st in rows] == [False, True]  # asked once per update, not per pick
+    clock.now += 0.2
+    picker.pick()  # the update
+    clock.now += 0.5
+    picker.pick()
+    assert rows[0].load_wanted is False
+    clock.now += 0.35
+    picker.pick()
+    assert rows[0].load_wanted is True
+
+
 def test_weights_expire_and_the_blackout_starts_again() -> None:
     clock, stats, policy = setup(blackout_period=5.0, weight_expiration_period=60.0)
     picker = policy.build([A, B], stats)
