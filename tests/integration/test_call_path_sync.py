@@ -241,7 +241,7 @@ def test_a_stream_done_callback_fires_once_for_the_call_the_caller_sees(make_ser
             assert fired.wait(5)
             assert seen == [grpc.StatusCode.OK]
             assert call.code() is grpc.StatusCode.OK
-        assert bad.calls["StreamPredict"] == 1
+        assert bad.calls["StreamPredict"] in (1, 2)  # a random start: each call tries it at most once
 
 
 def test_client_and_bidi_streams_are_retried_with_their_requests_replayed(make_servers):
