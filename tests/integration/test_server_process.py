@@ -69,13 +69,12 @@ def test_slow_makes_calls_take_that_long(servers: ServerProcess) -> None:
     servers.command("slow 0 150")
     try:
         start = time.perf_counter()
-        _predict(servers.addresses[0])
-        assert time.perf_counter() - start >= 0.14
+        slow = _predict(servers.addresses[0])
+        assert time.perf_counter() - start >= 0.15 and slow.latency_ms >= 150
     finally:
         servers.command("slow 0 0")
-    start = time.perf_counter()
-    _predict(servers.addresses[0])
-    assert time.perf_counter() - start < 0.14
+    # The server's own measure of the call: a busy machine may delay the reply, not the handler's sleep.
+    assert _predict(servers.addresses[0]).latency_ms < 150 / 2
 
 
 def test_fail_makes_every_call_unavailable(servers: ServerProcess) -> None:
