@@ -321,3 +321,18 @@ def test_fast_rebuilds_publish_every_change_at_once():
     core.set_ready(ADDRS[0], False)
     core.set_ready(ADDRS[1], False)
     assert picked(core) == set(ADDRS[2:])
+
+
+def test_the_concepts_page_lists_every_cause_of_every_kind():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "concepts.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            for kind in re.findall(r"`(\w+)`", cells[0]):
+                rows[kind] = set(re.findall(r"`([A-Z_]+)`", cells[2]))
+    documented = {kind.name: rows.get(kind.name) for kind in KIND_CAUSES}
+    assert documented == {kind.name: {c.name for c in causes} for kind, causes in KIND_CAUSES.items()}
