@@ -193,3 +193,10 @@ def test_flat_in_n_takes_the_baselines_growth_off_in_ns_not_as_a_ratio() -> None
     # ... though the old rule, 1000/600 = 1.67 <= 1.5 x (150/100), passed it: the limit grew with the
     # baseline's ratio, and with any noise in it.
     assert excess_growth_ns([600.0, 1000.0], [100.0, 90.0]) == 400.0  # a faster baseline takes nothing off
+
+
+def test_the_e2e_cpu_goal_follows_the_reference_where_it_costs_more() -> None:
+    from benchmarks.e2e import CPU_GOAL, REFERENCE_GOAL, cpu_goal
+
+    assert cpu_goal(None) == cpu_goal(1.01) == cpu_goal(CPU_GOAL) == CPU_GOAL
+    assert cpu_goal(1.14) == REFERENCE_GOAL * 1.14  # sync streams: one event thread per channel
