@@ -366,6 +366,8 @@ class _Cluster:
         self.consul: ConsulProcess | None = None
         self.servers: ServerProcess | None = None
         self.registrations: list[Any] = []
+        self.lost: set[int] = set()
+        """Servers that could not be started again after a kill (their port was taken)."""
         try:
             self.consul = ConsulProcess()
             self.servers = ServerProcess(
@@ -403,8 +405,19 @@ class _Cluster:
             self.truth.set(k, "killed", True)
             self._server(f"kill {k}")
         else:
-            self._server(f"start {k}")
-            self.truth.set(k, "killed", False)
+            # The killed server's port may have been taken meanwhile (an ephemeral port is free once its
+            # server dies): try again for a while, then count the server as lost for the rest of the run.
+            for _ in range(20):
+                try:
+                    self._server(f"start {k}")
+                except RuntimeError:
+                    time.sleep(0.5)
+                    continue
+                self.truth.set(k, "killed", False)
+                return
+            self.lost.add(k)
+            with contextlib.suppress(Exception):
+                self.registrations[k].deregister()
 
     def flap(self, k: int, on: bool) -> None:
         self._server(f"serving {k} {'off' if on else 'on'}")
@@ -474,7 +487,7 @@ def _fault(cluster: _Cluster, name: str, k: int, p: Plan) -> tuple[Callable[[], 
 
         return hang_then_leave, back
     if name == "deregistration storm":
-        group = [(k + i) % SERVERS for i in range(3)]
+        group = [i for i in ((k + j) % SERVERS for j in range(SERVERS)) if i not in cluster.lost][:3]
 
         def storm() -> None:
             for _ in range(3):
@@ -512,7 +525,8 @@ def _schedule(
     step = 0
     while time.monotonic() + p.fault + p.gap < stop_at and not stop.is_set():
         name = FAULTS[step % len(FAULTS)]
-        begin, end = _fault(cluster, name, step % SERVERS, p)
+        k = next((step + i) % SERVERS for i in range(SERVERS) if (step + i) % SERVERS not in cluster.lost)
+        begin, end = _fault(cluster, name, k, p)
         begin()
         cluster.truth.faults[name] += 1
         cluster.truth.log.append((time.monotonic(), name))
@@ -733,6 +747,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         load_average=[round(x, 1) for x in load_average],
         wall_s=round(wall, 1),
         not_sent=not_sent,
+        servers_lost=sorted(cluster.lost),
         processes_started=len(started),
         processes_left=sorted(left),
     )
@@ -924,7 +939,8 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
             f"{data['avoidable_codes'] or 'none'}; with no fault on the server it ran on (serving and "
             f"neither killed nor hung during the call): {data['no_fault_codes'] or 'none'}. Calls not sent "
-            f"(the client had {MAX_OUTSTANDING} running): {data['not_sent']}.",
+            f"(the client had {MAX_OUTSTANDING} running): {data['not_sent']}. Servers lost (a killed "
+            f"server's port taken before it could start again): {data['servers_lost'] or 'none'}.",
             "Client RSS and threads, measured with no call running (after the first round of faults, "
             f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
             f"{data['load_average']} on {os.cpu_count()} cores.",

@@ -210,8 +210,10 @@ class _Forwarder:
         if index in self.killed:
             if verb != "start" or len(args) != 1:
                 raise ValueError(f"server {index} is killed; start it first")
+            # Started first: if its port was taken meanwhile, the server stays killed, to be started later.
+            child = self._child(index).start()
             self.base[index] += self.killed.pop(index)
-            self.children[index] = child = self._child(index).start()
+            self.children[index] = child
             return child.addresses[0]
         return child.command(" ".join([verb, "0", *args[1:]]))
 

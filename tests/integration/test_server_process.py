@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -211,3 +212,22 @@ def test_ports_binds_the_given_port() -> None:
     with ServerProcess(count=1, ports=[port]) as sp:
         assert sp.addresses == [f"127.0.0.1:{port}"]
         assert _predict(sp.addresses[0]).served_by == sp.addresses[0]
+
+
+def test_a_killed_server_whose_port_is_taken_stays_killed_and_starts_later() -> None:
+    with ServerProcess(count=2, processes=True) as sp:
+        address = sp.addresses[1]
+        host, _, port = address.rpartition(":")
+        sp.command("kill 1")
+        squatter = socket.socket()
+        squatter.bind((host, int(port)))  # someone else takes the port while the server is down
+        squatter.listen()
+        try:
+            with pytest.raises(RuntimeError):
+                sp.command("start 1")
+            with pytest.raises(RuntimeError, match="killed"):
+                sp.command("slow 1 10")  # still killed, not a dead child taking commands
+        finally:
+            squatter.close()
+        assert sp.command("start 1") == address
+        assert _predict(address).served_by == address
