@@ -189,6 +189,8 @@ class _Base:
         key_file: str | None = None,
         verify: bool | None = None,
         tls_server_name: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.definition = service_definition(
@@ -216,6 +218,8 @@ class _Base:
             key_file=key_file,
             verify=verify,
             tls_server_name=tls_server_name,
+            namespace=namespace,
+            partition=partition,
             env=os.environ if env is None else env,
             owner=type(self).__name__,
         )
@@ -303,7 +307,11 @@ class Registration(_Base):
     def _put(self, path: str, *, body: str = "", params: list[tuple[str, str]] | None = None) -> None:
         try:
             response = self._agent().http.put(
-                _raw, path, params=params or [], data=body, headers=self.connection.headers()
+                _raw,
+                path,
+                params=[*(params or []), *self.connection.scope_params()],
+                data=body,
+                headers=self.connection.headers(),
             )
         except Exception as exc:
             text = self.connection.redact(f"{path}: {type(exc).__name__}: {exc}")
@@ -405,7 +413,8 @@ def register(name: str, address: str, **kwargs: Any) -> Registration:
 
     Keyword options are those of :class:`Registration`: ``service_id``, ``tags``, ``meta``, ``weight``,
     ``warning_weight``, ``check``, ``consul_address``, ``token``, ``token_file``, ``ca_file``,
-    ``ca_path``, ``cert_file``, ``key_file``, ``verify``, ``tls_server_name``, ``env``.
+    ``ca_path``, ``cert_file``, ``key_file``, ``verify``, ``tls_server_name``, ``namespace``,
+    ``partition``, ``env``.
     """
     return Registration(name, address, **kwargs).register()
 
@@ -424,7 +433,11 @@ class AsyncRegistration(_Base):
             self._client = async_client(self.connection)
         try:
             response = await self._client.http.put(
-                _raw, path, params=params or [], data=body, headers=self.connection.headers()
+                _raw,
+                path,
+                params=[*(params or []), *self.connection.scope_params()],
+                data=body,
+                headers=self.connection.headers(),
             )
         except Exception as exc:
             text = self.connection.redact(f"{path}: {type(exc).__name__}: {exc}")

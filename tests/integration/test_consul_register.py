@@ -4,7 +4,9 @@ server's health service, a TTL check kept alive by the heartbeat, deregistration
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -124,7 +126,8 @@ def test_ttl_heartbeat_keeps_the_check_passing_then_lapses_when_stopped(server: 
         elapsed = time.monotonic() - start
         assert check_status(server, reg.check_id or "") == "passing"  # refreshed through 4 TTLs
         beats = [r for r in server.requests if r.path.startswith("/v1/agent/check/pass/")]
-        assert elapsed / (ttl / 3) - 2 <= len(beats) <= elapsed / (ttl / 3) + 1
+        # about one beat per ttl/3 (a loaded machine delays some: at least half of them)
+        assert elapsed / (ttl / 3) / 2 <= len(beats) <= elapsed / (ttl / 3) + 1
         reg.set_status("warning", note="draining")
         assert check_status(server, reg.check_id or "") == "warning"
         time.sleep(2 * ttl)
@@ -229,3 +232,19 @@ async def test_async_registration_with_ttl_heartbeat(server: ConsulServer) -> No
         assert await asyncio.to_thread(passing_addresses, server) == set()
     services = await asyncio.to_thread(server.client().agent.services)
     assert reg.service_id not in services and not reg.registered
+
+
+def test_registration_in_a_namespace_is_found_by_discovery_in_it() -> None:
+    with (
+        ConsulServer(enterprise=True) as srv,
+        lbkit.registration.register(
+            SERVICE, "127.0.0.1:7001", consul_address=srv.address, env={"CONSUL_NAMESPACE": "team-a"}
+        ),
+    ):
+        scoped = srv.requests[-1]
+        assert scoped.path == "/v1/agent/service/register" and scoped.query.get("ns") == ["team-a"]
+        _, default_ns = srv.client().health.service(SERVICE)
+        assert default_ns == []
+        with urllib.request.urlopen(f"{srv.http_addr}/v1/health/service/{SERVICE}?ns=team-a", timeout=5) as r:
+            (entry,) = json.loads(r.read())
+        assert entry["Service"]["Namespace"] == "team-a" and entry["Service"]["Port"] == 7001
