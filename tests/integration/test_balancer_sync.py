@@ -46,7 +46,8 @@ def test_every_selector_spreads(make_servers, selector):
 
 def test_peak_ewma_starves_a_slow_server(make_servers):
     fast = make_servers(2)
-    slow = make_servers(1, delay=0.05)[0]
+    # 200 ms: well clear of what a busy 2-core machine adds to the fast servers' own latency (50 ms was not)
+    slow = make_servers(1, delay=0.2)[0]
     servers = [*fast, slow]
     with lbkit.Balancer([s.address for s in servers], selector="peak_ewma") as lb:
         lb.wait_ready(count=3)
