@@ -349,12 +349,14 @@ def fault_run(
     failed = [r for r in records if not r.ok]
     failed_after = [r for r in failed if r.start >= t_fault]
     counted = fault not in ("killed",)
+    seen = True  # whether the moment the client stopped sending can be told at all
     if kind == LBKIT:
         gone = events.first(bad, _GONE, t_fault)
     elif counted:
         gone = counts.first_quiet(BAD, t_fault, t_recover, QUIET_S)
-    else:  # a killed server counts nothing: its last failed call
+    else:  # a killed server counts nothing: its last failed call, if any failed
         last = max((r.end for r in failed_after), default=None)
+        seen = last is not None
         gone = None if last is None or last >= t_recover - QUIET_S else last
     back = next((r.end for r in records if r.ok and r.server == bad and r.start >= t_recover), None)
     return {
@@ -366,6 +368,7 @@ def fault_run(
         "to_bad_after_fault": counts.between(BAD, t_fault, t_recover) if counted else None,
         "to_bad_before_ejection": counts.between(BAD, t_fault, gone or t_recover) if counted else None,
         "ejected_after_s": None if gone is None else round(gone - t_fault, 3),
+        "ejected_seen": seen,
         "back_after_s": None if back is None else round(back - t_recover, 3),
         "fault_s": round(t_recover - t_fault, 3),
         "events": [(round(t - t_fault, 3), k, a) for t, k, a in events.seen if a == bad],
@@ -470,7 +473,7 @@ def _fault_rows(
                 ", ".join(r["failed_codes"]),
                 first,
                 to_bad,
-                _s(r["ejected_after_s"]),
+                _s(r["ejected_after_s"]) if r["ejected_seen"] else "n/a",
                 _s(r["back_after_s"]),
                 _fault_goal(r) if kind == LBKIT else "baseline",
             ]
@@ -575,8 +578,9 @@ def run(quick: bool = False) -> Result:
         " servers.",
         "'ejected after' is the first ejected/not-ready/unhealthy event for the bad server (lbkit); for"
         f" native clients, which tell nothing, the last call the bad server got before a {QUIET_S:g} s span"
-        " without one (for a killed server, which counts nothing, the last failed call); 'never' if it kept"
-        " getting calls. 'back after' is the first call it served after recovery.",
+        " without one (for a killed server, which counts nothing, the last failed call: n/a when none"
+        " failed); 'never' if it kept getting calls. 'back after' is the first call it served after"
+        " recovery ('never' within the phase after it).",
         "'killed' SIGKILLs the server's own process (the servers run one process each for this scenario);"
         " a killed server cannot count its calls: n/a.",
     ]
