@@ -142,8 +142,8 @@ def summary_vs_round_robin(results: Mapping[str, Any]) -> str | None:
         ranked = sorted(at_100.items(), key=lambda item: item[1])
         (cheapest, low), (dearest, high) = ranked[0], ranked[-1]
         lines.append(
-            f"- A pick itself cost {low:.0f} ns ({cheapest}) to {high:.0f} ns ({dearest}) over 100"
-            " endpoints (Selector costs below)."
+            f"- A pick itself cost {low:,.0f} ns ({cheapest}) to {high:,.0f} ns ({dearest}) over 100"
+            " endpoints (the Selector costs section of the benchmarks)."
         )
     lines.append(
         "- Ranges run over the client modes of the End-to-end section; each ratio is a median of per-round"
