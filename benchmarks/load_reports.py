@@ -613,8 +613,9 @@ def report(
             " period over the same reports (servers send the standard endpoint-load-metrics-bin trailer).",
             "Read cost: one sync weighted_round_robin balancer against servers that answer at once, one"
             " thread. 'as deployed' reads a report when the selector wants one (each endpoint's first call"
-            f" after a weight update: {cost['reports_decoded']} reports in {cost['calls_per_way']:,}"
-            " calls); 'every call' reads every call's trailers (the cost of one read, where a call reads)."
+            f" in the last fifth of each weight-update period: {cost['reports_decoded']} reports in"
+            f" {cost['calls_per_way']:,} calls); 'every call' reads every call's trailers (the cost of one"
+            " read, where a call reads)."
             f" Each takes turns with 'unread' call by call, {plan.cpu_rounds} rounds of {plan.cpu_calls:,}"
             " calls each; the cost is the thread CPU (time.thread_time) over 'unread'. Finding, keeping and"
             f" decoding one report, alone in a loop: {cost['read_and_decode_us']:.1f} us"
