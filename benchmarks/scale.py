@@ -432,6 +432,32 @@ def _stall(start: int, target: int, progress: Progress) -> dict[str, Any]:
     return {"lbkit": lbkit, "control": bare, "registered_s": registered_s, "start": start, "target": target}
 
 
+def _picker_memory(n: int) -> dict[str, dict[str, float]]:
+    """Bytes per endpoint and build time of each selector's picker over ``n`` endpoints (tracemalloc)."""
+    import tracemalloc
+
+    from lbkit.endpoint import Endpoint
+    from lbkit.selectors import SELECTORS
+    from lbkit.stats import Stats
+
+    endpoints = [Endpoint(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:50051") for i in range(n)]
+    out: dict[str, dict[str, float]] = {}
+    for name, selector in SELECTORS.items():
+        stats = Stats()
+        selector.build(endpoints, stats)  # stats entries exist before, as in a balancer
+        gc.collect()
+        started = time.perf_counter()
+        selector.build(endpoints, stats)
+        seconds = time.perf_counter() - started
+        tracemalloc.start()
+        picker = selector.build(endpoints, stats)
+        size, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out[name] = {"bytes_per_endpoint": size / n, "build_ms": seconds * 1e3}
+        del picker
+    return out
+
+
 def _judge(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
@@ -450,12 +476,17 @@ def run(quick: bool = False) -> Result:
         with PortFarm(n) as farm, _addresses_file(farm.addresses) as path:
             by_n[n] = _cells(plan, progress, path, n)
     stall = _stall(stall_start, stall_target, progress)
+    pickers = _picker_memory(max(ns) if not quick else 1_000)
     progress.close()
-    return _report(by_n, plan["health"], stall, quick)
+    return _report(by_n, plan["health"], stall, pickers, quick)
 
 
 def _report(
-    by_n: dict[int, dict[tuple, Any]], healths: Sequence[bool], stall: dict[str, Any], quick: bool
+    by_n: dict[int, dict[tuple, Any]],
+    healths: Sequence[bool],
+    stall: dict[str, Any],
+    pickers: dict[str, dict[str, float]],
+    quick: bool,
 ) -> Result:
     cores = os.cpu_count() or 1
     small, large = min(by_n), max(by_n)
@@ -471,7 +502,7 @@ def _report(
         "failed calls",
     ]
     tables: list[dict[str, Any]] = []
-    data: dict[str, Any] = {"cells": {}, "stall": stall}
+    data: dict[str, Any] = {"cells": {}, "stall": stall, "pickers": pickers}
     for n, cells in by_n.items():
         rows = []
         for api in ("sync", "aio"):
@@ -590,6 +621,14 @@ def _report(
                     "-",
                 ],
             ],
+        }
+    )
+    picker_n = max(by_n) if not quick else 1_000
+    tables.append(
+        {
+            "caption": f"A picker over {picker_n:,} endpoints: memory it holds (tracemalloc) and build time",
+            "columns": ["selector", "bytes per endpoint", "build ms"],
+            "rows": [[n, fmt(p["bytes_per_endpoint"], 0), fmt(p["build_ms"])] for n, p in pickers.items()],
         }
     )
     notes = [
