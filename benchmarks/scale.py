@@ -263,6 +263,29 @@ def _gap_figures(gaps: list[float]) -> dict[str, float]:
     }
 
 
+class _GcPauses:
+    """The longest pause of CPython's collector, and how many full (generation 2) collections ran."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.full = 0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        self.longest = max(self.longest, time.perf_counter() - self._began)
+        self.full += info.get("generation") == 2
+
+    def install(self) -> _GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def uninstall(self) -> None:
+        gc.callbacks.remove(self)
+
+
 async def _control_main() -> None:
     """A bare 1 ms ticker until stdin closes; prints its gaps."""
     lines = _stdin_lines(asyncio.get_running_loop())
@@ -309,6 +332,7 @@ async def _stall_main(spec: str) -> None:
                 await asyncio.sleep(0.002)
 
         caller = asyncio.create_task(call_loop())
+        pauses = _GcPauses().install()
         started = time.perf_counter()
         deadline = started + READY_TIMEOUT
         while len(lb.core.picker.endpoints) < opts["target"] and time.perf_counter() < deadline:
@@ -316,8 +340,11 @@ async def _stall_main(spec: str) -> None:
         grown_s = time.perf_counter() - started
         stop.set()
         await asyncio.gather(ticker, caller)
+        pauses.uninstall()
         result = {
             **_gap_figures(gaps),
+            "gc_max_ms": pauses.longest * 1e3,
+            "gc_full": pauses.full,
             "grown_s": grown_s,
             "endpoints": len(lb.core.picker.endpoints),
             "calls": calls[0],
@@ -598,6 +625,8 @@ def _report(
                 "grown in s",
                 "calls",
                 "failed",
+                "longest GC pause",
+                "full GCs",
             ],
             "rows": [
                 [
@@ -609,6 +638,8 @@ def _report(
                     fmt(s["grown_s"]),
                     s["calls"],
                     s["failed"],
+                    fmt(s["gc_max_ms"]),
+                    s["gc_full"],
                 ],
                 [
                     "control: bare loop, own process",
@@ -616,6 +647,8 @@ def _report(
                     fmt(stall["control"]["p999_gap_ms"]),
                     fmt(stall["control"]["p99_gap_ms"]),
                     stall["control"]["ticks"],
+                    "-",
+                    "-",
                     "-",
                     "-",
                     "-",
