@@ -40,6 +40,11 @@ def py_threads() -> int:
     return sum(1 for t in threading.enumerate() if not t.name.startswith("lbkit-build"))
 
 
+def new_lbkit_threads(before: set[threading.Thread]) -> list[str]:
+    """The names of lbkit's threads started since ``before`` was taken, sorted."""
+    return sorted(t.name for t in set(threading.enumerate()) - before if t.name.startswith("lbkit-"))
+
+
 def os_threads() -> int:
     """Threads of this process as the kernel counts them (grpc core's own included)."""
     return len(os.listdir("/proc/self/task"))
@@ -69,16 +74,24 @@ def test_sync_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, health: bo
         events: list[Event] = []
         addresses = farm.addresses[:n]
         check = lbkit.HealthCheck() if health else None
+        before = set(threading.enumerate())
         with lbkit.Balancer(addresses, health_check=check, on_event=events.append) as lb:
             lb.wait_ready(count=n, timeout=30)
             counts[n] = (py_threads(), os_threads())
             assert addresses_of(events, EventKind.READY) == set(addresses)
+            # discovery, timers and the pool's one poller, at any N
+            assert new_lbkit_threads(before) == [
+                "lbkit-discovery-static",
+                "lbkit-pool-static",
+                "lbkit-timers-static",
+            ]
             stub = pb2_grpc.ModelServiceStub(lb.channel())
             for _ in range(n):
                 stub.Predict(pb2.PredictRequest(), timeout=5)
     # One thread per balancer watches every channel; with `subscribe()` MANY endpoints cost MANY more
-    # Python threads (and health checks two more each). grpc core's own pool may add a thread under load.
-    assert counts[MANY][0] == counts[FEW][0], counts
+    # Python threads (and health checks two more each). grpc core's own pool may add a thread under load,
+    # and threads other tests left behind may end meanwhile: no more, rather than exactly as many.
+    assert counts[MANY][0] <= counts[FEW][0], counts
     assert counts[MANY][1] <= counts[FEW][1] + 3, counts
 
 
@@ -93,7 +106,7 @@ async def test_aio_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, healt
             await lb.wait_ready(count=n, timeout=30)
             counts[n] = (py_threads(), os_threads())
             assert addresses_of(events, EventKind.READY) == set(addresses)
-    assert counts[MANY][0] == counts[FEW][0], counts
+    assert counts[MANY][0] <= counts[FEW][0], counts
     assert counts[MANY][1] <= counts[FEW][1] + 3, counts
 
 
