@@ -286,12 +286,15 @@ def account(
     sent, cancelled by the client, lbkit closed the channel, a client-side error)."""
     if trailers is not None:
         read_load_report(stats, trailers)
-    if code is None:
-        stats.finish(started, None, observe_latency=False)
-        return
-    stats.finish(started, not lb.is_failure(code), observe_latency=observe)
     if code is OK:
-        lb.budget.on_success()
+        stats.finish(started, True, observe_latency=observe)
+        budget = lb.budget
+        if budget.tokens < budget.max_tokens:
+            budget.on_success()
+    elif code is None:
+        stats.finish(started, None, observe_latency=False)
+    else:
+        stats.finish(started, not lb.is_failure(code), observe_latency=observe)
 
 
 def wants_report(lb: BalancerBase, stats: EndpointStats) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from lbkit._attempts import CallRules
-from lbkit._driver import BalancerBase, KeyFn, Member
+from lbkit._driver import BalancerBase, KeyFn, Member, method_spec
 from lbkit.selectors.base import Key
 
 __all__ = ["CallSpecBase", "ChannelMethods"]
@@ -18,7 +18,7 @@ B = TypeVar("B", bound=BalancerBase)
 class CallSpecBase(CallRules, Generic[B]):
     """What every call of one stub method shares: the method, its codecs, the key rule, the policy."""
 
-    __slots__ = ("forward", "header", "key_fn", "keyed", "method", "spec")
+    __slots__ = ("forward", "header", "key_fn", "keyed", "method", "simple", "spec")
 
     lb: B
 
@@ -35,11 +35,16 @@ class CallSpecBase(CallRules, Generic[B]):
     ) -> None:
         super().__init__(lb, kind, lb.retry_policies.for_method(method), pinned)
         self.method = method
-        self.spec = (kind, method, ser, deser, registered)
+        self.spec = method_spec(kind, method, ser, deser, registered)
         self.key_fn = key_fn
         self.keyed = lb.keyed
         self.header = lb.options.key_header
         self.forward = lb.options.forward_key_header
+        self.simple = (
+            key_fn is None and self.attempt_timeout is None and not self.load_reports and pinned is None
+        )
+        """Calls without metadata need no key, no per-attempt timeout and no load report: the drivers'
+        shortest path."""
 
     def route(self, metadata: Any, request: Any) -> tuple[Key, Any]:
         """The call's hash key (None unless the selector uses keys), and the metadata to send: the key

@@ -29,13 +29,40 @@ from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import Subsetting
 from lbkit.zones import ZonePlan, ZoneRouting
 
-__all__ = ["BalancerBase", "KeyFn", "Member", "as_discovery"]
+__all__ = ["BalancerBase", "KeyFn", "Member", "MethodSpec", "as_discovery", "method_spec"]
 
 log = logging.getLogger("lbkit")
 
 KeyFn = Callable[[str, Any], "str | bytes | None"]
 
 _POOL_IDS = itertools.count(1)
+
+
+class MethodSpec:
+    """What a channel needs to make a multicallable for a stub method: one object per distinct method,
+    codecs and kind (see :func:`method_spec`), so that a member finds its cached multicallable by
+    identity."""
+
+    __slots__ = ("deser", "kind", "method", "registered", "ser")
+
+    def __init__(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> None:
+        self.kind = kind
+        self.method = method
+        self.ser = ser
+        self.deser = deser
+        self.registered = registered
+
+
+_METHOD_SPECS: dict[tuple[Any, ...], MethodSpec] = {}
+
+
+def method_spec(kind: str, method: str, ser: Any, deser: Any, registered: bool) -> MethodSpec:
+    """The one :class:`MethodSpec` for these (kept for the process: there are as many as stub methods)."""
+    key = (kind, method, ser, deser, registered)
+    spec = _METHOD_SPECS.get(key)
+    if spec is None:
+        spec = _METHOD_SPECS.setdefault(key, MethodSpec(kind, method, ser, deser, registered))
+    return spec
 
 
 class Member:
@@ -59,7 +86,7 @@ class Member:
         self.address = address
         self.channel = channel
         self.stats = stats
-        self.callables: dict[tuple[Any, ...], Any] = {}
+        self.callables: dict[MethodSpec, Any] = {}
         self.health: Any = None
         self.closing_at: float | None = None
         """When draining started (the endpoint left discovery); None while it is a member."""
@@ -75,18 +102,20 @@ class Member:
         self.lock = threading.Lock()
         """Orders making multicallables against closing the channel."""
 
-    def callable(self, spec: tuple[Any, ...]) -> Any:
-        """The channel's multicallable for ``spec`` = (kind, method, serializer, deserializer, registered)."""
+    def callable(self, spec: MethodSpec) -> Any:
+        """The channel's multicallable for ``spec``."""
         mc = self.callables.get(spec)
         if mc is None:
             with self.lock:
                 # grpcio crashes the process making a registered multicallable on a closed channel.
                 if self.closed:
                     raise ValueError(f"Cannot invoke RPC on closed channel to {self.address} (drained)")
-                kind, method, ser, deser, registered = spec
-                factory = getattr(self.channel, kind)
+                factory = getattr(self.channel, spec.kind)
                 mc = factory(
-                    method, request_serializer=ser, response_deserializer=deser, _registered_method=registered
+                    spec.method,
+                    request_serializer=spec.ser,
+                    response_deserializer=spec.deser,
+                    _registered_method=spec.registered,
                 )
                 self.callables[spec] = mc
         return mc

@@ -172,6 +172,10 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
                 return result
         else:
             machine = c.machine(key, timeout)
+        return self._run(machine, request, kw, with_call)
+
+    def _run(self, machine: Attempts, request: Any, kw: dict[str, Any], with_call: bool) -> Any:
+        c = self._c
 
         def call(m: Member, attempt: Attempt) -> Any:
             return _blocking(
@@ -189,6 +193,30 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
+        c = self._c
+        if metadata is None and c.simple:
+            # The common call, in one frame: no key, no per-attempt timeout, no load reports.
+            member = pick_now(c, None)
+            if member is not None:
+                stats = member.stats
+                started = stats.start()
+                try:
+                    result = (member.callables.get(c.spec) or member.callable(c.spec))(
+                        request,
+                        timeout=timeout,
+                        metadata=None,
+                        credentials=credentials,
+                        wait_for_ready=wait_for_ready,
+                        compression=compression,
+                    )
+                except BaseException as exc:
+                    kw = _kw(None, credentials, wait_for_ready, compression)
+                    machine = Attempts(c, None, None if timeout is None else started + timeout)
+                    attempt = machine.adopt(member, started, timeout)
+                    machine.done(attempt, failure(exc, member, begun=isinstance(exc, grpc.RpcError)))
+                    return self._run(machine, request, kw, False)
+                account(c.lb, stats, started, OK, True)
+                return result
         return self._invoke(request, timeout, _kw(metadata, credentials, wait_for_ready, compression), False)
 
     def with_call(

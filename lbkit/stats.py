@@ -165,7 +165,13 @@ class EndpointStats:
                 streak = self.consecutive_failures == group.streak_threshold
             if observe_latency:
                 rtt = now - started if now > started else 0.0
-                self._observe(rtt, now)
+                # Peak EWMA (as _observe, inlined on this per-call path).
+                if rtt > self.ewma:
+                    self.ewma = rtt
+                else:
+                    w = math.exp(-max(now - self.ewma_stamp, 0.0) / group.decay)
+                    self.ewma = self.ewma * w + rtt * (1.0 - w)
+                self.ewma_stamp = now
                 self.latency_buckets[bisect_left(LATENCY_BUCKETS, rtt)] += 1
                 self.latency_sum += rtt
         if ok is False and group.on_failure is not None:

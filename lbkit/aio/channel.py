@@ -27,7 +27,6 @@ from lbkit._attempts import (
     first_timeout,
     may_retry,
     pick_now,
-    wants_report,
 )
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
@@ -85,14 +84,8 @@ def _finisher(
             code = grpc.StatusCode.DEADLINE_EXCEEDED
         elif code is not OK:
             code = attempt_code(code, call.cancelled(), member)
-        account(
-            lb,
-            stats,
-            started,
-            code,
-            observe,
-            finished_trailing_metadata(call) if wants_report(lb, stats) else None,
-        )
+        trailers = finished_trailing_metadata(call) if lb.load_reports and stats.load_wanted else None
+        account(lb, stats, started, code, observe, trailers)
 
     return done
 
@@ -566,11 +559,6 @@ class _Call:
         inner = self._inner if self._inner is not None else await self._open()
         await inner.wait_for_connection()
 
-    def __del__(self) -> None:
-        inner = self._inner
-        if inner is not None and not inner.done():
-            inner.cancel()
-
 
 class _Status(grpc.RpcError):  # type: ignore[misc]
     """A finished attempt's status as an error, for the retry rule's questions."""
@@ -665,6 +653,12 @@ class _StreamResponse(_Call):
             self._iter = self._responses()
         return self._iter
 
+    def __del__(self) -> None:
+        # Dropped before its end: cancel the attempt, whose status would otherwise wait for a reader.
+        inner = self._inner
+        if inner is not None and not inner.done():
+            inner.cancel()
+
     async def read(self) -> Any:
         try:
             return await self.__aiter__().__anext__()
@@ -744,6 +738,12 @@ class _StreamUnaryCall(_Writes, _UnaryResponse, grpc.aio.StreamUnaryCall):  # ty
     def __init__(self, c: _Spec, request_iterator: Any, timeout: float | None, kw: dict[str, Any]) -> None:
         self._tape = AsyncRequestTape(request_iterator)
         super().__init__(c, None, timeout, kw)
+
+    def __del__(self) -> None:
+        # Dropped before its end: cancel the attempt, which would otherwise wait for requests.
+        inner = self._inner
+        if inner is not None and not inner.done():
+            inner.cancel()
 
 
 class _StreamStreamCall(_Writes, _StreamResponse, grpc.aio.StreamStreamCall):  # type: ignore[misc]
