@@ -7,8 +7,10 @@ import functools
 import inspect
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
+
+import grpc
 
 from lbkit.errors import ConfigError
 
@@ -17,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     from typing_extensions import dataclass_transform
 
-__all__ = ["check_choice", "check_float", "check_int", "config"]
+__all__ = ["check_choice", "check_float", "check_int", "check_status_codes", "config"]
 
 T = TypeVar("T")
 
@@ -77,3 +79,14 @@ def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...])
     if value not in choices:
         raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
     return str(value)
+
+
+def check_status_codes(owner: str, name: str, codes: object) -> frozenset[grpc.StatusCode]:
+    """Return ``codes`` as a frozenset of failing ``grpc.StatusCode`` members; else raise ConfigError."""
+    if isinstance(codes, (str, bytes, grpc.StatusCode)) or not isinstance(codes, Iterable):
+        raise ConfigError(f"{owner}: {name} must be an iterable of grpc.StatusCode, got {codes!r}")
+    result = frozenset(codes)
+    for code in result:
+        if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+            raise ConfigError(f"{owner}: {name} holds {code!r}, not a failing grpc.StatusCode")
+    return result
