@@ -7,6 +7,7 @@ publishes a new immutable picker (one attribute assignment) after every change.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -19,7 +20,7 @@ from lbkit.endpoint import Endpoint, EndpointHealth, EndpointSet
 from lbkit.events import Cause, Event, EventKind
 from lbkit.health.outlier import OutlierDetection, OutlierDetector
 from lbkit.health.slow_start import SlowStart
-from lbkit.selectors.base import EmptyPicker, Picker, Selector
+from lbkit.selectors.base import EmptyPicker, Picker, RefreshingPicker, Selector, refreshing
 from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import PreferenceOrder, Subsetting, widened
 from lbkit.zones import ZonePlan, ZoneRouter, ZoneRouting
@@ -258,6 +259,8 @@ class BalancerCore:
                 self._ramping or (self._dirty and now >= self._last_rebuild + self._coalesce_window())
             ):
                 self._rebuild(now)
+            if self._building is None:
+                self._refresh_picker(now)
             nxt = self.next_deadline()
         self._flush()
         return nxt
@@ -275,6 +278,9 @@ class BalancerCore:
                     deadlines.append(self.clock() + self._ramp_step())
                 if self._dirty:
                     deadlines.append(self._last_rebuild + self._coalesce_window())
+                timed = refreshing(self.picker)
+                if timed is not None and timed.next_refresh() < math.inf:
+                    deadlines.append(timed.next_refresh())
             return min(deadlines) if deadlines else None
 
     def set_discovery_status(self, stale: bool, reason: str) -> None:
@@ -555,6 +561,21 @@ class BalancerCore:
         self._building = None  # a build still running elsewhere is older than this picker: dropped
         self.rebuilds += 1
         self._picker_changed = True
+        if refreshing(picker) is not None:
+            self._deadline_moved = True  # its refresh is a timer of its own
+
+    def _refresh_picker(self, now: float) -> None:
+        """Run the picker's timed work if due (weighted round robin's weight update): here when it is
+        quick, else handed to :attr:`offload` like a slow build, then published as the same picker."""
+        picker = self.picker
+        timed = refreshing(picker)
+        if timed is None or timed.next_refresh() > now:
+            return
+        size = len(picker.endpoints)
+        if self.offload is not None and self._slow(size):
+            self._building = self._to_offload = PickerBuild(functools.partial(_refreshed, timed, now), size)
+            return
+        timed.refresh(now)
 
     def publish(self, build: PickerBuild, picker: Picker) -> None:
         """Install the picker of a build handed to :attr:`offload` (unless a newer picker replaced it
@@ -562,13 +583,17 @@ class BalancerCore:
         with self._lock:
             if build is not self._building:
                 return
-            self._timed(build)
-            self._install(picker)
-            now = self.clock()
-            self._rebuild_cost = now - self._last_rebuild  # handed over then: on ``clock``, as inline
-            self._last_rebuild = now
-            if self._dirty or self._ramping:
+            if picker is self.picker:  # a refresh of the current picker (see ``_refresh_picker``)
+                self._building = None
                 self._deadline_moved = True
+            else:
+                self._timed(build)
+                self._install(picker)
+                now = self.clock()
+                self._rebuild_cost = now - self._last_rebuild  # handed over then: on ``clock``, as inline
+                self._last_rebuild = now
+                if self._dirty or self._ramping:
+                    self._deadline_moved = True
         self._flush()
 
     def drop_build(self, build: PickerBuild) -> None:
@@ -626,6 +651,11 @@ class BalancerCore:
     def endpoints(self) -> Iterable[Endpoint]:
         """The endpoints discovery reported last."""
         return self.endpoint_set.endpoints
+
+
+def _refreshed(picker: RefreshingPicker, now: float) -> Picker:
+    picker.refresh(now)
+    return picker
 
 
 _LEVELS = {

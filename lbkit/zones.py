@@ -36,7 +36,7 @@ import mmh3
 from lbkit._config import check_float, check_int, config
 from lbkit.endpoint import Endpoint
 from lbkit.errors import ConfigError
-from lbkit.selectors.base import Key, Picker, Selector
+from lbkit.selectors.base import Key, Picker, RefreshingPicker, Selector, refreshing
 from lbkit.stats import Stats
 
 __all__ = [
@@ -205,12 +205,27 @@ class ZonePicker:
     """A picker that routes by zone: its endpoints are every usable one; ``fallback`` picks from all zones
     (for a call that must avoid endpoints it already tried)."""
 
-    __slots__ = ("_endpoints", "fallback", "plan")
+    __slots__ = ("_endpoints", "_timed", "fallback", "plan")
 
     def __init__(self, endpoints: tuple[Endpoint, ...], fallback: Picker, plan: ZonePlan) -> None:
         self._endpoints = endpoints
         self.fallback = fallback
         self.plan = plan
+        self._timed: tuple[RefreshingPicker, ...] = ()
+
+    def _follow(self, pickers: Iterable[Picker]) -> None:
+        """Refresh these pickers (each zone's, and the fallback) with this one."""
+        timed = {id(p): p for p in map(refreshing, (self.fallback, *pickers)) if p is not None}
+        self._timed = tuple(timed.values())
+
+    def next_refresh(self) -> float:
+        """The earliest refresh of the zones' pickers (``math.inf``: none has timed work)."""
+        return min((p.next_refresh() for p in self._timed), default=math.inf)
+
+    def refresh(self, now: float | None = None) -> None:
+        """Refresh the zones' pickers (each does what is due)."""
+        for p in self._timed:
+            p.refresh(now)
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -229,6 +244,7 @@ class LocalZonePicker(ZonePicker):
     def __init__(self, endpoints: tuple[Endpoint, ...], fallback: Picker, plan: ZonePlan, local: Picker):
         super().__init__(endpoints, fallback, plan)
         self._local = local.pick
+        self._follow((local,))
 
     def pick(self, key: Key = None) -> Endpoint:
         """The local zone's pick."""
@@ -263,6 +279,7 @@ class SplitZonePicker(ZonePicker):
         self._rest = tuple(bounds[1:])
         self._last = bounds[-1][1]
         self._random = rng
+        self._follow(picker for _, picker in routes)
 
     def pick(self, key: Key = None) -> Endpoint:
         """One draw against the cumulative odds, then that zone's pick."""

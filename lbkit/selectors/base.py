@@ -10,7 +10,7 @@ from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import NoEndpointsError
 from lbkit.stats import Stats
 
-__all__ = ["EmptyPicker", "Key", "Picker", "Selector"]
+__all__ = ["EmptyPicker", "Key", "Picker", "RefreshingPicker", "Selector", "refreshing"]
 
 Key = str | bytes | None
 
@@ -27,6 +27,25 @@ class Picker(Protocol):
     def pick(self, key: Key = None) -> Endpoint:
         """Choose an endpoint; ``key`` matters only to key-aware policies."""
         ...
+
+
+@runtime_checkable
+class RefreshingPicker(Picker, Protocol):
+    """A picker with work to do over time (weighted round robin recomputing its weights): the balancer's
+    timer calls :meth:`refresh` when :meth:`next_refresh` is due, never a pick."""
+
+    def next_refresh(self) -> float:
+        """When :meth:`refresh` next has work, on the stats' clock (``math.inf``: never)."""
+        ...
+
+    def refresh(self, now: float | None = None) -> None:
+        """Do the work due at ``now`` (default: the stats' clock); safe from any thread, alongside picks."""
+        ...
+
+
+def refreshing(picker: Picker) -> RefreshingPicker | None:
+    """``picker`` if it has timed work (see :class:`RefreshingPicker`), else None."""
+    return picker if callable(getattr(picker, "next_refresh", None)) else None  # type: ignore[return-value]
 
 
 class EmptyPicker:

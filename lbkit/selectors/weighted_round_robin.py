@@ -19,11 +19,13 @@ As in gRFC A58 (and grpc's C-core):
 * endpoints without a weight get the mean of the others'; with fewer than two weights, every endpoint
   gets the same (round robin);
 * weights are clamped to [0.01, 10] times their mean, so no endpoint starves and none takes all;
-* the picker recomputes the weights every ``weight_update_period`` seconds: the first pick that finds
-  them due does it (others meanwhile use the current schedule, never waiting). Shortly before (the last
-  fifth of the period), it asks each endpoint for its next report, so a call brings one (grpcio makes
-  reading a sync call's trailers cost a few percent of the call: one per endpoint per update, not one
-  per call).
+* the picker recomputes the weights every ``weight_update_period`` seconds, in :meth:`refresh`, which the
+  balancer's timer calls when :meth:`~WeightedRoundRobinPicker.next_refresh` is due (the asyncio balancer
+  in a worker thread once the picker is large): never on a pick, so no call pays for an O(N) update
+  (picks meanwhile use the current schedule). Shortly before (the last fifth of the period), a refresh
+  asks each endpoint for its next report, so a call brings one (grpcio makes reading a sync call's
+  trailers cost a few percent of the call: one per endpoint per update, not one per call). A picker
+  used alone, outside a balancer, is refreshed by its owner the same way.
 
 The schedule is :class:`~lbkit.selectors.weighted.AliasPicker`'s: a golden-ratio sequence through an
 alias table, one O(1) lock-free step per pick at any N (a static-stride scheduler, as in C-core, skips
@@ -70,10 +72,11 @@ def schedule_weights(weights: Sequence[float]) -> list[float] | None:
 
 
 class WeightedRoundRobinPicker:
-    """Picks in proportion to weights from load reports, recomputed every ``weight_update_period``.
+    """Picks in proportion to weights from load reports, recomputed every ``weight_update_period`` by
+    :meth:`refresh`.
 
     Its endpoints never change; its schedule is replaced (one attribute assignment) when the weights are
-    recomputed. Picks never block.
+    recomputed. Picks never block and never recompute.
     """
 
     __slots__ = (
@@ -112,18 +115,25 @@ class WeightedRoundRobinPicker:
 
     def pick(self, key: Key = None) -> Endpoint:
         """The next endpoint of the weighted schedule; ``key`` is ignored."""
-        if self._clock() >= self._want and self._lock.acquire(blocking=False):
-            try:
-                now = self._clock()
-                if now >= self._next:
-                    self._refresh(now)
-                elif now >= self._want:
-                    self._want = self._next  # once per update: each endpoint's next call brings a report
-                    for st in self._rows:
-                        st.load_wanted = True
-            finally:
-                self._lock.release()
         return self._pick()
+
+    def next_refresh(self) -> float:
+        """When :meth:`refresh` next has work (clock time): asking for reports, or recomputing the weights."""
+        return self._want if self._want < self._next else self._next
+
+    def refresh(self, now: float | None = None) -> None:
+        """Do what is due at ``now`` (default: the stats' clock): recompute the weights once
+        ``weight_update_period`` has passed since the last time, or, in the last fifth of the period, ask
+        each endpoint for its next load report. Safe from any thread, alongside picks."""
+        with self._lock:
+            if now is None:
+                now = self._clock()
+            if now >= self._next:
+                self._refresh(now)
+            elif now >= self._want:
+                self._want = self._next  # once per update: each endpoint's next call brings a report
+                for st in self._rows:
+                    st.load_wanted = True
 
     def _report_weights(self, now: float) -> list[float]:
         """Each endpoint's weight from its reports as of ``now`` (0: none usable, in blackout or expired),

@@ -38,6 +38,12 @@ def report(
     stats[endpoint.address].record_load(LoadReport(application_utilization=utilization, qps=qps, eps=eps))
 
 
+def timer(picker: Any, clock: FakeClock) -> None:
+    """What a balancer's timer does: refresh the picker when it says it is due."""
+    if picker.next_refresh() <= clock.now:
+        picker.refresh(clock.now)
+
+
 def shares(picker: Any, n: int = 6000) -> dict[str, float]:
     counts = Counter(picker.pick().address for _ in range(n))
     return {address: count / n for address, count in counts.items()}
@@ -62,7 +68,7 @@ def test_weights_follow_reports_once_the_blackout_has_passed() -> None:
     report(stats, B, 0.25)
     assert shares(picker) == {A.address: 0.5, B.address: 0.5}  # still in blackout
     clock.now += 1.0
-    picker.pick()  # the first pick past the update time recomputes
+    timer(picker, clock)  # the update time has come
     assert picker.weights == (200.0, 400.0)
     got = shares(picker)
     assert got[B.address] == pytest.approx(2 / 3, abs=0.01)
@@ -74,6 +80,7 @@ def test_blackout_zero_uses_the_first_report_at_once() -> None:
     report(stats, A, 0.2)
     report(stats, B, 0.8)
     clock.now += 1.0
+    timer(picker, clock)
     assert shares(picker)[A.address] == pytest.approx(0.8, abs=0.01)
 
 
@@ -85,10 +92,29 @@ def test_weights_change_only_every_update_period() -> None:
     assert picker.weights == (200.0, 200.0)
     report(stats, B, 0.125)  # B now weighs 800
     clock.now += 1.9
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (200.0, 200.0)
+    assert picker.next_refresh() == pytest.approx(clock.now + 0.1)
     clock.now += 0.1
-    picker.pick()
+    timer(picker, clock)
+    assert picker.weights == (200.0, 800.0)
+
+
+def test_a_pick_never_recomputes_the_weights() -> None:
+    clock, stats, policy = setup(blackout_period=0.0, weight_update_period=1.0)
+    report(stats, A, 0.5)
+    report(stats, B, 0.5)
+    picker = policy.build([A, B], stats)
+    rows = [stats[A.address], stats[B.address]]
+    for st in rows:
+        st.load_wanted = False
+    report(stats, B, 0.125)
+    clock.now += 5.0  # long past the update, and past the time to ask for reports
+    for _ in range(10):
+        picker.pick()
+    assert picker.weights == (200.0, 200.0)  # the timer's work, not the call path's
+    assert [st.load_wanted for st in rows] == [False, False]
+    picker.refresh()  # on the stats' clock
     assert picker.weights == (200.0, 800.0)
 
 
@@ -99,21 +125,23 @@ def test_each_endpoint_is_asked_for_a_report_once_shortly_before_each_update() -
     for st in rows:
         st.load_wanted = False  # the first calls answered
     clock.now += 0.5
-    picker.pick()
+    timer(picker, clock)
     assert [st.load_wanted for st in rows] == [False, False]
+    assert picker.next_refresh() == pytest.approx(clock.now + 0.3)
     clock.now += 0.35  # the last fifth of the period
-    picker.pick()
+    timer(picker, clock)
     assert [st.load_wanted for st in rows] == [True, True]
     rows[0].load_wanted = False  # A's next call brought its report
-    picker.pick()
-    assert [st.load_wanted for st in rows] == [False, True]  # asked once per update, not per pick
+    timer(picker, clock)
+    assert [st.load_wanted for st in rows] == [False, True]  # asked once per update
+    assert picker.next_refresh() == pytest.approx(clock.now + 0.15)
     clock.now += 0.2
-    picker.pick()  # the update
+    timer(picker, clock)  # the update
     clock.now += 0.5
-    picker.pick()
+    timer(picker, clock)
     assert rows[0].load_wanted is False
     clock.now += 0.35
-    picker.pick()
+    timer(picker, clock)
     assert rows[0].load_wanted is True
 
 
@@ -123,21 +151,21 @@ def test_weights_expire_and_the_blackout_starts_again() -> None:
     report(stats, A, 0.5)
     report(stats, B, 0.25)
     clock.now += 5.0
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (200.0, 400.0)
     clock.now += 30.0
     report(stats, A, 0.5)  # only A keeps reporting
     clock.now += 30.0  # B's last report is 60 s old
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (1.0, 1.0)  # one weight left: round robin
     assert stats[B.address].load_usable_since == float("inf")
     report(stats, B, 0.25)  # B reports again: a new blackout
     clock.now += 4.0
     report(stats, A, 0.5)
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (1.0, 1.0)
     clock.now += 1.0
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (200.0, 400.0)
 
 
@@ -156,7 +184,7 @@ def test_an_endpoint_that_rejoins_waits_out_a_new_blackout() -> None:
     clock.now += 5.0
     for e in (A, B):
         report(stats, e, 0.5)
-    picker.pick()
+    timer(picker, clock)
     assert picker.weights == (200.0, 200.0, 1000.0)
 
 
@@ -204,7 +232,7 @@ def test_endpoint_weights_from_discovery_are_ignored() -> None:
     assert shares(policy.build([heavy, A], stats), 600) == {heavy.address: 0.5, A.address: 0.5}
 
 
-def test_a_due_update_never_makes_a_pick_wait() -> None:
+def test_a_refresh_in_progress_never_makes_a_pick_wait() -> None:
     clock, stats, policy = setup(blackout_period=0.0)
     picker = policy.build([A, B], stats)
     assert isinstance(picker, WeightedRoundRobinPicker)
@@ -222,26 +250,35 @@ def test_a_due_update_never_makes_a_pick_wait() -> None:
     thread.join()
 
 
-def test_concurrent_picks_during_updates_stay_in_proportion() -> None:
+def test_concurrent_picks_during_refreshes_stay_in_proportion() -> None:
     clock, stats, policy = setup(blackout_period=0.0, weight_update_period=0.1)
     report(stats, A, 0.25)  # 400
     report(stats, B, 1.0)  # 100
     picker = policy.build([A, B], stats)
     counts: Counter[str] = Counter()
     lock = threading.Lock()
-    start = threading.Barrier(4)
+    start = threading.Barrier(5)
+    picking = [4]
 
     def worker() -> None:
         mine = Counter()
         start.wait()
-        for i in range(5000):
-            if i % 500 == 0:
-                clock.now += 0.1  # an update comes due while the others pick
+        for _ in range(5000):
             mine[picker.pick().address] += 1
         with lock:
             counts.update(mine)
+            picking[0] -= 1
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    def refresher() -> None:  # a timer refreshing while the others pick, bounded by count
+        start.wait()
+        for _ in range(200):
+            clock.now += 0.1
+            picker.refresh()
+            with lock:
+                if not picking[0]:
+                    return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)] + [threading.Thread(target=refresher)]
     for t in threads:
         t.start()
     for t in threads:
