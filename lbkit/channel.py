@@ -736,10 +736,20 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         late = Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, None)
         if not may_retry(self._c, late, machine.count if machine is not None else 1):
             return
-        with self._lock:
-            if self._got:
+        # Never wait on the timer thread for a call moving past this attempt, which already failed: its
+        # retry may be backing off under the call's lock. Other holders (the first response, a done
+        # callback being added) hold it for an instant.
+        lock = self._lock
+        while not lock.acquire(timeout=0.005):
+            attempt = self._attempt
+            if inner is not self._inner or (attempt is not None and attempt.judged):
+                return
+        try:
+            if self._got or inner is not self._inner:
                 return
             cut.add(inner)
+        finally:
+            lock.release()
         inner.cancel()
 
     def _next_after(self, inner: Any, err: grpc.RpcError) -> Any:

@@ -81,6 +81,27 @@ def test_a_drain_that_runs_out_fails_its_calls_unavailable_and_runs_none_twice(m
     assert b.calls["Predict"] == 0  # none executed a second time
 
 
+def test_a_drained_stream_ends_unavailable_and_is_not_run_again(make_servers):
+    (a,) = make_servers(1, delay=0.5, tokens=20)
+    (b,) = make_servers(1)
+    discovery = lbkit.StaticDiscovery([a.address])
+    clock = FakeClock()
+    with lbkit.Balancer(discovery, drain_timeout=5.0, clock=clock) as lb:
+        lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        stream = stub.StreamPredict(REQ, timeout=30)
+        assert next(stream).served_by == a.address
+        discovery.update([b.address])
+        wait_for(lambda: lb.endpoint_states().get(a.address) == "draining")
+        clock.advance(6.0)
+        with pytest.raises(lbkit.EndpointRemovedError) as info:
+            for _ in stream:
+                pass
+        assert info.value.address == a.address and stream.code() is grpc.StatusCode.UNAVAILABLE
+        wait_for(lambda: lb.stats.total_in_flight == 0)
+    assert b.calls["StreamPredict"] == 0  # it had answered: never retried
+
+
 def test_a_drain_that_runs_out_follows_the_retry_policy(make_servers):
     (a,) = make_servers(1, delay=1.0)
     (b,) = make_servers(1)
@@ -382,3 +403,70 @@ def test_a_stream_without_a_first_response_within_attempt_timeout_moves_elsewher
         assert hung.calls["StreamPredict"] >= 1 and hung.calls["UpdateFeatures"] >= 1
         wait_for(lambda: lb.stats.total_in_flight == 0)
         assert lb.stats[hung.address].failures >= 2  # no answer in time: the endpoint's failure
+
+
+def test_a_stream_backing_off_never_holds_up_the_balancers_timers(make_servers):
+    """A stream whose first attempt failed waits out its backoff where the caller reads; the first-response
+    timer of that attempt, due meanwhile, must not wait for the call (timers run on one thread: every
+    other call's timers and the drains would wait too)."""
+    (bad,) = make_servers(1, fail_rate=1.0)
+    clock = FakeClock()
+    policy = lbkit.RetryPolicy(attempt_timeout=0.3, initial_backoff=100.0, max_backoff=100.0)
+    with lbkit.Balancer([bad.address], retry=policy, clock=clock) as lb:
+        lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        stream = stub.StreamPredict(REQ)
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                next(stream)
+            except BaseException as exc:
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_for(lambda: lb.calls_retried == 1)  # failed at once; now backing off (up to 100 s)
+        clock.advance(0.3)  # the failed attempt's first-response timer is due
+        fired = threading.Event()
+        lb.call_at(clock(), fired.set)
+        assert fired.wait(5), "the balancer's timer thread is held up by a call backing off"
+        stream.cancel()
+        reader.join(5)
+        assert not reader.is_alive() and len(errors) == 1
+
+
+def test_a_backoff_waits_without_spinning(make_servers):
+    """A retry's backoff blocks on the balancer's clock: no busy loop (in asyncio, it would hold the
+    event loop)."""
+    (bad,) = make_servers(1, fail_rate=1.0)
+    clock = FakeClock()
+    policy = lbkit.RetryPolicy(initial_backoff=100.0, max_backoff=100.0)
+    with lbkit.Balancer([bad.address], retry=policy, clock=clock) as lb:
+        lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        waits = [0]
+        wait_change = lb.wait_change
+
+        def counting(until: float, picker: object) -> None:
+            waits[0] += 1
+            wait_change(until, picker)  # type: ignore[arg-type]
+
+        lb.wait_change = counting  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                stub.Predict(REQ, timeout=1000)
+            except BaseException as exc:
+                errors.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(lambda: lb.calls_retried == 1)
+        real = time.monotonic()
+        wait_for(lambda: time.monotonic() - real > 0.5 or waits[0] > 50)
+        assert waits[0] <= 5, f"{waits[0]} waits in 0.5 s of a backoff on a clock that stood still"
+        clock.advance(1000.0)
+        caller.join(5)
+        assert len(errors) == 1 and errors[0].code() is grpc.StatusCode.UNAVAILABLE
