@@ -428,8 +428,10 @@ class Attempts:
 
     @property
     def picker(self) -> Picker | None:
-        """The picker the last pick looked at: a wait for a ready endpoint ends when it is replaced."""
-        return self._picker
+        """The picker whose replacement ends the wait :meth:`next` asked for early: for a ready endpoint,
+        the one the last pick looked at; during a backoff, the current one (a new picker ends no backoff,
+        the driver then asks again)."""
+        return self._picker if self.until is None else self.rules.core.picker
 
     def next(self) -> Member | float:
         """The member to start the next attempt on, or the ``lb.clock`` time to wait until (for a backoff

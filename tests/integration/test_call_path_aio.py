@@ -72,6 +72,25 @@ async def test_a_drain_that_runs_out_fails_its_calls_unavailable_and_runs_none_t
     assert b.calls["Predict"] == 0
 
 
+async def test_a_drain_that_runs_out_follows_the_retry_policy(make_servers):
+    (a,) = make_servers(1, delay=1.0)
+    (b,) = make_servers(1)
+    discovery = lbkit.StaticDiscovery([a.address])
+    clock = FakeClock()
+    async with lbkit.aio.Balancer(discovery, drain_timeout=5.0, clock=clock) as lb:
+        await lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        call = asyncio.ensure_future(stub.Predict(REQ, timeout=30))
+        await async_wait_for(lambda: a.calls["Predict"] == 1)
+        discovery.update([b.address])
+        await async_wait_for(lambda: lb.endpoint_states().get(a.address) == "draining")
+        await async_wait_for(lambda: lb.endpoint_states().get(b.address) == "ready")
+        clock.advance(6.0)
+        await async_wait_for(lambda: lb.calls_retried == 1)  # UNAVAILABLE is retryable: a token spent
+        clock.advance(1.0)  # past the backoff, on the balancer's clock
+        assert (await asyncio.wait_for(call, 10)).served_by == b.address
+
+
 async def test_a_drained_stream_ends_unavailable_not_cancelled(make_servers):
     (a,) = make_servers(1, delay=0.5, tokens=20)
     (b,) = make_servers(1)
