@@ -47,6 +47,7 @@ _LAZY: dict[str, str] = {
     "Balancer": "lbkit.balancer",
     "BalancedChannel": "lbkit.channel",
     "RetryPolicy": "lbkit.retry",
+    "HedgingPolicy": "lbkit.hedging",
     "OutlierDetection": "lbkit.health.outlier",
     "SuccessRateEjection": "lbkit.health.outlier",
     "FailurePercentageEjection": "lbkit.health.outlier",
@@ -83,6 +84,7 @@ __all__ = [
     "EventKind",
     "FailurePercentageEjection",
     "HealthCheck",
+    "HedgingPolicy",
     "LbkitError",
     "LeastConnections",
     "NoEndpointsError",
@@ -127,6 +129,7 @@ if TYPE_CHECKING:
     from lbkit.health.active import HealthCheck
     from lbkit.health.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
     from lbkit.health.slow_start import SlowStart
+    from lbkit.hedging import HedgingPolicy
     from lbkit.retry import RetryPolicy
     from lbkit.selectors.base import Picker, Selector
     from lbkit.selectors.consistent_hash import ConsistentHash

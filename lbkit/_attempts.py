@@ -25,8 +25,9 @@ import tenacity
 
 from lbkit._driver import BalancerBase, Member
 from lbkit.errors import EndpointRemovedError, NoEndpointsError
+from lbkit.hedging import HedgingPolicy, LatencyWindow
 from lbkit.orca import read_load_report
-from lbkit.retry import RetryPolicy
+from lbkit.retry import Policy, RetryPolicy
 from lbkit.selectors.base import Key, Picker
 from lbkit.stats import EndpointStats
 
@@ -57,6 +58,11 @@ _REFUSED = (ValueError, grpc.aio.UsageError)
 """What grpc raises when asked to start a call on a closed channel (sync, asyncio)."""
 
 _PICKS = 4
+
+_HEDGED_KINDS = ("unary_unary", "unary_stream")
+"""Call kinds a hedging policy hedges; client and bidirectional streams under one are sent once."""
+
+_SENT_ONCE = RetryPolicy(max_attempts=1)
 """Picks from the picker before scanning its endpoints for one this call has not tried."""
 
 
@@ -76,6 +82,7 @@ class CallRules:
         "attempt_timeout",
         "core",
         "first_response_timeout",
+        "hedging",
         "kind",
         "lb",
         "load_reports",
@@ -84,20 +91,28 @@ class CallRules:
         "pinned",
         "policy",
         "retrying",
+        "window",
     )
 
-    def __init__(
-        self, lb: BalancerBase, kind: str, policy: RetryPolicy, pinned: Member | None = None
-    ) -> None:
+    def __init__(self, lb: BalancerBase, kind: str, policy: Policy, pinned: Member | None = None) -> None:
         self.lb = lb
         self.core = lb.core
         self.members = lb.members
         self.kind = kind
         self.pinned = pinned
         """The one member a channel from ``lb.pick()`` calls; its calls are never sent elsewhere."""
-        self.policy = policy if pinned is None else RetryPolicy(max_attempts=1)
+        hedging = policy if isinstance(policy, HedgingPolicy) else None
+        self.hedging = hedging if pinned is None and kind in _HEDGED_KINDS else None
+        """The method's hedging policy, for the kinds that are hedged (unary, server streaming)."""
+        self.window: LatencyWindow | None = None
+        """The method's recent latencies, for a percentile hedging delay (set by the channel)."""
+        # Hedged (client and bidi streams under hedging: sent once), or pinned: no retry.
+        self.policy: RetryPolicy = (
+            policy if isinstance(policy, RetryPolicy) and pinned is None else _SENT_ONCE
+        )
+        policy = self.policy
         unary_response = kind in ("unary_unary", "stream_unary")
-        self.attempt_timeout = self.policy.attempt_timeout if unary_response else None
+        self.attempt_timeout = policy.attempt_timeout if unary_response else None
         """The per-attempt timeout given to grpc: calls with one response (an attempt ends with it)."""
         self.first_response_timeout = None if unary_response else self.policy.attempt_timeout
         """For response streams, how long an attempt may wait for its first response (a stream's length

@@ -34,6 +34,9 @@ class CallSpecBase(CallRules, Generic[B]):
         pinned: Member | None = None,
     ) -> None:
         super().__init__(lb, kind, lb.retry_policies.for_method(method), pinned)
+        hedging = self.hedging
+        if hedging is not None and hedging.percentile is not None:
+            self.window = lb.latency_window(method, hedging)
         self.method = method
         self.spec = method_spec(kind, method, ser, deser, registered)
         self.key_fn = key_fn
@@ -75,6 +78,8 @@ class ChannelMethods:
 
     _spec_class: ClassVar[Callable[..., Any]]
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]]
+    _hedged: ClassVar[dict[str, Callable[[Any], Any]]]
+    """The multicallables of methods under a hedging policy (unary and server streaming)."""
 
     def __init__(self, lb: Any, key: KeyFn | None = None, pinned: Member | None = None) -> None:
         self._lb = lb
@@ -83,6 +88,8 @@ class ChannelMethods:
 
     def _make(self, kind: str, method: str, ser: Any, deser: Any, registered: bool) -> Any:
         spec = self._spec_class(self._lb, kind, method, ser, deser, registered, self._key, self._pinned)
+        if spec.hedging is not None:
+            return self._hedged[kind](spec)
         return self._multicallables[kind](spec)
 
     def unary_unary(

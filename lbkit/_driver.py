@@ -22,8 +22,9 @@ from lbkit.events import Cause, Event
 from lbkit.health.active import HealthCheck
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
+from lbkit.hedging import HedgingPolicy, LatencyWindow
 from lbkit.options import POOL_ARG, BalancerOptions
-from lbkit.retry import MethodPolicies, RetryBudget, RetryPolicy
+from lbkit.retry import MethodPolicies, Policy, RetryBudget, RetryPolicy
 from lbkit.selectors.base import Key, Selector
 from lbkit.stats import EndpointStats, Stats
 from lbkit.subsetting import Subsetting
@@ -147,7 +148,7 @@ class BalancerBase:
         discovery: Discovery | Iterable[Endpoint | str],
         *,
         selector: Selector | str = "round_robin",
-        retry: RetryPolicy | Mapping[str, RetryPolicy] | None = None,
+        retry: Policy | Mapping[str, Policy] | None = None,
         health_check: HealthCheck | None = None,
         outlier_detection: OutlierDetection | None = None,
         slow_start: SlowStart | None = None,
@@ -230,6 +231,14 @@ class BalancerBase:
         )
         self.calls_retried = 0
         """Retries made: each time a call that may have reached a server was tried again."""
+        self.hedges_sent = 0
+        """Hedges sent: attempts of hedged calls after the first."""
+        self.hedges_won = 0
+        """Hedged calls a hedge answered first (not the first attempt)."""
+        self.hedges_cancelled = 0
+        """Attempts of hedged calls cancelled because another attempt of the call answered first."""
+        self.latency_windows: dict[str, LatencyWindow] = {}
+        """Recent latencies of each method with an adaptive hedging delay (``hedging_delay="p95"``)."""
         self._retry_lock = threading.Lock()
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -416,6 +425,21 @@ class BalancerBase:
         """Count one retry (a call that may have reached a server, tried again)."""
         with self._retry_lock:
             self.calls_retried += 1
+
+    def note_hedges(self, sent: int = 0, won: int = 0, cancelled: int = 0) -> None:
+        """Count hedges sent, hedged calls a hedge won, and attempts cancelled by a winner."""
+        with self._retry_lock:
+            self.hedges_sent += sent
+            self.hedges_won += won
+            self.hedges_cancelled += cancelled
+
+    def latency_window(self, method: str, policy: HedgingPolicy) -> LatencyWindow:
+        """The one window of recent latencies of ``method`` (made at its first use)."""
+        window = self.latency_windows.get(method)
+        if window is None:
+            made = LatencyWindow(policy.percentile or 95.0, policy.window, policy.min_samples)
+            window = self.latency_windows.setdefault(method, made)
+        return window
 
     @property
     def panic(self) -> bool:

@@ -30,6 +30,7 @@ from lbkit._attempts import (
 )
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
+from lbkit._hedged import HEDGED_MULTICALLABLES
 from lbkit.selectors.base import Key, Picker
 
 __all__ = ["BalancedChannel", "PickedChannel", "RequestTape", "SyncDriver"]
@@ -990,6 +991,7 @@ class BalancedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
 
     _spec_class = CallSpec
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+    _hedged: ClassVar[dict[str, Callable[[Any], Any]]] = HEDGED_MULTICALLABLES
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
@@ -1024,6 +1026,7 @@ class PickedChannel(ChannelMethods, grpc.Channel):  # type: ignore[misc]
 
     _spec_class = CallSpec
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+    _hedged: ClassVar[dict[str, Callable[[Any], Any]]] = HEDGED_MULTICALLABLES
 
     def __init__(self, lb: Any, member: Member) -> None:
         super().__init__(lb, None, member)

@@ -20,7 +20,7 @@ import grpc
 from lbkit._config import check_float, check_int, check_status_codes, config
 from lbkit.errors import ConfigError
 
-__all__ = ["MAX_HEDGED_ATTEMPTS", "HedgingPolicy", "LatencyWindow", "parse_percentile"]
+__all__ = ["MAX_HEDGED_ATTEMPTS", "HedgingPolicy", "LatencyWindow", "hedge_delay", "parse_percentile"]
 
 MAX_HEDGED_ATTEMPTS = 5
 """gRFC A6 caps ``maxAttempts`` at 5 (larger values are treated as 5 there; lbkit rejects them)."""
@@ -57,9 +57,12 @@ class HedgingPolicy:
     non_fatal_status_codes: Iterable[grpc.StatusCode] = ()
     """Statuses that send the next hedge at once instead of ending the call."""
     min_samples: int = 50
-    """With a percentile delay, the latencies a method needs before its calls are hedged."""
+    """With a percentile delay, the latencies a method needs before the percentile is used."""
     window: int = 1000
     """With a percentile delay, how many recent latencies of a method the percentile is taken over."""
+    fallback_delay: float | None = 1.0
+    """With a percentile delay, the delay while the method has fewer than ``min_samples`` latencies (a
+    new client knows nothing of its servers yet): seconds, or None to hedge nothing until then."""
 
     def __post_init__(self) -> None:
         name = "HedgingPolicy"
@@ -78,12 +81,27 @@ class HedgingPolicy:
         object.__setattr__(self, "non_fatal_status_codes", codes)
         check_int(name, "min_samples", self.min_samples, minimum=1)
         check_int(name, "window", self.window, minimum=self.min_samples)
+        if self.fallback_delay is not None:
+            check_float(name, "fallback_delay", self.fallback_delay, minimum=0.0)
 
     @property
     def percentile(self) -> float | None:
         """The percentile of an adaptive delay, or None for a fixed delay."""
         delay = self.hedging_delay
         return parse_percentile(delay) if isinstance(delay, str) else None
+
+
+def hedge_delay(policy: HedgingPolicy, window: LatencyWindow | None) -> float:
+    """Seconds a call under ``policy`` waits for a response before its next hedge: the fixed delay, or
+    the window's percentile once it holds ``min_samples`` latencies (``fallback_delay`` until then;
+    infinity, no hedge, when that is None)."""
+    delay = policy.hedging_delay
+    if not isinstance(delay, str):
+        return delay
+    if window is not None and window.count >= policy.min_samples:
+        return window.threshold
+    fallback = policy.fallback_delay
+    return math.inf if fallback is None else fallback
 
 
 class LatencyWindow:

@@ -150,6 +150,16 @@ _EVENTS = _Spec(
 _RETRIED = _Spec("lbkit_calls_retried", "counter", "Retries of calls on another endpoint.", _S)
 _REFUSED = _Spec("lbkit_retry_budget_refused", "counter", "Retries the retry budget refused.", _S)
 _TOKENS = _Spec("lbkit_retry_budget_tokens", "gauge", "Tokens left in the retry budget.", _S, "min")
+_HEDGES = _Spec("lbkit_hedges", "counter", "Hedges sent: attempts of hedged calls after the first.", _S)
+_HEDGES_WON = _Spec(
+    "lbkit_hedges_won", "counter", "Hedged calls answered first by a hedge, not the first attempt.", _S
+)
+_HEDGES_CANCELLED = _Spec(
+    "lbkit_hedge_attempts_cancelled",
+    "counter",
+    "Attempts of hedged calls cancelled because another attempt of the call answered first.",
+    _S,
+)
 _PANIC = _Spec("lbkit_panic", "gauge", "1 while the balancer is in panic mode, else 0.", _S, "max")
 _PANIC_STARTS = _Spec("lbkit_panic_starts", "counter", "Times the balancer entered panic mode.", _S)
 _DISCOVERY_UPDATES = _Spec("lbkit_discovery_updates", "counter", "Endpoint sets discovery published.", _S)
@@ -208,6 +218,9 @@ _SPECS: tuple[_Spec, ...] = (
     _RETRIED,
     _REFUSED,
     _TOKENS,
+    _HEDGES,
+    _HEDGES_WON,
+    _HEDGES_CANCELLED,
     _PANIC,
     _PANIC_STARTS,
     _DISCOVERY_UPDATES,
@@ -401,6 +414,9 @@ class BalancerCollector:
         sink.add(_RETRIED, (service,), lb.calls_retried)
         sink.add(_REFUSED, (service,), lb.budget.refused)
         sink.add(_TOKENS, (service,), lb.budget.tokens)
+        sink.add(_HEDGES, (service,), lb.hedges_sent)
+        sink.add(_HEDGES_WON, (service,), lb.hedges_won)
+        sink.add(_HEDGES_CANCELLED, (service,), lb.hedges_cancelled)
         self._gather_discovery(lb, service, sink)
 
     def _gather_discovery(self, lb: BalancerBase, service: str, sink: _Sink) -> None:

@@ -12,7 +12,7 @@ from lbkit._config import check_float, config
 from lbkit.errors import ConfigError
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
-from lbkit.retry import MethodPolicies, RetryPolicy
+from lbkit.retry import MethodPolicies, Policy, RetryPolicy
 from lbkit.selectors.base import Selector
 from lbkit.subsetting import Subsetting
 from lbkit.zones import ZoneRouting
@@ -56,10 +56,11 @@ class BalancerOptions:
     """Every option of ``lbkit.Balancer`` and ``lbkit.aio.Balancer``, validated on construction."""
 
     selector: Selector | str = "round_robin"
-    retry: RetryPolicy | Mapping[str, RetryPolicy] | MethodPolicies | None = None
-    """A RetryPolicy for every method, or a mapping of method patterns (``"/pkg.Service/Method"``,
-    ``"/pkg.Service/*"``, ``"*"``) to policies (see :class:`~lbkit.retry.MethodPolicies`); None: the
-    default RetryPolicy(). To turn retries off: RetryPolicy(max_attempts=1)."""
+    retry: Policy | Mapping[str, Policy] | MethodPolicies | None = None
+    """A RetryPolicy or HedgingPolicy for every method, or a mapping of method patterns
+    (``"/pkg.Service/Method"``, ``"/pkg.Service/*"``, ``"*"``) to either (see
+    :class:`~lbkit.retry.MethodPolicies`); None: the default RetryPolicy(). To turn retries off:
+    RetryPolicy(max_attempts=1)."""
     health_check: HealthCheck | None = None
     """Active grpc.health.v1 checks; None: off."""
     outlier_detection: OutlierDetection | None = None

@@ -13,8 +13,9 @@ import grpc
 
 from lbkit._config import check_float, check_int, config
 from lbkit.errors import ConfigError
+from lbkit.hedging import HedgingPolicy
 
-__all__ = ["MethodPolicies", "RetryBudget", "RetryPolicy"]
+__all__ = ["MethodPolicies", "Policy", "RetryBudget", "RetryPolicy"]
 
 
 @config
@@ -74,31 +75,43 @@ _SERVICE = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 _PATTERN = re.compile(rf"/({_SERVICE})/([A-Za-z_][A-Za-z0-9_]*|\*)")
 
 
-class MethodPolicies:
-    """The retry policy of each method, from ``Balancer(retry=...)``.
+Policy = RetryPolicy | HedgingPolicy
+"""What one method is given: retried after a failure, or hedged while it waits (never both)."""
 
-    ``retry`` is a :class:`RetryPolicy` for every method, None for the default ``RetryPolicy()``, or a
-    mapping from method patterns to policies, as gRPC's service config ``methodConfig`` names methods:
-    ``"/pkg.Service/Method"`` (one method), ``"/pkg.Service/*"`` (every method of a service) and ``"*"``
-    (every method). The most specific pattern wins; a method no pattern matches gets ``RetryPolicy()``.
+
+class MethodPolicies:
+    """The retry or hedging policy of each method, from ``Balancer(retry=...)``.
+
+    ``retry`` is a :class:`RetryPolicy` or :class:`~lbkit.HedgingPolicy` for every method, None for the
+    default ``RetryPolicy()``, or a mapping from method patterns to policies, as gRPC's service config
+    ``methodConfig`` names methods: ``"/pkg.Service/Method"`` (one method), ``"/pkg.Service/*"`` (every
+    method of a service) and ``"*"`` (every method). As in ``methodConfig``, where a method has a
+    ``retryPolicy`` or a ``hedgingPolicy``, never both, each pattern maps to one policy of either kind.
+    The most specific pattern wins; a method no pattern matches gets ``RetryPolicy()``.
     """
 
-    __slots__ = ("_exact", "default")
+    __slots__ = ("_exact", "default", "fallback")
 
-    def __init__(self, retry: RetryPolicy | Mapping[str, RetryPolicy] | None = None) -> None:
-        self._exact: dict[str, RetryPolicy] = {}
-        if retry is None or isinstance(retry, RetryPolicy):
-            self.default: RetryPolicy = retry if retry is not None else RetryPolicy()
+    def __init__(self, retry: Policy | Mapping[str, Policy] | None = None) -> None:
+        self._exact: dict[str, Policy] = {}
+        if retry is None or isinstance(retry, (RetryPolicy, HedgingPolicy)):
+            self.fallback: Policy = retry if retry is not None else RetryPolicy()
+            """The policy of methods no pattern names."""
+            self.default: RetryPolicy = retry if isinstance(retry, RetryPolicy) else RetryPolicy()
+            """The retry policy of methods no pattern names (``RetryPolicy()`` when that is a hedging
+            policy): it sizes the balancer's retry budget."""
             return
         if not isinstance(retry, Mapping):
             raise ConfigError(
-                f"Balancer: retry must be a RetryPolicy or a mapping of method patterns to RetryPolicy, "
-                f"got {retry!r}"
+                "Balancer: retry must be a RetryPolicy, a HedgingPolicy or a mapping of method patterns "
+                f"to them, got {retry!r}"
             )
-        default = RetryPolicy()
+        default: Policy = RetryPolicy()
         for pattern, policy in retry.items():
-            if not isinstance(policy, RetryPolicy):
-                raise ConfigError(f"Balancer: retry[{pattern!r}] must be a RetryPolicy, got {policy!r}")
+            if not isinstance(policy, (RetryPolicy, HedgingPolicy)):
+                raise ConfigError(
+                    f"Balancer: retry[{pattern!r}] must be a RetryPolicy or a HedgingPolicy, got {policy!r}"
+                )
             if pattern == "*":
                 default = policy
             elif isinstance(pattern, str) and _PATTERN.fullmatch(pattern):
@@ -108,20 +121,21 @@ class MethodPolicies:
                     f"Balancer: retry has the method pattern {pattern!r}; expected '/pkg.Service/Method', "
                     "'/pkg.Service/*' or '*'"
                 )
-        self.default = default
+        self.fallback = default
+        self.default = default if isinstance(default, RetryPolicy) else RetryPolicy()
 
-    def for_method(self, method: str) -> RetryPolicy:
+    def for_method(self, method: str) -> Policy:
         """The policy of ``method`` (``"/pkg.Service/Method"``, as stubs name it)."""
         exact = self._exact
         if not exact:
-            return self.default
+            return self.fallback
         policy = exact.get(method)
         if policy is None:
-            policy = exact.get(method[: method.rfind("/") + 1] + "*", self.default)
+            policy = exact.get(method[: method.rfind("/") + 1] + "*", self.fallback)
         return policy
 
     def __repr__(self) -> str:
-        return f"MethodPolicies({self._exact!r}, default={self.default!r})"
+        return f"MethodPolicies({self._exact!r}, default={self.fallback!r})"
 
 
 class RetryBudget:

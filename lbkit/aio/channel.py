@@ -31,6 +31,7 @@ from lbkit._attempts import (
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
 from lbkit._grpc_private import finished_code, finished_trailing_metadata, keep_server_status
+from lbkit.aio._hedged import HEDGED_MULTICALLABLES
 from lbkit.selectors.base import Key, Picker
 
 __all__ = ["AsyncDriver", "AsyncRequestTape", "BalancedChannel", "PickedChannel"]
@@ -811,6 +812,7 @@ class BalancedChannel(ChannelMethods):
 
     _spec_class = _Spec
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+    _hedged: ClassVar[dict[str, Callable[[Any], Any]]] = HEDGED_MULTICALLABLES
 
     async def close(self, grace: float | None = None) -> None:
         """Nothing to do: the balancer closes its channels."""
@@ -833,6 +835,7 @@ class PickedChannel(ChannelMethods, grpc.aio.Channel):  # type: ignore[misc]
 
     _spec_class = _Spec
     _multicallables: ClassVar[dict[str, Callable[[Any], Any]]] = _MULTICALLABLES
+    _hedged: ClassVar[dict[str, Callable[[Any], Any]]] = HEDGED_MULTICALLABLES
 
     def __init__(self, lb: Any, member: Member) -> None:
         super().__init__(lb, None, member)

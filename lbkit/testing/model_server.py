@@ -63,6 +63,9 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         self.calls: Counter[str] = Counter()
         self.stalled = 0
         """Calls that stalled (see ``Behavior.stall_rate``)."""
+        self.abandoned = 0
+        """Calls that ended on the client's side (cancelled, or past their deadline) while they stalled or
+        hung here: what a client's cancel looks like from the server."""
         self.headers: Counter[str] = Counter()
         """Metadata keys received, over all calls."""
         self._lock = threading.Lock()
@@ -87,6 +90,8 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
         if b.hang:
             while context.is_active():
                 time.sleep(0.005)
+            with self._lock:
+                self.abandoned += 1
             return
         if stall:
             with self._lock:
@@ -94,6 +99,9 @@ class ModelServicer(pb2_grpc.ModelServiceServicer):
             until = time.monotonic() + b.stall
             while context.is_active() and time.monotonic() < until:
                 time.sleep(min(0.005, max(until - time.monotonic(), 0.0)))
+            if not context.is_active():
+                with self._lock:
+                    self.abandoned += 1
         if fail:
             context.abort(b.fail_code, f"{self.name}: injected failure")
 

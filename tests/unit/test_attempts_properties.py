@@ -14,10 +14,12 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbkit._attempts import OK, SUCCESS, Attempts, CallRules, Outcome, failure
+from lbkit._attempts import OK, SUCCESS, Attempt, Attempts, CallRules, Outcome, failure
 from lbkit._driver import BalancerBase, Member
+from lbkit._hedges import Hedges
 from lbkit.endpoint import EndpointSet
 from lbkit.errors import EndpointRemovedError, NoEndpointsError
+from lbkit.hedging import HedgingPolicy
 from lbkit.retry import RetryPolicy
 from lbkit.testing.clock import FakeClock
 
@@ -252,3 +254,136 @@ def test_the_machine_keeps_its_promises_whatever_happens(case: Case, plan: list)
         assert final is last.error or isinstance(
             final, (EndpointRemovedError, NoEndpointsError, RuntimeError)
         )
+
+
+# ------------------------------------------------------------------------------------------- hedging
+
+HEDGE_EVENTS = ["time", "ok", "unavailable", "internal", "refused", "first", "cancel"]
+
+hedging_policies = st.builds(
+    HedgingPolicy,
+    max_attempts=st.integers(2, 5),
+    hedging_delay=st.sampled_from([0.0, 0.02, 0.2, "p90"]),
+    non_fatal_status_codes=st.sets(st.sampled_from([C.UNAVAILABLE, C.INTERNAL])),
+    min_samples=st.just(1),
+    window=st.just(10),
+    fallback_delay=st.sampled_from([None, 0.05]),
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=hedging_policies,
+    timeout=st.sampled_from([None, 0.1, 0.5]),
+    endpoints=st.integers(1, 4),
+    tokens=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["unary_unary", "unary_stream"]),
+    events=st.lists(st.tuples(st.sampled_from(HEDGE_EVENTS), st.integers(0, 4)), max_size=20),
+)
+def test_the_hedging_machine_keeps_its_promises_whatever_happens(
+    policy: HedgingPolicy, timeout: float | None, endpoints: int, tokens: float, kind: str, events: list
+) -> None:
+    """Hedges never start at or past the deadline, never go to an endpoint the call already has an
+    attempt on while an untried one could be had, cost a token each and stop when the budget is low;
+    the first response wins and what is left is cancelled and counted neutral; nothing stays in flight."""
+    lb = Driver(endpoints, retry=policy, wait_timeout=1.0)
+    clock = lb.clock
+    assert isinstance(clock, FakeClock)
+    budget = lb.budget
+    budget.tokens = tokens * budget.max_tokens
+    rules = CallRules(lb, kind, policy)
+    if policy.percentile is not None:
+        rules.window = lb.latency_window("/m", policy)
+        rules.window.record(0.03)
+    began = clock()
+    deadline = None if timeout is None else began + timeout
+    m = Hedges(rules, None, deadline, began)
+    live: list[Attempt] = []
+    failures_before_decision = 0
+    cancelled: list[Attempt] = []
+    final: BaseException | None = None
+    events = list(events)
+    for _ in range(80):
+        try:
+            action = m.next()
+        except BaseException as exc:
+            final = exc
+            break
+        if isinstance(action, Member):
+            now = clock()
+            if deadline is not None:
+                assert now < deadline, "an attempt started at or past the deadline"
+            untried = [a for a in ADDRESSES[:endpoints] if a not in m.tried]
+            if m.in_flight:
+                assert action.address not in {a.member.address for a in m.in_flight}
+                assert budget.max_tokens == 0 or budget.tokens > budget.max_tokens / 2
+                assert action.address in untried
+            tokens_before, sent_before = budget.tokens, lb.hedges_sent
+            attempt = m.start(action)
+            if m.count > 1:
+                assert lb.hedges_sent == sent_before + 1
+                if budget.max_tokens > 0:
+                    assert budget.tokens == max(0.0, tokens_before - 1.0)
+            assert m.count <= policy.max_attempts
+            live.append(attempt)
+            if deadline is not None:
+                assert attempt.timeout is not None and now + attempt.timeout <= deadline + 1e-9
+            continue
+        if isinstance(action, float):
+            assert action > clock()
+            if deadline is not None:
+                assert action <= deadline
+        event, which = events.pop(0) if events else ("ok", 0)
+        if not live or event == "time":
+            if isinstance(action, float):
+                clock.advance(action - clock())
+            elif not live:
+                break  # nothing to wait for: the machine waits for an endpoint that will not come
+            else:
+                event = "ok"
+        if event == "time" and live:
+            continue
+        if not live:
+            continue
+        attempt = live[which % len(live)]
+        if event == "cancel":
+            for a in m.cancel(RuntimeError("caller cancelled")):
+                cancelled.append(a)
+            continue
+        if event == "first" and kind == "unary_stream":
+            won = not m.stopped
+            losers = m.won(attempt)
+            if won:
+                assert m.winner is attempt and attempt not in losers
+                cancelled.extend(losers)
+            continue
+        live.remove(attempt)
+        member = attempt.member
+        if event == "ok" or event == "first":
+            outcome = SUCCESS
+        elif event == "refused":
+            member.closed = True
+            outcome = failure(ValueError("closed"), member, begun=False)
+            member.closed = False
+        else:
+            code = C.UNAVAILABLE if event == "unavailable" else C.INTERNAL
+            outcome = failure(Err(code), member, cancelled=attempt in cancelled)
+        decided = m.stopped
+        if (not decided or attempt is m.winner) and outcome.sent and outcome.code is not OK:
+            failures_before_decision += 1  # a failure of its own (a winning stream's too), not a loser's
+        losers = m.done(attempt, outcome)
+        cancelled.extend(losers)
+        if not decided and outcome is SUCCESS:
+            assert m.winner is attempt
+            assert set(losers) == {a for a in live}
+    # End whatever is still running (cancelled by a winner, an error, or the test).
+    m.cancel(RuntimeError("test over"))
+    for attempt in live:
+        m.done(attempt, failure(Err(C.CANCELLED), attempt.member, cancelled=True))
+    assert lb.stats.total_in_flight == 0 and all(e.in_flight == 0 for e in lb.stats)
+    assert sum(e.failures for e in lb.stats) == failures_before_decision
+    assert sum(e.successes for e in lb.stats) <= 1, "a hedged call counts as one call"
+    assert m.count <= policy.max_attempts
+    assert lb.hedges_won <= 1 and lb.hedges_sent <= policy.max_attempts - 1
+    if m.winner is not None:
+        assert final is None

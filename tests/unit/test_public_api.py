@@ -31,6 +31,7 @@ LBKIT_ALL = [
     "EventKind",
     "FailurePercentageEjection",
     "HealthCheck",
+    "HedgingPolicy",
     "LbkitError",
     "LeastConnections",
     "NoEndpointsError",

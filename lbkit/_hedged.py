@@ -1,0 +1,539 @@
+"""The sync driver of hedged calls: the hedging machine (:mod:`lbkit._hedges`) over grpc futures and
+streams.
+
+Driven by events, never by a waiting thread: each attempt's end (grpc's done callback), a stream
+attempt's first response (read by a short-lived thread per attempt, as sync grpc has no other way to
+learn of it) and the hedge timer (the balancer's timer loop, ``lb.call_at``) each run one step of the
+machine under the call's lock. A blocking call waits for the call's end. Only a wait for a ready
+endpoint with no attempt in flight runs on a short-lived thread, as a ``future()``'s does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from lbkit._attempts import OK, SUCCESS, Attempt, failure, wants_report
+from lbkit._callspec import CallSpecBase
+from lbkit._driver import Member
+from lbkit._hedges import Hedges
+from lbkit.selectors.base import Picker
+
+__all__ = [
+    "HEDGED_MULTICALLABLES",
+    "HedgedCall",
+    "HedgedStream",
+    "HedgedUnary",
+    "HedgedUnaryStream",
+    "HedgedUnaryUnary",
+]
+
+_NO_RESPONSE = object()
+"""A stream attempt that ended OK without a response (its first read met the end)."""
+
+
+class _Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """The error of a hedged call the caller cancelled."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Locally cancelled by application!"
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+class HedgedCall:
+    """One hedged call's attempts, run by events (see the module doc); the end is :attr:`ended`."""
+
+    stream = False
+
+    def __init__(self, c: CallSpecBase[Any], request: Any, timeout: float | None, kw: dict[str, Any]) -> None:
+        key, kw["metadata"] = c.route(kw["metadata"], request)
+        lb = c.lb
+        began = lb.clock()
+        self._c = c
+        self._request = request
+        self._kw = kw
+        self._machine = Hedges(c, key, None if timeout is None else began + timeout, began)
+        self._cond = threading.Condition(threading.Lock())
+        self._calls: dict[Attempt, Any] = {}
+        self._firsts: dict[Attempt, Any] = {}
+        self._timer: float | None = None
+        self._waiting = False
+        self._cancelled = False
+        self.ended = threading.Event()
+        """Set once the call is decided: a winner (for a stream, with its first response) or an error."""
+        self.error: BaseException | None = None
+        self.inner: Any = None
+        """The winning attempt's grpc call."""
+        self.first: Any = _NO_RESPONSE
+        """A stream's first response (read by its attempt's reader)."""
+        self._callbacks: list[Callable[[], None]] = []
+        self._step()
+
+    # ----------------------------------------------------------------- the machine's steps
+
+    def _step(self) -> None:
+        """Ask the machine what to do until it says to wait; start attempts, arm the timer, or end."""
+        machine = self._machine
+        lb = self._c.lb
+        started: list[tuple[Attempt, Any]] = []
+        cancel: list[Any] = []
+        with self._cond:
+            while True:
+                try:
+                    action = machine.next()
+                except BaseException as err:
+                    cancel = [self._calls[a] for a in machine.in_flight if a in self._calls]
+                    self._end(err)
+                    break
+                if action is None:
+                    break
+                if isinstance(action, float):
+                    if machine.in_flight:
+                        if self._timer is None or action < self._timer:
+                            self._timer = action
+                            lb.call_at(action, self._tick)
+                    elif not self._waiting:
+                        self._waiting = True
+                        threading.Thread(
+                            target=self._wait, args=(action, machine.picker), daemon=True
+                        ).start()
+                    break
+                attempt = machine.start(action)
+                try:
+                    inner = self._begin(action, attempt)
+                except BaseException as exc:
+                    cancel.extend(
+                        self._calls[a] for a in machine.done(attempt, failure(exc, action, begun=False))
+                    )
+                    continue
+                self._calls[attempt] = inner
+                started.append((attempt, inner))
+        for inner in cancel:
+            inner.cancel()
+        for attempt, inner in started:
+            self._watch(attempt, inner)
+        self._fire()
+
+    def _tick(self) -> None:
+        with self._cond:
+            self._timer = None
+        self._step()
+
+    def _wait(self, until: float, picker: Picker | None) -> None:
+        self._c.lb.wait_change(until, picker)
+        with self._cond:
+            self._waiting = False
+        self._step()
+
+    def _begin(self, member: Member, attempt: Attempt) -> Any:
+        raise NotImplementedError
+
+    def _watch(self, attempt: Attempt, inner: Any) -> None:
+        inner.add_done_callback(lambda call: self._attempt_done(attempt, call))
+
+    def _attempt_done(self, attempt: Attempt, inner: Any) -> None:
+        """grpc's done callback of one attempt: count it; the machine decides what it means."""
+        machine = self._machine
+        code = inner.code()
+        with self._cond:
+            if code is OK:
+                trailers = (
+                    inner.trailing_metadata() if wants_report(self._c.lb, attempt.member.stats) else None
+                )
+                losers = machine.done(attempt, SUCCESS, trailers)
+            else:
+                outcome = failure(
+                    inner, attempt.member, responded=attempt in self._firsts, cancelled=self._cancelled
+                )
+                losers = machine.done(attempt, outcome)
+            self._calls.pop(attempt, None)
+            cancel = [self._calls[a] for a in losers if a in self._calls]
+            if machine.winner is attempt:
+                self._won(attempt, inner)
+        for call in cancel:
+            call.cancel()
+        if machine.winner is None:
+            self._step()
+        else:
+            self._fire()
+
+    def _won(self, attempt: Attempt, inner: Any) -> None:
+        """Under the lock: ``attempt`` won; the call ends once a stream's first response is at hand."""
+        if self.ended.is_set():
+            return
+        self.inner = inner
+        if not self.stream or attempt in self._firsts:
+            if self.stream:
+                self.first = self._firsts[attempt]
+            self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        """Under the lock: the call is decided."""
+        if self.ended.is_set():
+            return
+        self.error = error
+        self.ended.set()
+        self._cond.notify_all()
+
+    def _fire(self) -> None:
+        """Run the caller's callbacks once the call is over (outside the lock)."""
+        if not self.ended.is_set() or not self._callbacks:
+            return
+        with self._cond:
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def on_end(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` once the call is decided; False (not added) if it is already."""
+        with self._cond:
+            if not self.ended.is_set():
+                self._callbacks.append(callback)
+                return True
+        return False
+
+    def cancel(self) -> bool:
+        """The caller cancels: every attempt in flight is cancelled."""
+        with self._cond:
+            if self.ended.is_set() and self.error is not None:
+                return False
+            self._cancelled = True
+            attempts = self._machine.cancel(_Cancelled())
+            cancel = [self._calls[a] for a in attempts if a in self._calls]
+            if self.inner is not None:
+                cancel.append(self.inner)
+            self._end(self._machine.error if self.error is None and self.inner is None else self.error)
+        for inner in cancel:
+            inner.cancel()
+        if not cancel:
+            self._c.lb.wake()
+        self._fire()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the call to be decided; True if it is."""
+        return self.ended.wait(timeout)
+
+    def time_remaining(self) -> float | None:
+        deadline = self._machine.deadline
+        return None if deadline is None else max(deadline - self._c.lb.clock(), 0.0)
+
+
+class HedgedUnary(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A hedged unary call as a grpc.Future (what ``future()`` returns; a blocking call waits on it)."""
+
+    def _begin(self, member: Member, attempt: Attempt) -> Any:
+        mc = member.callables.get(self._c.spec) or member.callable(self._c.spec)
+        return mc.future(self._request, timeout=attempt.timeout, **self._kw)
+
+    def blocking(self, with_call: bool) -> Any:
+        """The blocking call's answer: the winner's response (and its call), or the call's error."""
+        try:
+            self.ended.wait()
+        except BaseException:
+            self.cancel()
+            raise
+        if self.error is not None:
+            raise self.error
+        return (self.inner.result(), self.inner) if with_call else self.inner.result()
+
+    # grpc.Future
+    def cancelled(self) -> bool:
+        return self._cancelled and self.ended.is_set()
+
+    def running(self) -> bool:
+        return not self.ended.is_set()
+
+    def done(self) -> bool:
+        return self.ended.is_set()
+
+    def _settled(self, timeout: float | None) -> None:
+        if not self.ended.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        if self._cancelled:
+            raise grpc.FutureCancelledError()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._settled(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.inner.result()
+
+    def exception(self, timeout: float | None = None) -> Any:
+        self._settled(timeout)
+        return self.error
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        self._settled(timeout)
+        return None if self.error is None else self.error.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        if not self.on_end(lambda: fn(self)):
+            fn(self)
+
+    # grpc.Call, of the winning attempt (or the call's error)
+    def is_active(self) -> bool:
+        return not self.ended.is_set()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return self.on_end(callback)
+
+    def _held(self) -> Any:
+        self.ended.wait()
+        error = self.error
+        return error if error is not None and hasattr(error, "code") else self.inner
+
+    def initial_metadata(self) -> Any:
+        return self._held().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._held().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._held().code()
+
+    def details(self) -> str:
+        return self._held().details()  # type: ignore[no-any-return]
+
+
+class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A hedged server stream: hedged until its first response, then the winner's stream."""
+
+    stream = True
+
+    def _begin(self, member: Member, attempt: Attempt) -> Any:
+        mc = member.callables.get(self._c.spec) or member.callable(self._c.spec)
+        return mc(self._request, timeout=attempt.timeout, **self._kw)
+
+    def _watch(self, attempt: Attempt, inner: Any) -> None:
+        super()._watch(attempt, inner)
+        threading.Thread(target=self._read_first, args=(attempt, inner), daemon=True).start()
+
+    def _read_first(self, attempt: Attempt, inner: Any) -> None:
+        """An attempt's reader: its first response (or its end) decides the call if it comes first."""
+        try:
+            first = next(inner)
+        except StopIteration:
+            first = _NO_RESPONSE  # ended OK without a response: grpc's done callback decides
+        except grpc.RpcError:
+            return  # failed: grpc's done callback counts it and decides
+        cancel: list[Any] = []
+        machine = self._machine
+        with self._cond:
+            self._firsts[attempt] = first
+            if first is not _NO_RESPONSE:
+                losers = machine.won(attempt)
+                cancel = [self._calls[a] for a in losers if a in self._calls]
+            if machine.winner is attempt:
+                self._won(attempt, inner)
+        for call in cancel:
+            call.cancel()
+        self._fire()
+
+    def __iter__(self) -> HedgedStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self.first is not _NO_RESPONSE:
+            first, self.first = self.first, _NO_RESPONSE
+            return first
+        if not self.ended.is_set():
+            try:
+                self.ended.wait()
+            except BaseException:
+                self.cancel()
+                raise
+            return self.__next__()
+        if self.error is not None:
+            raise self.error
+        return next(self.inner)
+
+    def next(self) -> Any:
+        return self.__next__()
+
+    def __del__(self) -> None:
+        calls = getattr(self, "_calls", None)
+        if calls:
+            for inner in list(calls.values()):
+                inner.cancel()
+
+    # grpc.Call / grpc.Future, of the winning stream (or the call's error)
+    def _held(self) -> Any:
+        self.ended.wait()
+        error = self.error
+        return error if error is not None and hasattr(error, "code") else self.inner
+
+    def is_active(self) -> bool:
+        return not self.ended.is_set() or (self.error is None and bool(self.inner.is_active()))
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.ended.wait()
+        if self.error is not None:
+            return False
+        return bool(self.inner.add_callback(callback))
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        def fire() -> None:
+            if self.error is not None:
+                fn(self)
+            else:
+                self.inner.add_done_callback(lambda _call: fn(self))
+
+        if not self.on_end(fire):
+            fire()
+
+    def initial_metadata(self) -> Any:
+        return self._held().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._held().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._held().code()
+
+    def details(self) -> str:
+        return self._held().details()  # type: ignore[no-any-return]
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def running(self) -> bool:
+        return self.is_active()
+
+    def done(self) -> bool:
+        return self.ended.is_set() and (self.error is not None or bool(self.inner.done()))
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.ended.wait()
+        if self.error is not None:
+            raise self.error
+        return self.inner.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        self.ended.wait()
+        return self.error if self.error is not None else self.inner.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        self.ended.wait()
+        error = self.error
+        return error.__traceback__ if error is not None else self.inner.traceback(timeout)
+
+
+class HedgedUnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    """The multicallable of a hedged server-streaming method."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpecBase[Any]) -> None:
+        self._c = c
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return HedgedStream(self._c, request, timeout, kw)
+
+
+class HedgedUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """The multicallable of a hedged unary method."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, c: CallSpecBase[Any]) -> None:
+        self._c = c
+
+    def _call(self, request: Any, timeout: float | None, kw: dict[str, Any]) -> HedgedUnary:
+        return HedgedUnary(self._c, request, timeout, kw)
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._call(request, timeout, kw).blocking(False)
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._call(request, timeout, kw).blocking(True)
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """A grpc.Future for the hedged call."""
+        kw = {
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._call(request, timeout, kw)
+
+
+HEDGED_MULTICALLABLES: dict[str, Callable[[Any], Any]] = {
+    "unary_unary": HedgedUnaryUnary,
+    "unary_stream": HedgedUnaryStream,
+}
+"""The multicallables of the call kinds a hedging policy hedges."""
