@@ -98,7 +98,9 @@ def main() -> None:
                 weighted_fast = report("Weighted", *run_load(lb), kind)
 
             discovery = lbkit.ConsulDiscovery("gpu-pool", address=consul.address)
-            with lbkit.Balancer(discovery, selector=lbkit.PeakEwma()) as lb:
+            # A 1 s decay window (the default is 10 s) for a run of a few seconds: one latency spike
+            # (a busy machine) then marks a fast server slow for about a second, not for the whole run.
+            with lbkit.Balancer(discovery, selector=lbkit.PeakEwma(), latency_decay=1.0) as lb:
                 lb.wait_ready(count=len(servers))
                 ewma_fast = report("PeakEwma", *run_load(lb), kind)
 
