@@ -555,7 +555,9 @@ async def _ticker_while(done: asyncio.Event) -> list[float]:
     return gaps
 
 
-async def _grow(address: str, service: str, start: int, end: int, *, on_loop: bool) -> dict[str, Any]:
+async def _grow(
+    address: str, service: str, start: int, end: int, *, on_loop: bool, min_window: float = 5.0
+) -> dict[str, Any]:
     """Grow ``service`` from ``start`` to ``end`` instances while an asyncio watcher runs; a ticker's gaps."""
     setup = _register_range(address, service, 0, start, f"{service}-")
     await asyncio.to_thread(setup.wait, 300)
@@ -576,7 +578,7 @@ async def _grow(address: str, service: str, start: int, end: int, *, on_loop: bo
         while not seen or seen[-1] < start:
             await asyncio.sleep(0.01)
         # Processes are started off the loop, before the ticker: a fork is no stall of the watcher's.
-        window = max(5.0, (end - start) / 1000.0 * 2.0)
+        window = max(min_window, (end - start) / 1000.0 * 2.0)
         control = await asyncio.to_thread(
             subprocess.Popen, [sys.executable, "-c", _CONTROL, str(window)], stdout=subprocess.PIPE, text=True
         )
@@ -604,11 +606,13 @@ async def _grow(address: str, service: str, start: int, end: int, *, on_loop: bo
     }
 
 
-def _stall(start: int, end: int, progress: Progress) -> dict[str, Any]:
+def _stall(start: int, end: int, progress: Progress, min_window: float = 5.0) -> dict[str, Any]:
     with _consul_process() as address:
-        lbkit = asyncio.run(_grow(address, "grow-lbkit", start, end, on_loop=False))
+        lbkit = asyncio.run(_grow(address, "grow-lbkit", start, end, on_loop=False, min_window=min_window))
         progress.step("event loop, lbkit")
-        baseline = asyncio.run(_grow(address, "grow-baseline", start, end, on_loop=True))
+        baseline = asyncio.run(
+            _grow(address, "grow-baseline", start, end, on_loop=True, min_window=min_window)
+        )
         progress.step("event loop, decoding on the loop")
     return {"lbkit": lbkit, "on_loop": baseline, "start": start, "end": end}
 
@@ -629,7 +633,7 @@ def run(quick: bool = False) -> Result:
     trials = 1 if quick else 5
     updates = 6 if quick else 40
     big = 200 if quick else BIG
-    grow = (200, 800) if quick else (1000, 10_000)
+    grow = (100, 400) if quick else (1000, 10_000)
     progress = Progress("consul_propagation", 3 * changes + maint + trials + updates + 2)
     scenarios = [("deregister", True), ("ttl", True), ("deregister", False)]
     latency: dict[str, list[float]] = {}
@@ -641,7 +645,7 @@ def run(quick: bool = False) -> Result:
         maintenance = _maintenance(server, maint, progress)
         cost = _cost(server, updates, progress, big)
     failover = _failover(trials, progress)
-    stall = _stall(*grow, progress)
+    stall = _stall(*grow, progress, min_window=1.5 if quick else 5.0)
     progress.close()
 
     rows = []
