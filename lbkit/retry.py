@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from lbkit._config import check_float, check_int, config
+from lbkit._config import check_float, check_int, check_status_codes, config
 from lbkit.errors import ConfigError
 from lbkit.hedging import HedgingPolicy
 
@@ -53,16 +53,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         name = "RetryPolicy"
         check_int(name, "max_attempts", self.max_attempts, minimum=1)
-        codes = self.retryable_codes
-        if isinstance(codes, (str, bytes, grpc.StatusCode)) or not isinstance(codes, Iterable):
-            raise ConfigError(
-                f"{name}: retryable_codes must be an iterable of grpc.StatusCode, got {codes!r}"
-            )
-        frozen = frozenset(codes)
-        for c in frozen:
-            if not isinstance(c, grpc.StatusCode) or c is grpc.StatusCode.OK:
-                raise ConfigError(f"{name}: retryable_codes holds {c!r}, not a failing grpc.StatusCode")
-        object.__setattr__(self, "retryable_codes", frozen)
+        codes = check_status_codes(name, "retryable_codes", self.retryable_codes)
+        object.__setattr__(self, "retryable_codes", codes)
         check_float(name, "initial_backoff", self.initial_backoff, minimum=0.0)
         check_float(name, "max_backoff", self.max_backoff, minimum=self.initial_backoff)
         check_float(name, "budget_max_tokens", self.budget_max_tokens, minimum=0.0)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from lbkit._config import check_float, check_int, config
+from lbkit._config import check_float, check_int, check_status_codes, config
 from lbkit.errors import ConfigError
 from lbkit.events import Cause, Event, EventKind
 from lbkit.stats import EndpointStats, Stats
@@ -133,7 +133,8 @@ class OutlierDetection:
         owner = "OutlierDetection"
         if self.consecutive_failures is not None:
             check_int(owner, "consecutive_failures", self.consecutive_failures, minimum=1)
-        object.__setattr__(self, "failure_codes", _check_codes(self.failure_codes))
+        codes = check_status_codes(owner, "failure_codes", self.failure_codes)
+        object.__setattr__(self, "failure_codes", codes)
         check_float(owner, "interval", self.interval, minimum=0.0, strict_min=True)
         check_float(owner, "base_ejection_time", self.base_ejection_time, minimum=0.0, strict_min=True)
         check_float(owner, "max_ejection_time", self.max_ejection_time, minimum=0.0)
@@ -165,22 +166,6 @@ class OutlierDetection:
     def ejection_cap(self) -> float:
         """The longest ejection before jitter: ``max(base_ejection_time, max_ejection_time)``."""
         return max(self.base_ejection_time, self.max_ejection_time)
-
-
-def _check_codes(codes: object) -> frozenset[grpc.StatusCode]:
-    if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable):
-        raise ConfigError(
-            f"OutlierDetection: failure_codes must be an iterable of grpc.StatusCode, got {codes!r}"
-        )
-    result = frozenset(codes)
-    for code in result:
-        if not isinstance(code, grpc.StatusCode):
-            raise ConfigError(
-                f"OutlierDetection: failure_codes must hold grpc.StatusCode members, got {code!r}"
-            )
-        if code is grpc.StatusCode.OK:
-            raise ConfigError("OutlierDetection: failure_codes must not hold grpc.StatusCode.OK")
-    return result
 
 
 @dataclass
