@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,5 +74,7 @@ def test_adding_one_moves_about_its_share(eps: list[Endpoint], algorithm: str) -
         assert moved == to_new  # keys move only onto the new endpoint
         assert 0.4 * ideal - 15 <= to_new <= 1.7 * ideal + 15  # 100 ring points: share within ~30%
     else:
-        assert 0.8 * ideal - 15 <= to_new <= 1.2 * ideal + 15
+        # The table gives the new endpoint its share to one slot per unit of weight; the fixed keys are
+        # a sample of it, so the count is binomial: within 5 standard deviations (sd <= sqrt(ideal)).
+        assert abs(to_new - ideal) <= 5 * math.sqrt(ideal)
         assert moved <= 2 * ideal + 30
