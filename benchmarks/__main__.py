@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import Result, machine_info, markdown_table, median, render_result
+from benchmarks.selector_blocks import SELECTOR_BLOCKS
 
 __all__ = [
     "BLOCKS",
@@ -153,7 +154,10 @@ def summary_vs_round_robin(results: Mapping[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[Mapping[str, Any]], str | None]] = {"vs-round-robin": summary_vs_round_robin}
+BLOCKS: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+    "vs-round-robin": summary_vs_round_robin,
+    **SELECTOR_BLOCKS,
+}
 """Generated blocks of the docs pages, by name: a page holds ``<!-- benchmarks:NAME:begin -->`` and
 ``<!-- benchmarks:NAME:end -->`` lines, and ``--update-docs`` replaces what is between them."""
 

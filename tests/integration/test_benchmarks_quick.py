@@ -207,3 +207,53 @@ def test_the_e2e_cpu_goal_follows_the_reference_where_it_costs_more() -> None:
 
     assert cpu_goal(None) == cpu_goal(1.01) == cpu_goal(CPU_GOAL) == CPU_GOAL
     assert cpu_goal(1.14) == REFERENCE_GOAL * 1.14  # sync streams: one event thread per channel
+
+
+def test_selector_pages_quote_generated_figures_only(tmp_path: Path) -> None:
+    from benchmarks.__main__ import BLOCKS, block_pattern, refresh_blocks
+    from benchmarks.selector_blocks import SELECTOR_BLOCKS
+
+    pages = sorted((ROOT / "docs" / "selectors").glob("*.md"))
+    for name in SELECTOR_BLOCKS:
+        assert name in BLOCKS
+        assert sum(bool(block_pattern(name).search(p.read_text())) for p in pages) == 1, name
+    for page in pages:
+        typed = page.read_text()
+        for name in SELECTOR_BLOCKS:
+            typed = block_pattern(name).sub("", typed)
+        assert MEASURED.findall(typed) == [] and RATIO.findall(typed) == [], page.name
+
+    # A full run's figures fill every block; a quick run's fill none.
+    sizes = (3, 100, 1000, 10000)
+    labels = [
+        "baseline random.choice",
+        "baseline itertools.cycle",
+        "baseline static stride, weights 1..10",
+        "round_robin",
+        "least_connections",
+        "weighted",
+        "peak_ewma",
+        "consistent_hash maglev",
+        "consistent_hash ring",
+        "weighted_round_robin",
+    ]
+    selectors = {
+        "pick_ns": {label: [[n, 100.0 + i + n / 1000] for n in sizes] for i, label in enumerate(labels)},
+        "rebuild_ms_1000": {"round_robin": 0.25, "consistent_hash ring, weights 1..10": 123.4},
+    }
+    slow = {"share": 0.0, "p99_ms": 7.5}
+    healthy = {"share": 0.25, "p99_ms": 5.0}
+    faults = {"slow": {"native round_robin": {"healthy": healthy, "slow": {"share": 0.25, "p99_ms": 210.0}}}}
+    faults["slow"]["lbkit peak_ewma"] = {"healthy": healthy, "slow": slow}
+    for page in pages:
+        (tmp_path / page.name).write_text(page.read_text())
+    quick = {"selectors": {"data": {**selectors, "quick": True}}}
+    assert refresh_blocks(quick, tmp_path) == []
+    full = {"selectors": {"data": {**selectors, "quick": False}}, "faults": {"data": faults}}
+    assert len(refresh_blocks(full, tmp_path)) == len(SELECTOR_BLOCKS)
+    ring = _generated(tmp_path / "consistent-hash.md", "selector:consistent_hash")
+    assert "| consistent_hash ring, ns per pick | 108 | 108 | 109 | 118 |" in ring
+    assert "123.4 ms (consistent_hash ring, weights 1..10)" in ring
+    ewma = _generated(tmp_path / "peak-ewma.md", "selector:peak_ewma")
+    assert "peak_ewma sent it 0.0% of the calls, with a p99 of 7.5 ms against 5.0 ms" in ewma
+    assert "native round_robin sent it 25.0%, p99 210.0 ms" in ewma
