@@ -46,6 +46,7 @@ MODULES = (
     "e2e",
     "faults",
     "load_reports",
+    "tail",
     "consul_propagation",
     "consul_picker",
     "scale",

@@ -39,8 +39,10 @@ from lbkit.errors import ConfigError
 from lbkit.events import Event, EventKind
 from lbkit.stats import EndpointStats, Stats
 
-__all__ = ["DEFAULT_SELECTORS", "DemoOptions", "main", "run_demo"]
+__all__ = ["DEFAULT_SELECTORS", "SCENARIOS", "DemoOptions", "main", "run_demo"]
 
+SCENARIOS = ("selectors", "tail")
+"""What ``--scenario`` may name; the first is the default."""
 DEFAULT_SELECTORS = ("round_robin", "least_connections", "weighted", "consistent_hash", "peak_ewma")
 PLOT_NAME = "lbkit-demo.png"
 
@@ -93,9 +95,16 @@ class DemoOptions:
     """Most calls in flight at once."""
     delay_ms: float = 10.0
     """Milliseconds each call takes on a normal server (the slow one takes twice that)."""
+    scenario: str = "selectors"
+    """``selectors`` (each selector against faults) or ``tail`` (hedged calls against a noisy neighbour,
+    and weights from load reports)."""
 
     def __post_init__(self) -> None:
         owner = "lbkit demo"
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(
+                f"{owner}: scenario must be one of {', '.join(SCENARIOS)}, got {self.scenario!r}"
+            )
         check_float(owner, "duration", self.duration, minimum=1.0, maximum=600.0)
         check_float(owner, "rate", self.rate, minimum=1.0, maximum=5000.0)
         check_int(owner, "concurrency", self.concurrency, minimum=1)
@@ -464,9 +473,32 @@ def run_demo(opts: DemoOptions, *, out: TextIO | None = None, err: TextIO | None
         signal.signal(signal.SIGTERM, previous)
 
 
+def _run_tail(opts: DemoOptions, out: TextIO, err: TextIO) -> int:
+    from lbkit._demo.tail import PLOT_NAME as TAIL_PLOT
+    from lbkit._demo.tail import run_tail
+
+    progress = Progress(err)
+    try:
+        path = os.path.join(os.path.dirname(_plot_path(opts.out)), TAIL_PLOT) if opts.plot else None
+        run_tail(opts, out, progress, path)
+    except KeyboardInterrupt:
+        progress.done()
+        err.write("\ninterrupted: stopping everything...\n")
+        return 130
+    except Exception as exc:
+        progress.done()
+        err.write(f"lbkit demo failed: {type(exc).__name__}: {exc}\n")
+        return 1
+    progress.done()
+    out.flush()
+    return 0
+
+
 def _run_demo(opts: DemoOptions, out: TextIO | None, err: TextIO | None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    if opts.scenario == "tail":
+        return _run_tail(opts, out, err)
     progress = Progress(err)
     handler = _LogToProgress(progress)
     lbkit_log = logging.getLogger("lbkit")
@@ -551,6 +583,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rate", type=float, default=300.0, help="client calls per second (default 300)")
     parser.add_argument("--concurrency", type=int, default=16, help="most calls in flight (default 16)")
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=SCENARIOS[0],
+        help="selectors: each selector against faults (default); tail: hedged calls against a noisy "
+        "neighbour, and weights from the servers' load reports",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> DemoOptions:
@@ -565,6 +604,7 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         service=args.service,
         rate=args.rate,
         concurrency=args.concurrency,
+        scenario=args.scenario,
     )
 
 

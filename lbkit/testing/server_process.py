@@ -11,6 +11,7 @@ It starts ``count`` :class:`~lbkit.testing.model_server.ModelServer` s on 127.0.
 ``slow I MS``        server I takes MS milliseconds per call (per token when streaming)
 ``fail I RATE``      server I fails that share of calls (0..1) with UNAVAILABLE
 ``hang I on|off``    server I answers nothing until the deadline
+``stall I RATE MS``  server I stalls that share of calls (0..1) MS milliseconds first (a noisy neighbour)
 ``serving I on|off`` server I's grpc.health.v1 status
 ``calls``            ``OK n0,n1,...``: calls each server received since start or ``reset``
 ``reset``            zero the call counts
@@ -119,6 +120,14 @@ class _Servers:
                 server.start()
                 self._stopped.discard(index)
             return server.address
+        if verb == "stall" and len(args) == 3:
+            index, server = self._server(args[0])
+            rate = float(args[1])
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"stall rate must be in [0, 1], got {rate}")
+            server.behavior.stall_rate = rate
+            server.behavior.stall = max(float(args[2]), 0.0) / 1e3
+            return ""
         if len(args) != 2:
             raise ValueError(f"unknown command {' '.join(words)!r}")
         index, server = self._server(args[0])

@@ -100,6 +100,16 @@ def test_quick_suite_writes_report_json_and_plots_and_leaves_the_docs_alone(tmp_
     assert zones["grpc"]["failed"] == 0 and len(zones["grpc"]["steps"]) == 3
     assert (plots / "zones.png").stat().st_size > 1000 and "zones.png" in report
 
+    # Tail: every variant measured, the goals of "p95" judged in the run against no hedging.
+    from benchmarks.tail import GOALS, VARIANTS
+
+    for api in modules["tail"]["data"]["apis"].values():
+        assert set(api["variants"]) == set(VARIANTS) and all(v["calls"] > 0 for v in api["variants"].values())
+        assert set(api["goals"]) == set(GOALS) and all(
+            isinstance(g["pass"], bool) for g in api["goals"].values()
+        )
+        assert api["variants"]["no hedging"]["hedges_sent"] == 0
+
     # Faults: native grpcio appears unconfigured and at its best, next to lbkit, on the same fault.
     clients = {row[1] for row in modules["faults"]["tables"][0]["rows"] if row[0] == "fails every call"}
     assert clients == {"native round_robin", "native round_robin, configured", "lbkit round_robin"}

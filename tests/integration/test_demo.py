@@ -273,3 +273,28 @@ def test_a_refused_consul_is_told_by_the_error_type_not_its_text() -> None:
     # An agent's answer that merely says "refused" is shown as it is.
     answer = RegistrationError(403, "ACL refused: permission denied")
     assert _short(answer) == "ACL refused: permission denied"
+
+
+def test_the_tail_scenario_hedges_reports_weights_draws_and_stops_everything(tmp_path: Path) -> None:
+    result = _demo(
+        "--scenario", "tail", "--duration", "1", "--out", str(tmp_path), cwd=tmp_path, timeout=90.0
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    pid = int(re.search(r"process (\d+)", out).group(1))  # type: ignore[union-attr]
+    summary = out.split("hedging, in short:")[1].split("\n\n")[0]
+    rows = {line.strip().split("  ")[0]: line.split() for line in summary.splitlines()[3:]}
+    assert set(rows) == {"no hedging", next(r for r in rows if "fixed delay" in r), 'hedging_delay="p95"'}
+    assert rows["no hedging"][-3:-1] == ["0", "0"]  # no hedge without a hedging policy
+    assert "learned weights" in out and "weighted_round_robin" in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "lbkit-demo-tail.png").stat().st_size > 1000
+    deadline = time.monotonic() + 5.0
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), f"model server process {pid} is still there"
+
+
+def test_a_bad_scenario_is_named() -> None:
+    with pytest.raises(ConfigError, match="scenario"):
+        DemoOptions(scenario="chaos")
