@@ -171,6 +171,14 @@ class Hedges(Attempts):
             return
         if not outcome.sent:
             self.count -= 1
+            if self.count >= 1:
+                # One attempt fewer, so one hedge fewer (every attempt after the first is one): the
+                # hedge is neither counted nor paid for, and the attempts after this one move up.
+                self.lb.note_hedges(sent=-1)
+                self.lb.budget.refund()
+            for other in self.in_flight:
+                if other.number > attempt.number:
+                    other.number -= 1
             self.refused.add(attempt.member.address)
             self.tried.discard(attempt.member.address)
             if self.in_flight and self.due is None and self.count < self.hedging.max_attempts:

@@ -167,3 +167,9 @@ class RetryBudget:
         if self.max_tokens > 0:
             with self._lock:
                 self.tokens = max(0.0, self.tokens - 1.0)
+
+    def refund(self) -> None:
+        """Give back the token of a hedge that provably never left the client."""
+        if self.max_tokens > 0:
+            with self._lock:
+                self.tokens = min(self.max_tokens, self.tokens + 1.0)

@@ -173,3 +173,20 @@ def test_client_and_bidi_streams_under_hedging_are_sent_once() -> None:
 def test_a_bad_fallback_delay_is_named() -> None:
     with pytest.raises(ConfigError, match="fallback_delay"):
         HedgingPolicy(fallback_delay=-1.0)
+
+
+def test_an_attempt_that_never_left_the_client_is_no_hedge_and_costs_no_token() -> None:
+    lb, m = machine(HedgingPolicy(max_attempts=2, hedging_delay=0.0))
+    first = m.start(m.next())  # type: ignore[arg-type]
+    hedge = m.start(m.next())  # type: ignore[arg-type]
+    assert (lb.hedges_sent, lb.budget.tokens) == (1, lb.budget.max_tokens - 1)
+    first.member.closed = True
+    m.done(first, failure(ValueError("closed"), first.member, begun=False))  # never sent
+    first.member.closed = False
+    # The hedge is now the call's first attempt: nothing was hedged, nothing paid, and one hedge is left.
+    assert (lb.hedges_sent, lb.budget.tokens) == (0, lb.budget.max_tokens)
+    assert hedge.number == 1
+    again = m.next()
+    assert again is not None and not isinstance(again, float)
+    m.start(again)
+    assert lb.hedges_sent == 1 and m.next() is None
