@@ -160,6 +160,13 @@ _HEDGES_CANCELLED = _Spec(
     "Attempts of hedged calls cancelled because another attempt of the call answered first.",
     _S,
 )
+_ZONE_SHARE = _Spec(
+    "lbkit_zone_share",
+    "gauge",
+    "Share of zone-routed calls the current zone plan sends to each zone (none while routing is off).",
+    ("service", "zone"),
+    "max",
+)
 _PANIC = _Spec("lbkit_panic", "gauge", "1 while the balancer is in panic mode, else 0.", _S, "max")
 _PANIC_STARTS = _Spec("lbkit_panic_starts", "counter", "Times the balancer entered panic mode.", _S)
 _DISCOVERY_UPDATES = _Spec("lbkit_discovery_updates", "counter", "Endpoint sets discovery published.", _S)
@@ -221,6 +228,7 @@ _SPECS: tuple[_Spec, ...] = (
     _HEDGES,
     _HEDGES_WON,
     _HEDGES_CANCELLED,
+    _ZONE_SHARE,
     _PANIC,
     _PANIC_STARTS,
     _DISCOVERY_UPDATES,
@@ -410,6 +418,8 @@ class BalancerCollector:
             if kind == EventKind.PANIC_START.value:
                 panic_starts += n
         sink.add(_PANIC_STARTS, (service,), panic_starts)
+        for zone, share in lb.zone_plan.shares.items():
+            sink.add(_ZONE_SHARE, (service, zone), share)
         sink.add(_PANIC, (service,), 1.0 if lb.panic else 0.0)
         sink.add(_RETRIED, (service,), lb.calls_retried)
         sink.add(_REFUSED, (service,), lb.budget.refused)

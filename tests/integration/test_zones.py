@@ -9,9 +9,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 import lbkit
 import lbkit.selectors
+from lbkit.metrics import instrument
 from lbkit.testing import ModelServer
 from lbkit.zones import ZoneMode, ZoneRouting
 from tests.integration.conftest import pb2, pb2_grpc, wait_for
@@ -99,6 +101,13 @@ def test_spill_follows_envoys_formula_as_local_servers_stop_and_no_call_fails(zo
         assert load.join() == []
         # up[a] = 1/5, lo[a] = 1/3: 60 % stay, b and c take 20 % each.
         wait_for(lambda: lb.core.zone_plan.local == pytest.approx(0.6))
+        registry = CollectorRegistry()
+        instrument(lb, registry)
+        share = {
+            z: registry.get_sample_value("lbkit_zone_share", {"service": lb.service, "zone": z})
+            for z in "abc"
+        }
+        assert share == pytest.approx({"a": 0.6, "b": 0.2, "c": 0.2})  # the plan, as the metric shows it
         before = by_zone(servers)
         assert Load(stub, 300, 4).join() == []
         seen = shares(by_zone(servers), before)
@@ -111,6 +120,7 @@ def test_spill_follows_envoys_formula_as_local_servers_stop_and_no_call_fails(zo
         servers[1].stop(0)
         assert load.join() == []
         wait_for(lambda: lb.core.zone_plan.local == 0.0)
+        assert registry.get_sample_value("lbkit_zone_share", {"service": lb.service, "zone": "a"}) is None
         before = by_zone(servers)
         assert Load(stub, 150, 4).join() == []
         seen = shares(by_zone(servers), before)
