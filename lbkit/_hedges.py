@@ -45,7 +45,7 @@ class Hedges(Attempts):
         losers = machine.done(attempt, outcome)   # or machine.won(attempt) at a stream's first response
     """
 
-    __slots__ = ("began", "due", "hedged", "hedging", "in_flight", "winner")
+    __slots__ = ("began", "due", "hedging", "in_flight", "winner")
 
     def __init__(self, rules: CallRules, key: Key, deadline: float | None, began: float) -> None:
         super().__init__(rules, key, deadline)
@@ -60,8 +60,6 @@ class Hedges(Attempts):
         """The attempt whose response won."""
         self.due: float | None = None
         """When the next hedge is due (``lb.clock`` time); None: no hedge planned."""
-        self.hedged = 0
-        """Hedges counted and paid for: at most ``count - 1``, whichever attempts were refused."""
 
     def next(self) -> Member | float | None:  # type: ignore[override]
         """The member to start an attempt on now, the ``lb.clock`` time to ask again at, or None (ask
@@ -105,6 +103,7 @@ class Hedges(Attempts):
         """Start an attempt on ``member`` (from :meth:`next`): in flight until :meth:`done`. Every attempt
         after the first is a hedge and spends a budget token; the next hedge falls due a delay later."""
         started = member.stats.start()
+        hedge = self.count > 0
         self.count += 1
         self.tried.add(member.address)
         deadline = self.deadline
@@ -112,10 +111,7 @@ class Hedges(Attempts):
         attempt = Attempt(member, started, left, False, self.count)
         self.in_flight.append(attempt)
         lb = self.lb
-        if self.count - 1 > self.hedged:
-            # A hedge beyond those already counted. An attempt that stands in for one refused before
-            # it left the client (the first or a hedge) is not another hedge: no token, not counted.
-            self.hedged += 1
+        if hedge:
             lb.budget.spend()
             lb.note_hedges(sent=1)
         if self.count < self.hedging.max_attempts:
