@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import Result, machine_info, markdown_table, median, render_result
+from benchmarks._common import Result, machine_info, markdown_table, median, render_result, run_info
 from benchmarks.selector_blocks import SELECTOR_BLOCKS
 
 __all__ = [
@@ -412,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     start = time.perf_counter()
     results = run_suite(names, quick=args.quick)
+    machine.update(run_info(start))
     failed = [n for n, r in results.items() if "error" in r]
     out = Path(args.out)
     written = [_write(results, machine, quick=args.quick, directory=out, plots=not args.no_plots)]

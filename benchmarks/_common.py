@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import json
@@ -277,6 +278,15 @@ def machine_info() -> dict[str, str]:
         "lbkit": lbkit.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def run_info(started: float) -> dict[str, str]:
+    """How long the run took (since ``started``, a ``time.perf_counter()``) and how busy the machine was:
+    the 15-minute load average at its end, beside the core count (other work shares the cores)."""
+    info = {"run took": f"{(time.perf_counter() - started) / 60:.1f} min"}
+    with contextlib.suppress(OSError, AttributeError):
+        info["load average (15 min) at the end"] = f"{os.getloadavg()[2]:.1f}"
+    return info
 
 
 def module_main(name: str, run: Callable[[bool], Result], argv: Sequence[str] | None = None) -> None:
