@@ -10,7 +10,9 @@ endpoint with no attempt in flight runs on a short-lived thread, as a ``future()
 
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +63,46 @@ class _Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         return False
+
+
+def _tick(ref: weakref.ReferenceType[HedgedCall]) -> None:
+    """A hedge timer: the call's next step, if the caller still holds the call."""
+    call = ref()
+    if call is not None:
+        call._ticked()
+
+
+def _done_callback(call: HedgedCall, attempt: Attempt) -> Callable[[Any], None]:
+    """grpc's done callback of one attempt. It holds the call weakly, so that a call its caller dropped
+    is collected (and its finalizer cancels what still runs); then it only counts the attempt's end."""
+    ref = weakref.ref(call)
+    machine = call._machine
+    cond = call._cond
+
+    def done(inner: Any) -> None:
+        me = ref()
+        if me is not None:
+            me._attempt_done(attempt, inner)
+            return
+        outcome = SUCCESS if inner.code() is OK else failure(inner, attempt.member, cancelled=True)
+        with cond:
+            machine.done(attempt, outcome)
+
+    return done
+
+
+def _read_first(ref: weakref.ReferenceType[HedgedStream], attempt: Attempt, inner: Any) -> None:
+    """A stream attempt's reader (a short-lived thread): its first response, handed to the call if the
+    caller still holds it."""
+    try:
+        first = next(inner)
+    except StopIteration:
+        first = _NO_RESPONSE  # ended OK without a response: grpc's done callback decides
+    except grpc.RpcError:
+        return  # failed: grpc's done callback counts it and decides
+    call = ref()
+    if call is not None:
+        call._first_read(attempt, inner, first)
 
 
 class HedgedCall:
@@ -114,7 +156,7 @@ class HedgedCall:
                     if machine.in_flight:
                         if self._timer is None or action < self._timer:
                             self._timer = action
-                            lb.call_at(action, self._tick)
+                            lb.call_at(action, functools.partial(_tick, weakref.ref(self)))
                     elif not self._waiting:
                         self._waiting = True
                         threading.Thread(
@@ -137,7 +179,7 @@ class HedgedCall:
             self._watch(attempt, inner)
         self._fire()
 
-    def _tick(self) -> None:
+    def _ticked(self) -> None:
         with self._cond:
             self._timer = None
         self._step()
@@ -152,7 +194,20 @@ class HedgedCall:
         raise NotImplementedError
 
     def _watch(self, attempt: Attempt, inner: Any) -> None:
-        inner.add_done_callback(lambda call: self._attempt_done(attempt, call))
+        inner.add_done_callback(_done_callback(self, attempt))
+
+    def __del__(self) -> None:
+        # Dropped by the caller before its end: cancel what still runs (as a dropped grpc call is
+        # cancelled); grpc's done callbacks then count each attempt's end, neutral.
+        machine = getattr(self, "_machine", None)
+        if machine is None:
+            return
+        with self._cond:
+            self._cancelled = True
+            machine.cancel(_Cancelled())
+            calls = list(self._calls.values())
+        for inner in calls:
+            inner.cancel()
 
     def _attempt_done(self, attempt: Attempt, inner: Any) -> None:
         """grpc's done callback of one attempt: count it; the machine decides what it means."""
@@ -330,16 +385,11 @@ class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
 
     def _watch(self, attempt: Attempt, inner: Any) -> None:
         super()._watch(attempt, inner)
-        threading.Thread(target=self._read_first, args=(attempt, inner), daemon=True).start()
+        threading.Thread(target=_read_first, args=(weakref.ref(self), attempt, inner), daemon=True).start()
 
-    def _read_first(self, attempt: Attempt, inner: Any) -> None:
-        """An attempt's reader: its first response (or its end) decides the call if it comes first."""
-        try:
-            first = next(inner)
-        except StopIteration:
-            first = _NO_RESPONSE  # ended OK without a response: grpc's done callback decides
-        except grpc.RpcError:
-            return  # failed: grpc's done callback counts it and decides
+    def _first_read(self, attempt: Attempt, inner: Any, first: Any) -> None:
+        """An attempt's first response (or its end), from its reader: it decides the call if it comes
+        first."""
         cancel: list[Any] = []
         machine = self._machine
         with self._cond:
@@ -373,12 +423,6 @@ class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
 
     def next(self) -> Any:
         return self.__next__()
-
-    def __del__(self) -> None:
-        calls = getattr(self, "_calls", None)
-        if calls:
-            for inner in list(calls.values()):
-                inner.cancel()
 
     # grpc.Call / grpc.Future, of the winning stream (or the call's error)
     def _held(self) -> Any:

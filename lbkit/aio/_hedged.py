@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
@@ -45,6 +46,36 @@ async def _error_of(inner: Any) -> BaseException:
         await inner.details(),
     )
     return error
+
+
+def _done_callback(call: _Hedged, attempt: Attempt) -> Callable[[Any], None]:
+    """grpc's done callback of one attempt. It holds the call weakly, so that a stream its caller dropped
+    is collected (and its finalizer cancels what still runs); then it only counts the attempt's end."""
+    ref = weakref.ref(call)
+    machine = call._machine
+
+    def done(inner: Any) -> None:
+        me = ref()
+        if me is not None:
+            me._attempt_done(attempt, inner)
+            return
+        code = finished_code(inner)
+        outcome = SUCCESS if code is OK else failure(_Ended(code, inner), attempt.member, cancelled=True)
+        machine.done(attempt, outcome)
+
+    return done
+
+
+async def _read_first(ref: weakref.ReferenceType[_Hedged], attempt: Attempt, inner: Any) -> None:
+    """A stream attempt's reader (a task): its first message, handed to the call if the caller still
+    holds it."""
+    try:
+        first = await inner.read()
+    except (grpc.RpcError, asyncio.CancelledError):
+        return  # failed or cancelled: grpc's done callback counts it and decides
+    call = ref()
+    if call is not None:
+        call._first_read(attempt, inner, first)
 
 
 class _Hedged:
@@ -121,9 +152,9 @@ class _Hedged:
             self._cancel(machine.done(attempt, failure(exc, member, begun=False)))
             return
         self._calls[attempt] = inner
-        inner.add_done_callback(lambda call: self._attempt_done(attempt, call))
+        inner.add_done_callback(_done_callback(self, attempt))
         if self.stream:
-            asyncio.get_running_loop().create_task(self._read_first(attempt, inner))
+            asyncio.get_running_loop().create_task(_read_first(weakref.ref(self), attempt, inner))
 
     def _cancel(self, attempts: list[Attempt]) -> None:
         for a in attempts:
@@ -153,12 +184,8 @@ class _Hedged:
         self._cancel(losers)
         self._kick.set()
 
-    async def _read_first(self, attempt: Attempt, inner: Any) -> None:
-        """A stream attempt's reader: its first message decides the call if it comes first."""
-        try:
-            first = await inner.read()
-        except (grpc.RpcError, asyncio.CancelledError):
-            return  # failed or cancelled: grpc's done callback counts it and decides
+    def _first_read(self, attempt: Attempt, inner: Any, first: Any) -> None:
+        """A stream attempt's first message (or its end): it decides the call if it comes first."""
         self._firsts[attempt] = first
         if first is not grpc.aio.EOF:
             self._cancel(self._machine.won(attempt))
@@ -285,7 +312,14 @@ class _HedgedUnaryStreamCall(_Hedged, grpc.aio.UnaryStreamCall):  # type: ignore
             return grpc.aio.EOF
 
     def __del__(self) -> None:
-        for inner in list(getattr(self, "_calls", {}).values()):
+        # Dropped before its end: cancel what still runs (its status would otherwise wait for a reader);
+        # grpc's done callbacks then count each attempt's end, neutral.
+        machine = getattr(self, "_machine", None)
+        if machine is None:
+            return
+        self._cancelled = True
+        machine.cancel(asyncio.CancelledError())
+        for inner in list(self._calls.values()):
             with contextlib.suppress(Exception):
                 inner.cancel()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import grpc
@@ -159,5 +160,18 @@ async def test_a_cancelled_caller_task_cancels_every_attempt(make_servers):
         with pytest.raises(asyncio.CancelledError):
             await task
         await async_wait_for(lambda: sum(s.servicer.abandoned for s in servers) == 2)
+        await async_wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert sum(e.failures for e in lb.stats) == 0
+
+
+async def test_an_abandoned_hedged_stream_is_cancelled(make_servers):
+    servers = make_servers(2, delay=0.05)  # 1000 tokens: 50 s unless cancelled
+    async with lbkit.aio.Balancer([s.address for s in servers], retry=hedged(0.0)) as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        stream = stub.StreamPredict(pb2.PredictRequest(max_tokens=1000), timeout=50)
+        assert (await stream.read()).token == "tok0"
+        del stream
+        gc.collect()
         await async_wait_for(lambda: lb.stats.total_in_flight == 0)
         assert sum(e.failures for e in lb.stats) == 0

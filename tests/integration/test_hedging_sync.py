@@ -5,6 +5,7 @@ outlives the deadline, done callbacks fire once, and nothing stays in flight."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -195,3 +196,16 @@ def test_client_streams_under_a_hedging_policy_are_sent_once(make_servers):
         updates = (pb2.FeatureUpdate(entity_id="e", sequence=i) for i in range(3))
         assert stub.UploadFeatures(updates, timeout=5).count == 3
         assert sum(s.calls["UploadFeatures"] for s in servers) == 1 and lb.hedges_sent == 0
+
+
+def test_an_abandoned_hedged_stream_is_cancelled(make_servers):
+    servers = make_servers(2, delay=0.05)  # 1000 tokens: 50 s unless cancelled
+    with lbkit.Balancer([s.address for s in servers], retry=hedged(0.0)) as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        stream = stub.StreamPredict(pb2.PredictRequest(max_tokens=1000), timeout=50)
+        assert next(stream).token == "tok0"
+        del stream
+        gc.collect()
+        wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert sum(e.failures for e in lb.stats) == 0
