@@ -34,6 +34,7 @@ from lbkit.stats import EndpointStats
 __all__ = [
     "SUCCESS",
     "Attempt",
+    "AttemptCancelled",
     "AttemptTimeout",
     "Attempts",
     "CallRules",
@@ -236,21 +237,28 @@ def failure(
             return Outcome(_UNAVAILABLE, removed, responded=responded, drained=True)
     if rpc:
         return Outcome(_UNAVAILABLE if code is _CANCELLED else code, exc, responded=responded)
+    if isinstance(exc, asyncio.CancelledError) and begun:
+        # grpc.aio cancelled the attempt itself (neither the caller, who is asked first, nor lbkit, which
+        # marks the channel closed first): a reset, never a CancelledError for a caller who cancelled
+        # nothing.
+        reset = AttemptCancelled(member.address)
+        reset.__cause__ = exc
+        return Outcome(_UNAVAILABLE, reset, responded=responded)
     return Outcome(None, exc, responded=responded, local=True)
 
 
-class AttemptTimeout(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """A stream attempt cut because no response came within ``attempt_timeout``: DEADLINE_EXCEEDED, as
-    a unary attempt that runs out of its per-attempt timeout ends (what the caller sees if no retry
-    follows)."""
+class _AttemptError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """An attempt's end that lbkit states itself, as a finished grpc call: a status code and details."""
 
-    def __init__(self, address: str, seconds: float) -> None:
+    _code = _UNAVAILABLE
+
+    def __init__(self, address: str, details: str) -> None:
         self.address = address
-        self._details = f"no response from {address} within attempt_timeout ({seconds:g} s)"
-        super().__init__(self._details)
+        self._details = details
+        super().__init__(details)
 
     def code(self) -> grpc.StatusCode:
-        return _DEADLINE
+        return self._code
 
     def details(self) -> str:
         return self._details
@@ -275,6 +283,25 @@ class AttemptTimeout(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: Any) -> bool:
         return False
+
+
+class AttemptTimeout(_AttemptError):
+    """A stream attempt cut because no response came within ``attempt_timeout``: DEADLINE_EXCEEDED, as
+    a unary attempt that runs out of its per-attempt timeout ends (what the caller sees if no retry
+    follows)."""
+
+    _code = _DEADLINE
+
+    def __init__(self, address: str, seconds: float) -> None:
+        super().__init__(address, f"no response from {address} within attempt_timeout ({seconds:g} s)")
+
+
+class AttemptCancelled(_AttemptError):
+    """An asyncio attempt that grpc cancelled, not the caller: UNAVAILABLE, as a reset (what the caller
+    sees if no retry follows)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address, f"the call to {address} was cancelled inside grpc, not by the caller")
 
 
 def attempt_code(

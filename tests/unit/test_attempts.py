@@ -3,6 +3,8 @@ and the stats it finishes."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -55,6 +57,17 @@ def test_cancelled_is_the_callers_when_they_asked_else_a_reset():
     assert mine.cancelled and mine.neutral
     source = failure(Err(C.UNKNOWN), m, source_error=KeyError("x"))
     assert source.local and isinstance(source.error, KeyError)
+
+
+def test_an_asyncio_attempt_grpc_cancelled_under_a_caller_who_did_not_is_a_reset():
+    lb = Driver(1)
+    m = member_of(lb)
+    reset = failure(asyncio.CancelledError(), m)
+    assert reset.sent and not reset.local and not reset.cancelled and reset.code is C.UNAVAILABLE
+    assert isinstance(reset.error, grpc.RpcError) and reset.error.code() is C.UNAVAILABLE
+    assert m.address in reset.error.details()
+    mine = failure(asyncio.CancelledError(), m, cancelled=True)
+    assert mine.cancelled and isinstance(mine.error, asyncio.CancelledError)  # the caller's own
 
 
 # ------------------------------------------------------------------------------------ the pick
