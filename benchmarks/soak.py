@@ -5,8 +5,11 @@
 Six real grpc model servers run one per process (``lbkit.testing.server_process --processes``), registered
 with gRPC health checks in the Consul-compatible test server, itself in a child process so that it can be
 restarted with its state, as an agent keeps its services across a restart. One client process sends 300
-calls/s through ``lbkit.Balancer`` over ``ConsulDiscovery``: unary ``Predict``, server-streaming
-``StreamPredict``, bidi ``UpdateFeatures`` and, when the service has one, its client-streaming method.
+calls/s over ``ConsulDiscovery``, half through ``lbkit.Balancer`` (threads) and half through
+``lbkit.aio.Balancer`` (an event loop): unary ``Predict``, server-streaming ``StreamPredict``, a ping-pong
+bidi ``UpdateFeatures`` (each update sent once the previous one's ack arrived) and client-streaming
+``UploadFeatures``, each method under its own policy through ``retry=``: the reads retry, with a
+per-attempt timeout; the writes, not idempotent, have their retries off.
 Faults follow one another on a schedule, each on another server: a kill and a restart, a health flap, a hang,
 a hang that ends in deregistration (calls in flight when the drain times out), a deregistration storm (three
 servers out and back, four times) and a Consul restart. At most three servers are out at once.
@@ -16,10 +19,11 @@ executing it, so the run sees which calls executed twice. Judged, each against i
 
 - **calls that could have succeeded elsewhere** (goal 0): calls that failed although, for the whole call
   (from ``SETTLE`` seconds before it started to its end), some endpoint other than those it executed on was
-  serving (its process up, not hung, health SERVING, registered in Consul), and the call could still have
-  been moved there without running twice: it had received no response, and its method may be retried or no
-  server had started executing it. A call that failed on a server killed or hung under it, with a
-  non-retryable method or after a response, is counted as failed but not as one of these.
+  serving (its process up, not hung, health SERVING, registered in Consul), the call could still have been
+  moved there without running twice (no response yet; its method retries, or no server executed it and
+  none was killed or hung under it), and the run's own load did not fail it (see :func:`_why_failed`:
+  a call that ran only on servers with no fault, or timed out while the client was starved of CPU, is
+  counted apart);
 - **calls executed twice** on servers, for methods whose retries are off (goal 0);
 - **calls in flight** in the balancers' counts once every call has ended (goal 0);
 - **growth of RSS and of thread count** of the client process, from the end of the first round of faults
@@ -31,6 +35,7 @@ The run is bounded in calls and in time, stops by itself and stops every process
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -44,7 +49,7 @@ import threading
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,9 +67,14 @@ RATE = 300.0
 SERVERS = 6
 DELAY_MS = 5.0
 """Each server's time per unary call and per streamed token."""
-CALL_TIMEOUT = 2.0
-ATTEMPT_TIMEOUT = 0.5
-"""Per-attempt timeout of the methods that retry: a hung server costs them one attempt, not the call."""
+CALL_TIMEOUT = 3.0
+ATTEMPT_TIMEOUT = 1.0
+"""Per-attempt timeout of the methods that retry (for a stream, its wait for the first response): a hung
+server costs them one attempt, not the call. Far above a healthy attempt's time even on a loaded machine
+(a server answers in milliseconds), so that a slow client is not mistaken for a hung server."""
+STARVED = 0.25
+"""Seconds by which a 50 ms sleep of the client (a thread, or a task on its event loop) must overrun to
+count as starved: a call that timed out while its client was that starved failed of the run's own load."""
 SETTLE = 2.0
 """Seconds an endpoint must have been serving before it counts as one a call could have gone to."""
 TOKENS = 4
@@ -279,63 +289,167 @@ class Records:
 
 @dataclass(frozen=True)
 class Kind:
-    """One call kind: its method, whether its retries are on, and how to make a call of it."""
+    """One call kind in one client mode: its method, whether its retries are on, how to make a call."""
 
     name: str
     method: str
     retries: bool
-    invoke: Callable[[Any, list[tuple[str, str]], Call], None]
+    aio: bool
+    invoke: Callable[[Any, list[tuple[str, str]], Call], Any]
+    """``invoke(stub, metadata, call)``: the call, made and read to its end (a coroutine for asyncio)."""
+
+
+def policies() -> dict[str, Any]:
+    """Each method's retry policy, by ``retry=`` pattern: the reads retry (with a per-attempt timeout),
+    the writes that are not idempotent have their retries off (only an attempt that provably never left
+    the client is made again)."""
+    import lbkit
+
+    reads = lbkit.RetryPolicy(max_attempts=3, attempt_timeout=ATTEMPT_TIMEOUT)
+    writes = lbkit.RetryPolicy(retryable_codes=())
+    return {
+        f"/{PACKAGE_SERVICE}/Predict": reads,
+        f"/{PACKAGE_SERVICE}/StreamPredict": reads,
+        f"/{PACKAGE_SERVICE}/UpdateFeatures": writes,
+        f"/{PACKAGE_SERVICE}/UploadFeatures": writes,
+    }
 
 
 def _kinds(pb2: Any) -> list[Kind]:
-    """The call kinds the service offers (its client-streaming method only once it has one)."""
+    """Every call kind, sync and asyncio: unary, server stream, ping-pong bidi (each update sent once the
+    previous one's ack arrived) and client stream."""
+    retry = policies()
+
+    def retries(method: str) -> bool:
+        return bool(retry[f"/{PACKAGE_SERVICE}/{method}"].retryable_codes)
+
+    predict = pb2.PredictRequest(features=[1.0, 2.0])
+    stream_request = pb2.PredictRequest(features=[1.0], max_tokens=TOKENS)
+
+    def update(i: int) -> Any:
+        return pb2.FeatureUpdate(entity_id="e", sequence=i, features={"x": float(i)})
 
     def unary(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
-        stub.Predict(pb2.PredictRequest(features=[1.0, 2.0]), timeout=CALL_TIMEOUT, metadata=md)
+        stub.Predict(predict, timeout=CALL_TIMEOUT, metadata=md)
         call.responses = 1
 
     def server_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
-        request = pb2.PredictRequest(features=[1.0], max_tokens=TOKENS)
-        for _ in stub.StreamPredict(request, timeout=CALL_TIMEOUT, metadata=md):
+        for _ in stub.StreamPredict(stream_request, timeout=CALL_TIMEOUT, metadata=md):
             call.responses += 1
         if call.responses != TOKENS:
             raise RuntimeError(f"{call.responses} tokens of {TOKENS}")
 
-    def updates() -> Iterator[Any]:
-        for i in range(TOKENS):
-            yield pb2.FeatureUpdate(entity_id="e", sequence=i, features={"x": float(i)})
-
     def bidi(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
-        for _ in stub.UpdateFeatures(updates(), timeout=CALL_TIMEOUT, metadata=md):
-            call.responses += 1
+        acks: queue.Queue[int] = queue.Queue()
+
+        def updates() -> Iterator[Any]:
+            for i in range(TOKENS):
+                yield update(i)
+                try:
+                    if acks.get(timeout=CALL_TIMEOUT) != i:
+                        return
+                except queue.Empty:
+                    return
+
+        try:
+            for ack in stub.UpdateFeatures(updates(), timeout=CALL_TIMEOUT, metadata=md):
+                call.responses += 1
+                acks.put(ack.sequence)
+        finally:
+            acks.put(-1)  # over: the request iterator (on grpc's thread) returns now
         if call.responses != TOKENS:
             raise RuntimeError(f"{call.responses} acks of {TOKENS}")
 
-    kinds = [
-        Kind("unary", "Predict", True, unary),
-        Kind("server stream", "StreamPredict", True, server_stream),
-        Kind("bidi", "UpdateFeatures", False, bidi),
-    ]
-    service = pb2.DESCRIPTOR.services_by_name["ModelService"]
-    for method in service.methods:
-        if method.client_streaming and not method.server_streaming:
-            from google.protobuf import message_factory
+    def client_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        summary = stub.UploadFeatures((update(i) for i in range(TOKENS)), timeout=CALL_TIMEOUT, metadata=md)
+        call.responses = 1
+        if summary.count != TOKENS:
+            raise RuntimeError(f"{summary.count} updates of {TOKENS} arrived")
 
-            kinds.append(Kind("client stream", method.name, True, _client_stream(method, message_factory)))
-            break
+    async def aunary(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        await stub.Predict(predict, timeout=CALL_TIMEOUT, metadata=md)
+        call.responses = 1
+
+    async def aserver_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        async for _ in stub.StreamPredict(stream_request, timeout=CALL_TIMEOUT, metadata=md):
+            call.responses += 1
+        if call.responses != TOKENS:
+            raise RuntimeError(f"{call.responses} tokens of {TOKENS}")
+
+    async def abidi(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        acks: asyncio.Queue[int] = asyncio.Queue()
+
+        async def updates() -> AsyncIterator[Any]:
+            for i in range(TOKENS):
+                yield update(i)
+                try:
+                    if await asyncio.wait_for(acks.get(), CALL_TIMEOUT) != i:
+                        return
+                except asyncio.TimeoutError:
+                    return
+
+        async for ack in stub.UpdateFeatures(updates(), timeout=CALL_TIMEOUT, metadata=md):
+            call.responses += 1
+            acks.put_nowait(ack.sequence)
+        if call.responses != TOKENS:
+            raise RuntimeError(f"{call.responses} acks of {TOKENS}")
+
+    async def aclient_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
+        async def updates() -> AsyncIterator[Any]:
+            for i in range(TOKENS):
+                yield update(i)
+
+        summary = await stub.UploadFeatures(updates(), timeout=CALL_TIMEOUT, metadata=md)
+        call.responses = 1
+        if summary.count != TOKENS:
+            raise RuntimeError(f"{summary.count} updates of {TOKENS} arrived")
+
+    table = (
+        ("unary", "Predict", unary, aunary),
+        ("server stream", "StreamPredict", server_stream, aserver_stream),
+        ("ping-pong bidi", "UpdateFeatures", bidi, abidi),
+        ("client stream", "UploadFeatures", client_stream, aclient_stream),
+    )
+    kinds = []
+    for name, method, sync_invoke, aio_invoke in table:
+        kinds.append(Kind(f"{name}, sync", method, retries(method), False, sync_invoke))
+        kinds.append(Kind(f"{name}, asyncio", method, retries(method), True, aio_invoke))
     return kinds
 
 
-def _client_stream(method: Any, message_factory: Any) -> Callable[[Any, list[tuple[str, str]], Call], None]:
-    request_class = message_factory.GetMessageClass(method.input_type)
-    name = method.name
+class Lag:
+    """How late the client's 50 ms sleeps wake, on a thread and on the asyncio loop: when the client
+    itself was starved of CPU (spans of ``STARVED`` or more)."""
 
-    def client_stream(stub: Any, md: list[tuple[str, str]], call: Call) -> None:
-        requests = (request_class() for _ in range(TOKENS))
-        getattr(stub, name)(requests, timeout=CALL_TIMEOUT, metadata=md)
-        call.responses = 1
+    def __init__(self) -> None:
+        self.starved: list[tuple[float, float]] = []
+        """(start, end) of each sleep that overran by ``STARVED`` seconds or more."""
+        self.worst = 0.0
+        self._lock = threading.Lock()
 
-    return client_stream
+    def note(self, asked_at: float, woke: float, seconds: float) -> None:
+        late = woke - asked_at - seconds
+        if late > self.worst:
+            self.worst = late
+        if late >= STARVED:
+            with self._lock:
+                self.starved.append((asked_at, woke))
+
+    def thread(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            asked = time.monotonic()
+            time.sleep(0.05)
+            self.note(asked, time.monotonic(), 0.05)
+
+    async def loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            asked = time.monotonic()
+            await asyncio.sleep(0.05)
+            self.note(asked, time.monotonic(), 0.05)
+
+    def during(self, start: float, end: float) -> bool:
+        """Whether the client was starved at some time in [start, end]."""
+        return any(s <= end and e >= start for s, e in self.starved)
 
 
 # --------------------------------------------------------------------------- the client process's size
@@ -543,41 +657,56 @@ def _schedule(
     return done
 
 
-def _balancers(consul_address: str, kinds: list[Kind]) -> tuple[dict[str, Any], str]:
-    """One balancer for all methods when ``retry=`` takes a per-method mapping, else one per retry policy.
-
-    Returns ``{method: balancer}`` and a note on which it was.
-    """
+def _balancer(aio: bool, consul_address: str) -> Any:
+    """The client's balancer (sync or asyncio), every method under its own policy (:func:`policies`)."""
     import lbkit
+    import lbkit.aio
 
-    retrying = lbkit.RetryPolicy(attempt_timeout=ATTEMPT_TIMEOUT)
-    once = lbkit.RetryPolicy(retryable_codes=())
-
-    def make(retry: Any) -> Any:
-        return lbkit.Balancer(
-            lbkit.ConsulDiscovery(
-                SERVICE, address=consul_address, env={}, wait=10.0, backoff_initial=0.1, backoff_max=1.0
-            ),
-            selector="least_connections",
-            health_check=lbkit.HealthCheck(interval=0.5, timeout=0.5),
-            outlier_detection=lbkit.OutlierDetection(interval=0.5, base_ejection_time=2.0),
-            retry=retry,
-            wait_timeout=CALL_TIMEOUT,
-            drain_timeout=1.0,
-        )
-
-    mapping = {f"/{PACKAGE_SERVICE}/{k.method}": (retrying if k.retries else once) for k in kinds}
-    try:
-        lb = make(mapping)
-    except (lbkit.ConfigError, TypeError):
-        pass
-    else:
-        return {k.method: lb for k in kinds}, "one balancer, retry= mapping each method to its policy"
-    with_retries, without = make(retrying), make(once)
-    return (
-        {k.method: with_retries if k.retries else without for k in kinds},
-        "two balancers, one retrying and one with retries off (retry= takes no per-method mapping yet)",
+    cls = lbkit.aio.Balancer if aio else lbkit.Balancer
+    return cls(
+        lbkit.ConsulDiscovery(
+            SERVICE, address=consul_address, env={}, wait=10.0, backoff_initial=0.1, backoff_max=1.0
+        ),
+        selector="least_connections",
+        health_check=lbkit.HealthCheck(interval=0.5, timeout=0.5),
+        outlier_detection=lbkit.OutlierDetection(interval=0.5, base_ejection_time=2.0),
+        retry=policies(),
+        wait_timeout=CALL_TIMEOUT,
+        drain_timeout=1.0,
     )
+
+
+class _AsyncClient:
+    """The asyncio half of the client: an event loop on a thread of its own, its balancer and stubs."""
+
+    def __init__(self, consul_address: str, pb2_grpc: Any, lag: Lag, stop: threading.Event) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="soak-aio", daemon=True)
+        self._thread.start()
+        self.lb: Any = None
+
+        async def open_() -> Any:
+            lb = _balancer(True, consul_address)
+            await lb.start()
+            self.lb = lb
+            await lb.wait_ready(timeout=20.0, count=SERVERS)
+            self.loop.create_task(lag.loop(stop))
+            return pb2_grpc.ModelServiceStub(lb.channel())
+
+        self.stub = self.run(open_(), 30.0)
+
+    def run(self, coro: Any, timeout: float) -> Any:
+        """Run ``coro`` on the loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.lb is not None:
+            with contextlib.suppress(Exception):
+                self.run(self.lb.aclose(), 10.0)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10.0)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def _read_log(path: str) -> dict[str, list[tuple[float, str, str]]]:
@@ -626,18 +755,19 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
     before = _descendants()
     cluster = _Cluster(log_path, truth)
     started = _descendants() - before
-    balancers: dict[str, Any] = {}
+    lb: Any = None
+    client: _AsyncClient | None = None
+    lag = Lag()
     pool = ThreadPoolExecutor(max_workers=MAX_OUTSTANDING, thread_name_prefix="soak-call")
     try:
-        balancers, balancer_note = _balancers(cluster.consul.address if cluster.consul else "", kinds)
-        unique = list({id(lb): lb for lb in balancers.values()}.values())
-        for lb in unique:
-            lb.start()
-        for lb in unique:
-            lb.wait_ready(timeout=20.0, count=SERVERS)
-        stubs = {k.method: pb2_grpc.ModelServiceStub(balancers[k.method].channel()) for k in kinds}
+        consul_address = cluster.consul.address if cluster.consul else ""
+        lb = _balancer(False, consul_address).start()
+        lb.wait_ready(timeout=20.0, count=SERVERS)
+        client = _AsyncClient(consul_address, pb2_grpc, lag, stop)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
         index_of = {address: i for i, address in enumerate(cluster.addresses)}
-        say(f"{len(kinds)} call kinds over {SERVERS} servers; {balancer_note}")
+        threading.Thread(target=lag.thread, args=(stop,), name="soak-lag", daemon=True).start()
+        say(f"{len(kinds)} call kinds (sync and asyncio) over {SERVERS} servers, each method with its policy")
 
         # Every worker thread exists before the load: the harness's own threads do not grow during it.
         gate = threading.Barrier(MAX_OUTSTANDING + 1)
@@ -649,24 +779,55 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         running = [0]
         not_sent = 0
 
+        def record(seq: int, call: Call, error: BaseException | None) -> None:
+            if error is None:
+                records.ok[seq] = 1
+            elif isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+                code = error.code()
+                records.code[seq] = records.code_index(code.name if code is not None else "UNKNOWN")
+            else:
+                records.code[seq] = records.code_index(type(error).__name__)
+            records.end[seq] = time.monotonic()
+            records.responses[seq] = call.responses
+            free.release()
+            with idle:
+                running[0] -= 1
+                idle.notify_all()
+
         def one(seq: int) -> None:
             kind = kinds[seq % len(kinds)]
             call = Call()
+            error: BaseException | None = None
             try:
-                kind.invoke(stubs[kind.method], [(REQUEST_ID, f"c{seq}")], call)
-                records.ok[seq] = 1
-            except grpc.RpcError as exc:
-                code = exc.code()
-                records.code[seq] = records.code_index(code.name if code is not None else "UNKNOWN")
-            except Exception as exc:
-                records.code[seq] = records.code_index(type(exc).__name__)
-            finally:
-                records.end[seq] = time.monotonic()
-                records.responses[seq] = call.responses
-                free.release()
-                with idle:
-                    running[0] -= 1
-                    idle.notify_all()
+                kind.invoke(stub, [(REQUEST_ID, f"c{seq}")], call)
+            except BaseException as exc:
+                error = exc
+            record(seq, call, error)
+
+        async def aone(seq: int) -> None:
+            kind = kinds[seq % len(kinds)]
+            call = Call()
+            error: BaseException | None = None
+            try:
+                await kind.invoke(client.stub, [(REQUEST_ID, f"c{seq}")], call)
+            except BaseException as exc:  # a CancelledError too: nobody cancels these calls
+                error = exc
+            record(seq, call, error)
+
+        tasks: set[asyncio.Task[None]] = set()
+        """The asyncio calls running: held here, as the loop holds its tasks only weakly."""
+
+        def start_task(seq: int) -> None:
+            task = asyncio.get_running_loop().create_task(aone(seq))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def submit(seq: int) -> None:
+            if kinds[seq % len(kinds)].aio:
+                assert client is not None
+                client.loop.call_soon_threadsafe(start_task, seq)
+            else:
+                pool.submit(one, seq)
 
         samples: dict[str, tuple[int, int]] = {}
         start = time.monotonic()
@@ -698,7 +859,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
                 records.sent = seq
                 with idle:
                     running[0] += 1
-                pool.submit(one, seq - 1)
+                submit(seq - 1)
 
         def measure(name: str) -> None:
             """Sample RSS and threads with no call running (grpc runs a thread per sync stream call)."""
@@ -723,15 +884,19 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         measure("end")
         load_average.append(os.getloadavg()[0])
         in_flight = {}
-        for n, lb in enumerate(unique):
-            in_flight[f"balancer {n}"] = {
-                "total_in_flight": lb.stats.total_in_flight,
-                "endpoints_in_flight": sum(abs(e.in_flight) for e in lb.stats),
+        retries: dict[str, dict[str, int]] = {}
+        for name, balancer in (("sync", lb), ("asyncio", client.lb)):
+            in_flight[name] = {
+                "total_in_flight": balancer.stats.total_in_flight,
+                "endpoints_in_flight": sum(abs(e.in_flight) for e in balancer.stats),
             }
+            retries[name] = {"made": balancer.calls_retried, "refused by the budget": balancer.budget.refused}
         wall = time.monotonic() - start
     finally:
         stop.set()
-        for lb in {id(lb): lb for lb in balancers.values()}.values():
+        if client is not None:
+            client.close()
+        if lb is not None:
             with contextlib.suppress(Exception):
                 lb.close()
         cluster.close()
@@ -741,17 +906,56 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         time.sleep(0.1)
     executed = _read_log(log_path)
     shutil.rmtree(tmp, ignore_errors=True)
-    data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished)
+    data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished, lag)
     data.update(
         executions_logged=sum(map(len, executed.values())),
         load_average=[round(x, 1) for x in load_average],
         wall_s=round(wall, 1),
         not_sent=not_sent,
+        retries=retries,
         servers_lost=sorted(cluster.lost),
         processes_started=len(started),
         processes_left=sorted(left),
     )
     return data
+
+
+def _why_failed(
+    kind: Kind,
+    code: str,
+    runs: list[tuple[float, str, str]],
+    ran_on: set[int],
+    start: float,
+    end: float,
+    responses: int,
+    truth: Truth,
+    lag: Lag,
+) -> str:
+    """Why a failed call failed, judged against what was true while it ran:
+
+    - ``"no fault"``: it ran only on servers that were serving and neither killed nor hung throughout the
+      call: the run's own load failed it (no failover could help);
+    - ``"starved"``: it timed out while the client itself was starved of CPU (the run's own load);
+    - ``"nowhere"``: no other server was serving from ``SETTLE`` s before the call to its end;
+    - ``"committed"``: it could not move without running twice: a response had arrived, or its retries are
+      off and a server executed it, or may have (a server was killed or hung under it);
+    - ``"avoidable"``: it could have succeeded elsewhere.
+    """
+    if ran_on and all(
+        truth.serving_throughout(i, start, end) and not truth.struck(i, start, end) for i in ran_on
+    ):
+        return "no fault"
+    if code == "DEADLINE_EXCEEDED" and lag.during(start, end):
+        return "starved"
+    if not any(
+        i not in ran_on and truth.serving_throughout(i, start - SETTLE, end) for i in range(truth.count)
+    ):
+        return "nowhere"
+    if responses:
+        return "committed"
+    if not kind.retries and (runs or any(truth.struck(i, start, end) for i in range(truth.count))):
+        return "committed"
+    return "avoidable"
 
 
 def _judge(
@@ -763,6 +967,7 @@ def _judge(
     samples: dict[str, tuple[int, int]],
     in_flight: dict[str, dict[str, int]],
     unfinished: int,
+    lag: Lag,
 ) -> dict[str, Any]:
     """Classify every call and judge each goal."""
     per_kind: dict[str, dict[str, Any]] = {
@@ -773,6 +978,8 @@ def _judge(
             "failed": 0,
             "avoidable": 0,
             "no_fault": 0,
+            "starved": 0,
+            "unfinished": 0,
             "twice": 0,
         }
         for k in kinds
@@ -804,24 +1011,21 @@ def _judge(
             latencies[kind.name].append(end - start)
             continue
         code = records.codes[records.code[seq]] or "UNFINISHED"
+        if not end:
+            row["unfinished"] += 1
         row["failed"] += 1
         failed_codes[code] += 1
         bucket[1] += 1
         ran_on = {index_of[e] for _, _, e in runs if e in index_of}
         end = end or start + CALL_TIMEOUT
-        if ran_on and all(
-            truth.serving_throughout(i, start, end) and not truth.struck(i, start, end) for i in ran_on
-        ):
+        why = _why_failed(kind, code, runs, ran_on, start, end, records.responses[seq], truth, lag)
+        if why == "no fault":
             row["no_fault"] += 1
             no_fault_codes[code] += 1
             bucket[2] += 1
-        others = [
-            i
-            for i in range(truth.count)
-            if i not in ran_on and truth.serving_throughout(i, start - SETTLE, end)
-        ]
-        movable = records.responses[seq] == 0 and (kind.retries or not runs)
-        if others and movable:
+        elif why == "starved":
+            row["starved"] += 1
+        elif why == "avoidable":
             row["avoidable"] += 1
             avoidable_codes[code] += 1
             if len(examples) < 20:
@@ -873,6 +1077,8 @@ def _judge(
         "avoidable_examples": examples,
         "faults": dict(truth.faults),
         "in_flight": in_flight,
+        "client_starved_s": round(sum(e - s for s, e in lag.starved), 1),
+        "client_worst_lag_ms": round(lag.worst * 1e3, 1),
         "samples": {k: {"rss_mb": round(v[0] / 2**20, 1), "threads": v[1]} for k, v in samples.items()},
     }
 
@@ -893,6 +1099,7 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             r["failed"],
             r["avoidable"],
             r["no_fault"],
+            r["starved"],
             r["twice"],
             fmt(r.get("p50_ms", 0.0)),
             fmt(r.get("p99_ms", 0.0)),
@@ -919,6 +1126,7 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
                     "failed",
                     "could have succeeded elsewhere",
                     "failed with no fault on its server",
+                    "timed out, client starved",
                     "executed twice",
                     "p50 ms",
                     "p99 ms",
@@ -933,9 +1141,12 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
         ],
         "notes": [
             "A call could have succeeded elsewhere when it failed although another endpoint than those it "
-            f"executed on was serving from {SETTLE:.0f} s before it started to its end, and it could still "
-            "have moved there without running twice (no response yet; its method retries, or no server had "
-            "started it). Executed twice: its request id is in the servers' log more than once.",
+            f"executed on was serving from {SETTLE:.0f} s before it started to its end, it had no response, "
+            "it could move without running twice (its method retries, or no server executed it and none was "
+            "killed or hung under it), and the run's own load did not fail it: it did not run only on "
+            "servers without a fault (serving, neither killed nor hung during the call), nor time out while "
+            f"the client was starved (a 50 ms sleep of a client thread or of its event loop overran by "
+            f"{STARVED} s or more). Executed twice: its request id is in the servers' log more than once.",
             f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
             f"{data['avoidable_codes'] or 'none'}; with no fault on the server it ran on (serving and "
             f"neither killed nor hung during the call): {data['no_fault_codes'] or 'none'}. Calls not sent "
@@ -944,8 +1155,14 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             "Client RSS and threads, measured with no call running (after the first round of faults, "
             f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
             f"{data['load_average']} on {os.cpu_count()} cores.",
-            "Retrying methods: RetryPolicy(attempt_timeout=0.5); the bidi method: retryable_codes=() "
-            f"(retries off). Calls time out after {CALL_TIMEOUT:.0f} s; drain_timeout 1 s.",
+            "Half the calls go through lbkit.Balancer (threads), half through lbkit.aio.Balancer (an event "
+            "loop on a thread), the same kinds in turn. Policies by method (retry= mapping): Predict and "
+            f"StreamPredict RetryPolicy(max_attempts=3, attempt_timeout={ATTEMPT_TIMEOUT:g}); UpdateFeatures "
+            "(ping-pong: each update sent once the previous ack came) and UploadFeatures "
+            "RetryPolicy(retryable_codes=()), retries off. Calls time out after "
+            f"{CALL_TIMEOUT:g} s; drain_timeout 1 s. Client starved {data['client_starved_s']} s in all; "
+            f"its worst sleep overran by {data['client_worst_lag_ms']} ms. Retries by balancer: "
+            f"{data['retries']} (the retry budget refuses retries while half its tokens are spent).",
         ]
         + (["Quick run: 25 s of load, figures are rough."] if quick else []),
         "data": data,
