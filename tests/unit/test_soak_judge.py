@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.soak import SETTLE, Kind, Records, Truth, _judge
+from benchmarks.soak import SETTLE, STARVED, Kind, Lag, Records, Truth, _judge
 
 
 def _noop(stub: Any, md: list[tuple[str, str]], call: Any) -> None:
     raise AssertionError("not called")
 
 
-KINDS = [Kind("unary", "Predict", True, _noop), Kind("bidi", "UpdateFeatures", False, _noop)]
+KINDS = [Kind("unary", "Predict", True, False, _noop), Kind("bidi", "UpdateFeatures", False, True, _noop)]
 
 
 def _truth(
@@ -77,22 +77,30 @@ def test_classification_of_failures_and_duplicates() -> None:
     executed["c6"] = [(60.0, "Predict", "a:0"), (60.05, "Predict", "a:1")]
     _record(records, 7, 60.0, 62.0, False, "DEADLINE_EXCEEDED")  # bidi failed on a healthy server
     executed["c7"] = [(60.0, "UpdateFeatures", "a:1")]
-    records.sent = 8
-    data = _judge(KINDS, records, executed, truth, index_of, {}, {}, unfinished=0)
+    # The client starved from t=150 to t=151 (a 50 ms sleep woke a second late).
+    lag = Lag()
+    lag.note(150.0, 151.05, 0.05)
+    _record(records, 8, 149.0, 152.0, False, "DEADLINE_EXCEEDED")  # timed out while starved: the run's load
+    _record(records, 9, 101.0, 101.5, False, "UNAVAILABLE")  # bidi, no server executed it, 0 hung meanwhile
+    records.sent = 10
+    data = _judge(KINDS, records, executed, truth, index_of, {}, {}, 0, lag)
     assert data["kinds"]["unary"] == {
         "method": "Predict",
         "retries": True,
-        "calls": 3,
-        "failed": 2,
+        "calls": 4,
+        "failed": 3,
         "avoidable": 1,
         "no_fault": 0,
+        "starved": 1,
+        "unfinished": 0,
         "twice": 1,
         "p50_ms": 100.0,
         "p99_ms": 100.0,
     }
     bidi = data["kinds"]["bidi"]
-    assert bidi["calls"] == 4 and bidi["failed"] == 3 and bidi["avoidable"] == 1 and bidi["twice"] == 1
+    assert bidi["calls"] == 5 and bidi["failed"] == 4 and bidi["avoidable"] == 1 and bidi["twice"] == 1
     assert bidi["no_fault"] == 1 and data["no_fault_codes"] == {"DEADLINE_EXCEEDED": 1}
+    assert lag.worst > STARVED and data["client_starved_s"] == 1.1
     goals = data["goals"]
     assert goals["avoidable failures"] == {"value": 2, "goal": "0", "pass": False}
     assert goals["executed twice, retries off"]["value"] == 1  # the retried unary call is not counted
@@ -108,7 +116,7 @@ def test_no_other_endpoint_serving_means_not_avoidable() -> None:
     truth = _truth({1: [(t - 1.0, False)], 2: [(t - SETTLE / 2, False), (t - 0.1, True)]}, {})
     records = Records(2)
     _record(records, 1, t, t + 0.1, False, "UNAVAILABLE")
-    data = _judge(KINDS, records, {"c1": [(t, "UpdateFeatures", "a:0")]}, truth, {"a:0": 0}, {}, {}, 0)
+    data = _judge(KINDS, records, {"c1": [(t, "UpdateFeatures", "a:0")]}, truth, {"a:0": 0}, {}, {}, 0, Lag())
     assert data["kinds"]["bidi"]["failed"] == 1 and data["kinds"]["bidi"]["avoidable"] == 0
     records = Records(2)
     _record(records, 1, t, 0.0, False)  # never finished: judged as if it ran to its deadline
@@ -121,6 +129,7 @@ def test_no_other_endpoint_serving_means_not_avoidable() -> None:
         {},
         {"lb": {"total_in_flight": 0, "endpoints_in_flight": 0}},
         1,
+        Lag(),
     )
     assert data["failed_codes"] == {"UNFINISHED": 1}
     assert data["goals"]["in flight after the run"] == {"value": 1, "goal": "0", "pass": False}
