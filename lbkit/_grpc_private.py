@@ -7,6 +7,7 @@ there instead of degrading silently in production (where each falls back to doin
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import grpc
@@ -58,6 +59,16 @@ def connectivity(channel: Any, try_to_connect: bool = False) -> grpc.ChannelConn
         return None
 
 
+try:
+    from grpc._cython.cygrpc import ExecuteBatchError as _ExecuteBatchError
+    from grpc._cython.cygrpc import InternalError as _INTERNAL_ERROR
+
+    _BATCH_ERRORS: tuple[type[BaseException], ...] = (_ExecuteBatchError,)
+except ImportError:  # not this grpcio's layout: the calls fail as grpc.aio makes them
+    _BATCH_ERRORS = ()
+    _INTERNAL_ERROR = RuntimeError
+
+
 class _ServerStatus:
     """A grpc.aio call's Cython call, except that a failed request write leaves the status to the server."""
 
@@ -72,6 +83,21 @@ class _ServerStatus:
     def set_internal_error(self, error_str: str) -> None:
         """Ignored: the call's status is the one its receive-status operation brings."""
 
+    async def send_serialized_message(self, message: bytes) -> None:
+        """A write that fails because the call is ending raises what grpc.aio's writer handles (it then
+        waits for the status), not the batch error that would make it cancel the call."""
+        try:
+            await self._call.send_serialized_message(message)
+        except _BATCH_ERRORS as exc:
+            raise _INTERNAL_ERROR(str(exc)) from exc
+
+    async def send_receive_close(self) -> None:
+        """A half-close that fails because the call is ending is left at that: the status comes with the
+        call's end. (grpc.aio's writer would cancel the call, and its caller would see a CancelledError
+        instead of the status.)"""
+        with contextlib.suppress(*_BATCH_ERRORS):
+            await self._call.send_receive_close()
+
 
 def keep_server_status(call: Any) -> bool:
     """Make a ``grpc.aio`` client-streaming or bidirectional call report the server's status when a
@@ -80,8 +106,10 @@ def keep_server_status(call: Any) -> bool:
     Why private: grpc.aio's request writer turns such a failed write into a status of its own (INTERNAL,
     "Internal error from Core") that replaces the server's, until the server's arrives and replaces it
     again, calling the done callbacks twice. The caller, the retry rule and the accounting would see
-    INTERNAL where the server said, say, UNAVAILABLE. With this, the writer waits for the server's
-    status instead. Call it right after the call is made (before the event loop runs its tasks).
+    INTERNAL where the server said, say, UNAVAILABLE. And a half-close (or a write) that fails because the
+    call is ending makes the writer cancel the call, so that its caller gets a CancelledError instead of
+    the status. With this, the writer waits for the status instead. Call it right after the call is made
+    (before the event loop runs its tasks).
     Returns False if the call is not grpcio's own.
     """
     cython_call = getattr(call, "_cython_call", None)

@@ -108,3 +108,23 @@ async def test_keep_server_status_reports_the_servers_status_when_a_write_loses_
         await async_wait_for(lambda: len(seen) == 20)
         assert seen == [grpc.StatusCode.UNAVAILABLE] * 20  # one status per call, the server's
     assert keep_server_status(object()) is False
+
+
+async def test_keep_server_status_leaves_a_late_half_close_to_the_calls_status(make_servers) -> None:
+    """A half-close (or a write) made after grpc core ended the call, before grpc.aio saw the end: the
+    writer would cancel the call (its caller then gets a CancelledError); with this it leaves the status
+    to the call's end."""
+    (server,) = make_servers(1, hang=True)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb2_grpc.ModelServiceStub(channel)
+        for close in (True, False):
+            upload = stub.UploadFeatures(timeout=0.05)  # writes by hand: grpc.aio's writer does nothing
+            assert keep_server_status(upload) is True
+            await upload.write(pb2.FeatureUpdate(sequence=1))
+            await async_wait_for(lambda upload=upload: upload.done())  # the deadline ended it in core
+            if close:
+                await upload._cython_call.send_receive_close()  # no error: the status says it all
+            else:
+                with pytest.raises(grpc._cython.cygrpc.InternalError):  # grpc.aio's writer handles it
+                    await upload._cython_call.send_serialized_message(b"")
+            assert await upload.code() is grpc.StatusCode.DEADLINE_EXCEEDED
