@@ -495,7 +495,7 @@ def run(quick: bool = False) -> Result:
     """Run every fault scenario and the slow-server comparison."""
     missing = lbkit_available()
     rate = 300.0
-    phases = (0.3, 1.0, 1.5) if quick else (1.0, 5.0, 4.0)
+    phases = (0.3, 0.8, 1.2) if quick else (1.0, 5.0, 4.0)
     slow_duration = 0.7 if quick else 5.0
     kinds = [NATIVE, NATIVE_BEST] + ([] if missing else [LBKIT])
     faults = list(_FAULTS)

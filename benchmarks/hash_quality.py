@@ -81,10 +81,10 @@ def _best_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def run(quick: bool = False) -> Result:
     """Measure; return the result dict (see ``benchmarks._common``)."""
-    balance_keys = 100_000 if quick else 1_000_000
+    balance_keys = 50_000 if quick else 1_000_000
     move_keys = 20_000 if quick else 100_000
-    single_removals = 3 if quick else 10
-    max_removed = 10
+    single_removals = 2 if quick else 10
+    max_removed = 4 if quick else 10
     keys = [f"user-{i:011d}" for i in range(balance_keys)]  # 16 characters each
     addresses = _addresses(N)
     builders: dict[str, Callable[[list[str]], Mapper]] = {"maglev": _lbkit("maglev"), "ring": _lbkit("ring")}

@@ -191,7 +191,7 @@ def measure_picks(quick: bool) -> dict[str, list[list[float]]]:
 
 def measure_rebuilds(quick: bool) -> list[tuple[str, float]]:
     """(label, best ms) to rebuild a picker over 1,000 endpoints whose stats entries already exist."""
-    repeats = 3 if quick else 7
+    repeats = 1 if quick else 7
     plain, weighted = endpoints(1_000), endpoints(1_000, weights=True)
     stats = _stats_for(plain)
     rows: list[tuple[str, float]] = []
