@@ -66,6 +66,11 @@ def method_spec(kind: str, method: str, ser: Any, deser: Any, registered: bool) 
     return spec
 
 
+_MEMBER_LOCK = threading.Lock()
+"""Orders making a member's multicallables against closing its channel: one lock for all members (both
+are rare: a method's first call on an endpoint, a drain), not one per endpoint."""
+
+
 class Member:
     """One endpoint's channel in the pool, its stats, and its cached multicallables."""
 
@@ -78,7 +83,6 @@ class Member:
         "closing_at",
         "health",
         "health_report",
-        "lock",
         "ready",
         "stats",
     )
@@ -100,14 +104,12 @@ class Member:
         CANCELLED was cancelled by the close (see :attr:`closed_reason`)."""
         self.closed_reason = ""
         """Why lbkit closed the channel, for the error of the calls it cut short."""
-        self.lock = threading.Lock()
-        """Orders making multicallables against closing the channel."""
 
     def callable(self, spec: MethodSpec) -> Any:
         """The channel's multicallable for ``spec``."""
         mc = self.callables.get(spec)
         if mc is None:
-            with self.lock:
+            with _MEMBER_LOCK:
                 # grpcio crashes the process making a registered multicallable on a closed channel.
                 if self.closed:
                     raise ValueError(f"Cannot invoke RPC on closed channel to {self.address} (drained)")
@@ -123,7 +125,7 @@ class Member:
 
     def mark_closed(self, reason: str) -> None:
         """From now on no multicallable is made on the channel; the caller then closes it."""
-        with self.lock:
+        with _MEMBER_LOCK:
             if not self.closed:
                 self.closed_reason = reason
             self.closed = True

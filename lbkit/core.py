@@ -427,11 +427,15 @@ class BalancerCore:
         for e in wanted:
             m = members.get(e.address)
             if m is not None:
-                if m.endpoint != e:
-                    if m.endpoint.health is not e.health:
-                        self._emit_discovery_health(e, now)
-                    m.endpoint = e
-                    changed = True
+                # Discovery hands unchanged instances back as the same objects: compare fields only when
+                # the object is new.
+                old = m.endpoint
+                if old is not e:
+                    if old != e:
+                        if old.health is not e.health:
+                            self._emit_discovery_health(e, now)
+                        changed = True
+                    m.endpoint = e  # equal or not: the next set's same object is then found by identity
                 continue
             members[e.address] = EndpointState(
                 e, healthy=True, health_known=not self.health_checked, warm=first

@@ -51,6 +51,9 @@ def parse_address(address: object) -> tuple[str, int]:
 
 
 _NO_METADATA: Mapping[str, str] = MappingProxyType({})
+_NO_TAGS: frozenset[str] = frozenset()
+"""Shared by every endpoint without tags or metadata: one object, not one per endpoint for the cyclic
+garbage collector to walk."""
 """The metadata of every endpoint without any: one read-only empty mapping, not one per endpoint."""
 
 
@@ -109,7 +112,7 @@ class Endpoint:
             raise ConfigError(
                 f"endpoint {self.address}: every tag must be a str, got {sorted(map(repr, tag_set))}"
             )
-        object.__setattr__(self, "tags", tag_set)
+        object.__setattr__(self, "tags", tag_set or _NO_TAGS)
         meta: Any = self.metadata
         if not isinstance(meta, Mapping):
             raise ConfigError(f"endpoint {self.address}: metadata must be a mapping, got {meta!r}")
@@ -217,6 +220,8 @@ class EndpointSet:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, EndpointSet):
             return NotImplemented
+        if self._endpoints == other._endpoints:  # the same order (and objects: no field compared)
+            return True
         return dict(self._by_address) == dict(other._by_address)
 
     def __hash__(self) -> int:
