@@ -273,8 +273,8 @@ class HedgedCall:
     def cancel(self) -> bool:
         """The caller cancels: every attempt in flight is cancelled."""
         with self._cond:
-            if self.ended.is_set() and self.error is not None:
-                return False
+            if self.ended.is_set() and (self.error is not None or not self.stream or self.inner.done()):
+                return False  # over (a stream that answered and still runs is cancelled below)
             self._cancelled = True
             attempts = self._machine.cancel(_Cancelled())
             cancel = [self._calls[a] for a in attempts if a in self._calls]
@@ -434,10 +434,13 @@ class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
         return not self.ended.is_set() or (self.error is None and bool(self.inner.is_active()))
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        self.ended.wait()
-        if self.error is not None:
-            return False
-        return bool(self.inner.add_callback(callback))
+        def fire() -> None:
+            if self.error is not None or not self.inner.add_callback(callback):
+                callback()
+
+        if self.on_end(fire):
+            return True
+        return self.error is None and bool(self.inner.add_callback(callback))
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         def fire() -> None:

@@ -209,3 +209,21 @@ def test_an_abandoned_hedged_stream_is_cancelled(make_servers):
         gc.collect()
         wait_for(lambda: lb.stats.total_in_flight == 0)
         assert sum(e.failures for e in lb.stats) == 0
+
+
+def test_a_hedged_stream_calls_its_callbacks_once_when_it_ends(make_servers):
+    (stalling,) = make_servers(1, stall_rate=1.0, stall=STALL)
+    (steady,) = make_servers(1)
+    with lbkit.Balancer([stalling.address, steady.address], retry=hedged()) as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(2):  # one of them starts on the stalling server
+            fired: list[object] = []
+            stream = stub.StreamPredict(pb2.PredictRequest(max_tokens=3), timeout=10)
+            assert stream.add_callback(lambda fired=fired: fired.append("callback"))
+            stream.add_done_callback(fired.append)
+            assert [t.token for t in stream] == ["tok0", "tok1", "tok2"]
+            wait_for(lambda fired=fired: len(fired) == 2)
+            assert fired.count("callback") == 1 and fired.count(stream) == 1
+            assert stream.code() is grpc.StatusCode.OK and not stream.cancel()
+        wait_for(lambda: lb.stats.total_in_flight == 0)
