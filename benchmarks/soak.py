@@ -4,10 +4,11 @@
 
 Six real grpc model servers run one per process (``lbkit.testing.server_process --processes``), registered
 with gRPC health checks in the Consul-compatible test server, itself in a child process so that it can be
-restarted with its state, as an agent keeps its services across a restart. One client process sends 300
-calls/s over ``ConsulDiscovery``, half through ``lbkit.Balancer`` (threads) and half through
-``lbkit.aio.Balancer`` (an event loop): unary ``Predict``, server-streaming ``StreamPredict``, a ping-pong
-bidi ``UpdateFeatures`` (each update sent once the previous one's ack arrived) and client-streaming
+restarted with its state, as an agent keeps its services across a restart. 300 calls/s go over
+``ConsulDiscovery``, half from this process through ``lbkit.Balancer`` (threads), half from a child process
+through ``lbkit.aio.Balancer`` (an event loop: one sharing a process with hundreds of call threads would
+wait for the GIL): unary ``Predict``, server-streaming ``StreamPredict``, a ping-pong bidi
+``UpdateFeatures`` (each update sent once the previous one's ack arrived) and client-streaming
 ``UploadFeatures``, each method under its own policy through ``retry=``: the reads retry, with a
 per-attempt timeout; the writes, not idempotent, have their retries off.
 Faults follow one another on a schedule, each on another server: a kill and a restart, a health flap, a hang,
@@ -26,8 +27,8 @@ executing it, so the run sees which calls executed twice. Judged, each against i
   counted apart);
 - **calls executed twice** on servers, for methods whose retries are off (goal 0);
 - **calls in flight** in the balancers' counts once every call has ended (goal 0);
-- **growth of RSS and of thread count** of the client process, from the end of the first round of faults
-  to the end of the run (goal <= 5 %).
+- **growth of RSS and of thread count** of each client process, from the end of the first round of
+  faults to the end of the run (goal <= 5 %, judged on the process that grew most).
 
 The run is bounded in calls and in time, stops by itself and stops every process it started.
 """
@@ -676,37 +677,283 @@ def _balancer(aio: bool, consul_address: str) -> Any:
     )
 
 
-class _AsyncClient:
-    """The asyncio half of the client: an event loop on a thread of its own, its balancer and stubs."""
+class _ClientRun:
+    """One client process's half of the load: sync (``lbkit.Balancer``, a thread per call) or asyncio
+    (``lbkit.aio.Balancer``, an event loop on a thread), sending every other call number at half the rate.
 
-    def __init__(self, consul_address: str, pb2_grpc: Any, lag: Lag, stop: threading.Event) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="soak-aio", daemon=True)
-        self._thread.start()
-        self.lb: Any = None
+    The asyncio client runs in a child process of its own (:class:`_ChildClient`): an event loop sharing a
+    process with hundreds of busy call threads waits for the GIL, so its calls time out for that alone.
+    """
 
-        async def open_() -> Any:
-            lb = _balancer(True, consul_address)
-            await lb.start()
-            self.lb = lb
-            await lb.wait_ready(timeout=20.0, count=SERVERS)
-            self.loop.create_task(lag.loop(stop))
-            return pb2_grpc.ModelServiceStub(lb.channel())
+    def __init__(self, aio: bool, consul_address: str, p: Plan) -> None:
+        from lbkit.testing.model_server import pb2, pb2_grpc
 
-        self.stub = self.run(open_(), 30.0)
+        self.aio = aio
+        self.kinds = _kinds(pb2)
+        self.p = p
+        self.records = Records(p.max_calls)
+        self.lag = Lag()
+        self.stop = threading.Event()
+        self.quiet = threading.Event()
+        """Set while the client sends nothing, so that no call is running when the process is measured."""
+        self.samples: dict[str, tuple[int, int]] = {}
+        self.not_sent = 0
+        self.running = 0
+        self.idle = threading.Condition()
+        self.free = threading.Semaphore(MAX_OUTSTANDING // 2)
+        self.pool: ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        """The asyncio calls running: held here, as the loop holds its tasks only weakly."""
+        self.dispatcher: threading.Thread | None = None
+        self.closed = False
+        if aio:
+            loop = self.loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=loop.run_forever, name="soak-aio", daemon=True)
+            self._loop_thread.start()
 
-    def run(self, coro: Any, timeout: float) -> Any:
-        """Run ``coro`` on the loop; its result."""
+            async def open_() -> Any:
+                lb = _balancer(True, consul_address)
+                await lb.start()
+                await lb.wait_ready(timeout=20.0, count=SERVERS)
+                self.tasks.add(loop.create_task(self.lag.loop(self.stop)))
+                return lb
+
+            self.lb = self._on_loop(open_(), 30.0)
+        else:
+            self.lb = _balancer(False, consul_address).start()
+            self.lb.wait_ready(timeout=20.0, count=SERVERS)
+            # Every worker thread exists before the load: the harness's own threads do not grow during it.
+            workers = MAX_OUTSTANDING // 2
+            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soak-call")
+            gate = threading.Barrier(workers + 1)
+            for _ in range(workers):
+                self.pool.submit(gate.wait, 10.0)
+            gate.wait(10.0)
+            threading.Thread(target=self.lag.thread, args=(self.stop,), name="soak-lag", daemon=True).start()
+        self.stub = pb2_grpc.ModelServiceStub(self.lb.channel())
+
+    def _on_loop(self, coro: Any, timeout: float) -> Any:
+        assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _record(self, seq: int, call: Call, error: BaseException | None) -> None:
+        records = self.records
+        if error is None:
+            records.ok[seq] = 1
+        elif isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+            code = error.code()
+            records.code[seq] = records.code_index(code.name if code is not None else "UNKNOWN")
+        else:
+            records.code[seq] = records.code_index(type(error).__name__)
+        records.end[seq] = time.monotonic()
+        records.responses[seq] = call.responses
+        self.free.release()
+        with self.idle:
+            self.running -= 1
+            self.idle.notify_all()
+
+    def _one(self, seq: int) -> None:
+        call = Call()
+        error: BaseException | None = None
+        try:
+            self.kinds[seq % len(self.kinds)].invoke(self.stub, [(REQUEST_ID, f"c{seq}")], call)
+        except BaseException as exc:
+            error = exc
+        self._record(seq, call, error)
+
+    async def _aone(self, seq: int) -> None:
+        call = Call()
+        error: BaseException | None = None
+        try:
+            await self.kinds[seq % len(self.kinds)].invoke(self.stub, [(REQUEST_ID, f"c{seq}")], call)
+        except BaseException as exc:  # a CancelledError too: nobody cancels these calls
+            error = exc
+        self._record(seq, call, error)
+
+    def _start_task(self, seq: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._aone(seq))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def start(self, load_end: float) -> None:
+        """Send calls until ``load_end`` (``time.monotonic()``, the same clock in every process)."""
+        self.dispatcher = threading.Thread(
+            target=self._dispatch, args=(load_end,), name="soak-dispatch", daemon=True
+        )
+        self.dispatcher.start()
+
+    def _dispatch(self, load_end: float) -> None:
+        rate = RATE / 2
+        due = time.monotonic()
+        seq = int(self.aio)  # the sync client's calls are the even numbers, the asyncio client's the odd
+        records = self.records
+        while seq < self.p.max_calls:
+            now = time.monotonic()
+            if now >= load_end or self.stop.is_set():
+                break
+            if self.quiet.is_set():
+                self.stop.wait(0.01)
+                due = time.monotonic()
+                continue
+            if due > now:
+                time.sleep(due - now)
+            due = max(due + 1.0 / rate, time.monotonic() - 1.0)  # never a burst after a stall
+            current, seq = seq, seq + 2
+            if not self.free.acquire(blocking=False):
+                self.not_sent += 1
+                continue
+            records.start[current] = time.monotonic()
+            records.sent = current + 1
+            with self.idle:
+                self.running += 1
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._start_task, current)
+            else:
+                assert self.pool is not None
+                self.pool.submit(self._one, current)
+
+    def measure(self, name: str) -> None:
+        """Sample RSS and threads with no call running (grpc runs a thread per sync stream call)."""
+        self.quiet.set()
+        with self.idle:
+            self.idle.wait_for(lambda: self.running == 0, timeout=CALL_TIMEOUT * 2 + 1.0)
+        time.sleep(0.3)  # the calls' own threads end and the balancers' done-callbacks run
+        self.samples[name] = (_rss_bytes(), _threads())
+        self.quiet.clear()
+
+    def finish(self) -> dict[str, Any]:
+        """Stop sending, wait for the calls running, measure; close the balancer. The client's figures."""
+        if self.dispatcher is not None:
+            self.dispatcher.join(timeout=max(0.0, self.p.seconds) + 5.0)
+        self.stop.set()
+        with self.idle:
+            self.idle.wait_for(lambda: self.running == 0, timeout=CALL_TIMEOUT * 3 + 5.0)
+            unfinished = self.running
+        self.measure("end")
+        lb = self.lb
+        figures = {
+            "unfinished": unfinished,
+            "not_sent": self.not_sent,
+            "in_flight": {
+                "total_in_flight": lb.stats.total_in_flight,
+                "endpoints_in_flight": sum(abs(e.in_flight) for e in lb.stats),
+            },
+            "retries": {"made": lb.calls_retried, "refused by the budget": lb.budget.refused},
+            "samples": self.samples,
+            "starved": self.lag.starved,
+            "worst_lag": self.lag.worst,
+        }
+        self.close()
+        return figures
+
     def close(self) -> None:
-        if self.lb is not None:
+        """Stop the load and close the balancer (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stop.set()
+        if self.loop is not None:
             with contextlib.suppress(Exception):
-                self.run(self.lb.aclose(), 10.0)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10.0)
-        if not self._thread.is_alive():
-            self.loop.close()
+                self._on_loop(self.lb.aclose(), 10.0)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            assert self._loop_thread is not None
+            self._loop_thread.join(10.0)
+            if not self._loop_thread.is_alive():
+                self.loop.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.lb.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _client_child(consul_address: str, seconds: float) -> None:
+    """The asyncio client in a child process: commands on stdin, answers on stdout (child mode)."""
+    p = Plan(seconds=seconds, warmup=0.0, fault=0.0, gap=0.0, cooldown=0.0)
+    run = _ClientRun(True, consul_address, p)
+    print("READY", flush=True)
+    try:
+        for line in sys.stdin:
+            verb, _, arg = line.strip().partition(" ")
+            if verb == "go":
+                run.start(float(arg))
+            elif verb == "measure":
+                run.measure(arg)
+            elif verb == "finish":
+                figures = run.finish()
+                r = run.records
+                figures["records"] = {
+                    "start": list(r.start),
+                    "end": list(r.end),
+                    "ok": list(r.ok),
+                    "responses": list(r.responses),
+                    "code": [r.codes[i] for i in r.code],
+                    "sent": r.sent,
+                }
+                with open(arg, "w") as f:
+                    json.dump(figures, f)
+            elif verb == "quit":
+                break
+            print("OK", flush=True)
+    finally:
+        run.close()
+
+
+class _ChildClient:
+    """The asyncio client's child process, driven like a :class:`_ClientRun`."""
+
+    def __init__(self, consul_address: str, p: Plan) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.soak", "--client-child", consul_address, str(p.seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, name="soak-client-out", daemon=True).start()
+        try:
+            if (line := self._read(60.0)) != "READY":
+                raise RuntimeError(f"the asyncio client said {line!r}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _pump(self) -> None:
+        assert self._proc.stdout is not None
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._proc.stdout:
+                self._lines.put(line.strip())
+        self._lines.put("EOF")
+
+    def _read(self, timeout: float) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the asyncio client did not answer within {timeout} s") from None
+
+    def send(self, text: str) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(text + "\n")
+        self._proc.stdin.flush()
+
+    def done(self, timeout: float) -> None:
+        """Wait for the answer to the last command."""
+        if (line := self._read(timeout)) != "OK":
+            raise RuntimeError(f"the asyncio client said {line!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send("quit")
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=15.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5.0)
 
 
 def _read_log(path: str) -> dict[str, list[tuple[float, str, str]]]:
@@ -743,176 +990,84 @@ def _descendants() -> set[int]:
 
 def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the soak for plan ``p``; return the raw figures (see :func:`report`)."""
-    from lbkit.testing.model_server import pb2, pb2_grpc
+    from lbkit.testing.model_server import pb2
 
     say = progress or (lambda _text: None)
     kinds = _kinds(pb2)
     truth = Truth(SERVERS)
-    records = Records(p.max_calls)
     tmp = tempfile.mkdtemp(prefix="lbkit-soak-")
     log_path = os.path.join(tmp, "requests.log")
     stop = threading.Event()
     before = _descendants()
     cluster = _Cluster(log_path, truth)
     started = _descendants() - before
-    lb: Any = None
-    client: _AsyncClient | None = None
-    lag = Lag()
-    pool = ThreadPoolExecutor(max_workers=MAX_OUTSTANDING, thread_name_prefix="soak-call")
+    sync: _ClientRun | None = None
+    child: _ChildClient | None = None
+    figures: dict[str, dict[str, Any]] = {}
+    results = os.path.join(tmp, "asyncio-client.json")
     try:
         consul_address = cluster.consul.address if cluster.consul else ""
-        lb = _balancer(False, consul_address).start()
-        lb.wait_ready(timeout=20.0, count=SERVERS)
-        client = _AsyncClient(consul_address, pb2_grpc, lag, stop)
-        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        child = _ChildClient(consul_address, p)
+        sync = _ClientRun(False, consul_address, p)
+        records = sync.records
         index_of = {address: i for i, address in enumerate(cluster.addresses)}
-        threading.Thread(target=lag.thread, args=(stop,), name="soak-lag", daemon=True).start()
-        say(f"{len(kinds)} call kinds (sync and asyncio) over {SERVERS} servers, each method with its policy")
-
-        # Every worker thread exists before the load: the harness's own threads do not grow during it.
-        gate = threading.Barrier(MAX_OUTSTANDING + 1)
-        for _ in range(MAX_OUTSTANDING):
-            pool.submit(gate.wait, 10.0)
-        gate.wait(10.0)
-        free = threading.Semaphore(MAX_OUTSTANDING)
-        idle = threading.Condition()
-        running = [0]
-        not_sent = 0
-
-        def record(seq: int, call: Call, error: BaseException | None) -> None:
-            if error is None:
-                records.ok[seq] = 1
-            elif isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
-                code = error.code()
-                records.code[seq] = records.code_index(code.name if code is not None else "UNKNOWN")
-            else:
-                records.code[seq] = records.code_index(type(error).__name__)
-            records.end[seq] = time.monotonic()
-            records.responses[seq] = call.responses
-            free.release()
-            with idle:
-                running[0] -= 1
-                idle.notify_all()
-
-        def one(seq: int) -> None:
-            kind = kinds[seq % len(kinds)]
-            call = Call()
-            error: BaseException | None = None
-            try:
-                kind.invoke(stub, [(REQUEST_ID, f"c{seq}")], call)
-            except BaseException as exc:
-                error = exc
-            record(seq, call, error)
-
-        async def aone(seq: int) -> None:
-            kind = kinds[seq % len(kinds)]
-            call = Call()
-            error: BaseException | None = None
-            try:
-                await kind.invoke(client.stub, [(REQUEST_ID, f"c{seq}")], call)
-            except BaseException as exc:  # a CancelledError too: nobody cancels these calls
-                error = exc
-            record(seq, call, error)
-
-        tasks: set[asyncio.Task[None]] = set()
-        """The asyncio calls running: held here, as the loop holds its tasks only weakly."""
-
-        def start_task(seq: int) -> None:
-            task = asyncio.get_running_loop().create_task(aone(seq))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        def submit(seq: int) -> None:
-            if kinds[seq % len(kinds)].aio:
-                assert client is not None
-                client.loop.call_soon_threadsafe(start_task, seq)
-            else:
-                pool.submit(one, seq)
-
-        samples: dict[str, tuple[int, int]] = {}
+        say(f"{len(kinds)} call kinds over {SERVERS} servers, sync here and asyncio in a child process")
         start = time.monotonic()
         load_end = start + p.seconds
-
-        quiet = threading.Event()
-        """Set while the client sends nothing, so that no call is running when the process is measured."""
-
-        def dispatch() -> None:
-            nonlocal not_sent
-            due = time.monotonic()
-            seq = 0
-            while seq < p.max_calls:
-                now = time.monotonic()
-                if now >= load_end or stop.is_set():
-                    break
-                if quiet.is_set():
-                    stop.wait(0.01)
-                    due = time.monotonic()
-                    continue
-                if due > now:
-                    time.sleep(due - now)
-                due = max(due + 1.0 / RATE, time.monotonic() - 1.0)  # never a burst after a stall
-                seq += 1
-                if not free.acquire(blocking=False):
-                    not_sent += 1
-                    continue
-                records.start[seq - 1] = time.monotonic()
-                records.sent = seq
-                with idle:
-                    running[0] += 1
-                submit(seq - 1)
-
-        def measure(name: str) -> None:
-            """Sample RSS and threads with no call running (grpc runs a thread per sync stream call)."""
-            quiet.set()
-            with idle:
-                idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 2 + 1.0)
-            time.sleep(0.3)  # the calls' own threads end and the balancers' done-callbacks run
-            samples[name] = (_rss_bytes(), _threads())
-            quiet.clear()
-
-        dispatcher = threading.Thread(target=dispatch, name="soak-dispatch", daemon=True)
-        dispatcher.start()
+        child.send(f"go {load_end!r}")
+        child.done(10.0)
+        sync.start(load_end)
         load_average = [os.getloadavg()[0]]
 
-        done = _schedule(cluster, p, load_end - p.cooldown, stop, lambda: measure("warm"))
+        def measure_warm() -> None:
+            assert sync is not None and child is not None
+            child.send("measure warm")
+            sync.measure("warm")
+            child.done(CALL_TIMEOUT * 2 + 10.0)
+
+        done = _schedule(cluster, p, load_end - p.cooldown, stop, measure_warm)
         say(f"{len(done)} faults done; load until the end")
-        dispatcher.join(timeout=max(0.0, load_end - time.monotonic()) + 5.0)
-        stop.set()
-        with idle:
-            idle.wait_for(lambda: running[0] == 0, timeout=CALL_TIMEOUT * 3 + 5.0)
-            unfinished = running[0]
-        measure("end")
+        child.send(f"finish {results}")
+        figures["sync"] = sync.finish()
+        child.done(CALL_TIMEOUT * 3 + 30.0)
+        with open(results) as f:
+            figures["asyncio"] = json.load(f)
         load_average.append(os.getloadavg()[0])
-        in_flight = {}
-        retries: dict[str, dict[str, int]] = {}
-        for name, balancer in (("sync", lb), ("asyncio", client.lb)):
-            in_flight[name] = {
-                "total_in_flight": balancer.stats.total_in_flight,
-                "endpoints_in_flight": sum(abs(e.in_flight) for e in balancer.stats),
-            }
-            retries[name] = {"made": balancer.calls_retried, "refused by the budget": balancer.budget.refused}
         wall = time.monotonic() - start
     finally:
         stop.set()
-        if client is not None:
-            client.close()
-        if lb is not None:
-            with contextlib.suppress(Exception):
-                lb.close()
+        if sync is not None:
+            sync.close()
+        if child is not None:
+            child.close()
         cluster.close()
-        pool.shutdown(wait=False, cancel_futures=True)
+    # The asyncio client's calls (the odd numbers) join the sync client's records.
+    theirs = figures["asyncio"]["records"]
+    for seq in range(1, theirs["sent"], 2):
+        records.start[seq], records.end[seq] = theirs["start"][seq], theirs["end"][seq]
+        records.ok[seq], records.responses[seq] = theirs["ok"][seq], theirs["responses"][seq]
+        if theirs["code"][seq]:
+            records.code[seq] = records.code_index(theirs["code"][seq])
+    records.sent = max(records.sent, theirs["sent"])
+    child_lag = Lag()
+    child_lag.starved = [tuple(span) for span in figures["asyncio"]["starved"]]  # type: ignore[misc]
+    child_lag.worst = figures["asyncio"]["worst_lag"]
+    lags = {False: sync.lag, True: child_lag}
+    samples = {mode: {k: tuple(v) for k, v in f["samples"].items()} for mode, f in figures.items()}
+    in_flight = {mode: f["in_flight"] for mode, f in figures.items()}
+    unfinished = sum(f["unfinished"] for f in figures.values())
     deadline = time.monotonic() + 10.0
     while (left := started & _descendants()) and time.monotonic() < deadline:
         time.sleep(0.1)
     executed = _read_log(log_path)
     shutil.rmtree(tmp, ignore_errors=True)
-    data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished, lag)
+    data = _judge(kinds, records, executed, truth, index_of, samples, in_flight, unfinished, lags)
     data.update(
         executions_logged=sum(map(len, executed.values())),
         load_average=[round(x, 1) for x in load_average],
         wall_s=round(wall, 1),
-        not_sent=not_sent,
-        retries=retries,
+        not_sent=sum(f["not_sent"] for f in figures.values()),
+        retries={mode: f["retries"] for mode, f in figures.items()},
         servers_lost=sorted(cluster.lost),
         processes_started=len(started),
         processes_left=sorted(left),
@@ -964,12 +1119,13 @@ def _judge(
     executed: dict[str, list[tuple[float, str, str]]],
     truth: Truth,
     index_of: dict[str, int],
-    samples: dict[str, tuple[int, int]],
+    samples: dict[str, dict[str, tuple[int, int]]],
     in_flight: dict[str, dict[str, int]],
     unfinished: int,
-    lag: Lag,
+    lags: dict[bool, Lag],
 ) -> dict[str, Any]:
-    """Classify every call and judge each goal."""
+    """Classify every call and judge each goal. ``samples``: per client process, its RSS and threads by
+    moment (``warm``, ``end``); ``lags``: each client's starvation (by ``Kind.aio``)."""
     per_kind: dict[str, dict[str, Any]] = {
         k.name: {
             "method": k.method,
@@ -1018,7 +1174,7 @@ def _judge(
         bucket[1] += 1
         ran_on = {index_of[e] for _, _, e in runs if e in index_of}
         end = end or start + CALL_TIMEOUT
-        why = _why_failed(kind, code, runs, ran_on, start, end, records.responses[seq], truth, lag)
+        why = _why_failed(kind, code, runs, ran_on, start, end, records.responses[seq], truth, lags[kind.aio])
         if why == "no fault":
             row["no_fault"] += 1
             no_fault_codes[code] += 1
@@ -1041,9 +1197,18 @@ def _judge(
     for name, values in latencies.items():
         per_kind[name]["p50_ms"] = round(percentile(values, 50) * 1e3, 2)
         per_kind[name]["p99_ms"] = round(percentile(values, 99) * 1e3, 2)
-    warm, end_sample = samples.get("warm"), samples.get("end")
-    rss_growth = (end_sample[0] - warm[0]) / warm[0] if warm and end_sample else None
-    thread_growth = (end_sample[1] - warm[1]) / warm[1] if warm and end_sample else None
+
+    def growth(index: int) -> float | None:
+        """The largest growth over the client processes (None when one was not measured)."""
+        values = []
+        for moments in samples.values():
+            warm, end_sample = moments.get("warm"), moments.get("end")
+            if not warm or not end_sample:
+                return None
+            values.append((end_sample[index] - warm[index]) / warm[index])
+        return max(values) if values else None
+
+    rss_growth, thread_growth = growth(0), growth(1)
     leaked = unfinished + sum(
         max(abs(v["total_in_flight"]), v["endpoints_in_flight"]) for v in in_flight.values()
     )
@@ -1077,9 +1242,12 @@ def _judge(
         "avoidable_examples": examples,
         "faults": dict(truth.faults),
         "in_flight": in_flight,
-        "client_starved_s": round(sum(e - s for s, e in lag.starved), 1),
-        "client_worst_lag_ms": round(lag.worst * 1e3, 1),
-        "samples": {k: {"rss_mb": round(v[0] / 2**20, 1), "threads": v[1]} for k, v in samples.items()},
+        "client_starved_s": round(sum(e - s for lag in lags.values() for s, e in lag.starved), 1),
+        "client_worst_lag_ms": round(max(lag.worst for lag in lags.values()) * 1e3, 1),
+        "samples": {
+            mode: {k: {"rss_mb": round(v[0] / 2**20, 1), "threads": v[1]} for k, v in moments.items()}
+            for mode, moments in samples.items()
+        },
     }
 
 
@@ -1150,13 +1318,14 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             f"Failed calls by code: {data['failed_codes'] or 'none'}; could have succeeded elsewhere: "
             f"{data['avoidable_codes'] or 'none'}; with no fault on the server it ran on (serving and "
             f"neither killed nor hung during the call): {data['no_fault_codes'] or 'none'}. Calls not sent "
-            f"(the client had {MAX_OUTSTANDING} running): {data['not_sent']}. Servers lost (a killed "
+            f"(each client had {MAX_OUTSTANDING // 2} running): {data['not_sent']}. Servers lost (a killed "
             f"server's port taken before it could start again): {data['servers_lost'] or 'none'}.",
             "Client RSS and threads, measured with no call running (after the first round of faults, "
             f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
             f"{data['load_average']} on {os.cpu_count()} cores.",
-            "Half the calls go through lbkit.Balancer (threads), half through lbkit.aio.Balancer (an event "
-            "loop on a thread), the same kinds in turn. Policies by method (retry= mapping): Predict and "
+            "Half the calls go through lbkit.Balancer (threads), half through lbkit.aio.Balancer in a "
+            "process of its own (an event loop), the same kinds in turn. Policies by method (retry= "
+            "mapping): Predict and "
             f"StreamPredict RetryPolicy(max_attempts=3, attempt_timeout={ATTEMPT_TIMEOUT:g}); UpdateFeatures "
             "(ping-pong: each update sent once the previous ack came) and UploadFeatures "
             "RetryPolicy(retryable_codes=()), retries off. Calls time out after "
@@ -1183,7 +1352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="25 s of load (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--consul-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client-child", nargs=2, metavar=("CONSUL", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.client_child:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _client_child(args.client_child[0], float(args.client_child[1]))
+        return 0
     if args.consul_child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _consul_child()

@@ -12,6 +12,7 @@ def _noop(stub: Any, md: list[tuple[str, str]], call: Any) -> None:
     raise AssertionError("not called")
 
 
+LAGS = {False: Lag(), True: Lag()}
 KINDS = [Kind("unary", "Predict", True, False, _noop), Kind("bidi", "UpdateFeatures", False, True, _noop)]
 
 
@@ -83,7 +84,7 @@ def test_classification_of_failures_and_duplicates() -> None:
     _record(records, 8, 149.0, 152.0, False, "DEADLINE_EXCEEDED")  # timed out while starved: the run's load
     _record(records, 9, 101.0, 101.5, False, "UNAVAILABLE")  # bidi, no server executed it, 0 hung meanwhile
     records.sent = 10
-    data = _judge(KINDS, records, executed, truth, index_of, {}, {}, 0, lag)
+    data = _judge(KINDS, records, executed, truth, index_of, {}, {}, 0, {False: lag, True: Lag()})
     assert data["kinds"]["unary"] == {
         "method": "Predict",
         "retries": True,
@@ -116,7 +117,7 @@ def test_no_other_endpoint_serving_means_not_avoidable() -> None:
     truth = _truth({1: [(t - 1.0, False)], 2: [(t - SETTLE / 2, False), (t - 0.1, True)]}, {})
     records = Records(2)
     _record(records, 1, t, t + 0.1, False, "UNAVAILABLE")
-    data = _judge(KINDS, records, {"c1": [(t, "UpdateFeatures", "a:0")]}, truth, {"a:0": 0}, {}, {}, 0, Lag())
+    data = _judge(KINDS, records, {"c1": [(t, "UpdateFeatures", "a:0")]}, truth, {"a:0": 0}, {}, {}, 0, LAGS)
     assert data["kinds"]["bidi"]["failed"] == 1 and data["kinds"]["bidi"]["avoidable"] == 0
     records = Records(2)
     _record(records, 1, t, 0.0, False)  # never finished: judged as if it ran to its deadline
@@ -129,7 +130,18 @@ def test_no_other_endpoint_serving_means_not_avoidable() -> None:
         {},
         {"lb": {"total_in_flight": 0, "endpoints_in_flight": 0}},
         1,
-        Lag(),
+        LAGS,
     )
     assert data["failed_codes"] == {"UNFINISHED": 1}
     assert data["goals"]["in flight after the run"] == {"value": 1, "goal": "0", "pass": False}
+
+
+def test_growth_is_judged_on_the_client_process_that_grew_most() -> None:
+    samples = {
+        "sync": {"warm": (100 * 2**20, 10), "end": (101 * 2**20, 10)},
+        "asyncio": {"warm": (100 * 2**20, 4), "end": (110 * 2**20, 4)},
+    }
+    data = _judge(KINDS, Records(1), {}, _truth({}, {}), {}, samples, {}, 0, LAGS)
+    assert data["goals"]["RSS growth"] == {"value": 10.0, "goal": "<= 5 %", "pass": False}
+    assert data["goals"]["thread growth"] == {"value": 0.0, "goal": "<= 5 %", "pass": True}
+    assert data["samples"]["asyncio"]["end"] == {"rss_mb": 110.0, "threads": 4}
