@@ -461,10 +461,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _thread_names() -> list[str]:
+    """The names of this process's threads, native ones included (their kernel names), less the run's own
+    (named ``soak-...``)."""
+    own = {t.native_id for t in threading.enumerate() if t.name.startswith("soak-")}
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        if int(task) not in own:
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+    return sorted(names)
+
+
 def _threads() -> int:
     """Threads of this process, native ones included, less the run's own (named ``soak-...``)."""
-    own = {t.native_id for t in threading.enumerate() if t.name.startswith("soak-")}
-    return len(set(map(int, os.listdir("/proc/self/task"))) - own)
+    return len(_thread_names())
 
 
 # --------------------------------------------------------------------------- the run
@@ -697,6 +708,8 @@ class _ClientRun:
         self.quiet = threading.Event()
         """Set while the client sends nothing, so that no call is running when the process is measured."""
         self.samples: dict[str, tuple[int, int]] = {}
+        self.thread_names: dict[str, list[str]] = {}
+        """The threads counted in each sample, by name."""
         self.not_sent = 0
         self.running = 0
         self.idle = threading.Condition()
@@ -820,7 +833,9 @@ class _ClientRun:
         with self.idle:
             self.idle.wait_for(lambda: self.running == 0, timeout=CALL_TIMEOUT * 2 + 1.0)
         time.sleep(0.3)  # the calls' own threads end and the balancers' done-callbacks run
-        self.samples[name] = (_rss_bytes(), _threads())
+        names = _thread_names()
+        self.samples[name] = (_rss_bytes(), len(names))
+        self.thread_names[name] = names
         self.quiet.clear()
 
     def finish(self) -> dict[str, Any]:
@@ -842,6 +857,7 @@ class _ClientRun:
             },
             "retries": {"made": lb.calls_retried, "refused by the budget": lb.budget.refused},
             "samples": self.samples,
+            "thread_names": self.thread_names,
             "starved": self.lag.starved,
             "worst_lag": self.lag.worst,
         }
@@ -1068,6 +1084,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         wall_s=round(wall, 1),
         not_sent=sum(f["not_sent"] for f in figures.values()),
         retries={mode: f["retries"] for mode, f in figures.items()},
+        thread_names={mode: f["thread_names"] for mode, f in figures.items()},
         servers_lost=sorted(cluster.lost),
         processes_started=len(started),
         processes_left=sorted(left),
