@@ -1024,6 +1024,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
     try:
         consul_address = cluster.consul.address if cluster.consul else ""
         child = _ChildClient(consul_address, p)
+        started |= _descendants() - before  # the asyncio client's process too
         sync = _ClientRun(False, consul_address, p)
         records = sync.records
         index_of = {address: i for i, address in enumerate(cluster.addresses)}
