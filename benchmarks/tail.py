@@ -22,6 +22,7 @@ rough).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -132,7 +133,11 @@ def _schedule(seconds: float, rng: random.Random) -> list[float]:
     return offsets
 
 
-async def _aio_load(stub: Any, request: Any, seconds: float, rng: random.Random) -> tuple[list[float], int]:
+async def _aio_load(
+    stub: Any, request: Any, seconds: float, rng: random.Random
+) -> tuple[list[float], int, int]:
+    """Open-loop calls for ``seconds``: (latencies of the calls that succeeded, calls sent, calls that
+    failed or had not ended TIMEOUT + 5 s after the last was sent)."""
     latencies: list[float] = []
     errors = 0
     pending: set[asyncio.Task[None]] = set()
@@ -147,7 +152,8 @@ async def _aio_load(stub: Any, request: Any, seconds: float, rng: random.Random)
         latencies.append(time.monotonic() - sent)
 
     start = time.monotonic()
-    for offset in _schedule(seconds, rng):
+    offsets = _schedule(seconds, rng)
+    for offset in offsets:
         delay = start + offset - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -156,10 +162,11 @@ async def _aio_load(stub: Any, request: Any, seconds: float, rng: random.Random)
         task.add_done_callback(pending.discard)
     if pending:
         await asyncio.wait(pending, timeout=TIMEOUT + 5.0)
-    return latencies, errors
+    return list(latencies), len(offsets), len(offsets) - len(latencies)
 
 
-def _sync_load(stub: Any, request: Any, seconds: float, rng: random.Random) -> tuple[list[float], int]:
+def _sync_load(stub: Any, request: Any, seconds: float, rng: random.Random) -> tuple[list[float], int, int]:
+    """The sync twin of :func:`_aio_load` (``future()`` calls from this thread)."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -178,7 +185,8 @@ def _sync_load(stub: Any, request: Any, seconds: float, rng: random.Random) -> t
                 idle.set()
 
     start = time.monotonic()
-    for offset in _schedule(seconds, rng):
+    offsets = _schedule(seconds, rng)
+    for offset in offsets:
         delay = start + offset - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -189,7 +197,7 @@ def _sync_load(stub: Any, request: Any, seconds: float, rng: random.Random) -> t
         stub.Predict.future(request, timeout=TIMEOUT).add_done_callback(lambda f, sent=sent: ended(sent, f))
     idle.wait(TIMEOUT + 5.0)
     with lock:
-        return list(latencies), errors[0]
+        return list(latencies), len(offsets), len(offsets) - len(latencies)
 
 
 async def _aio_phase(child: Child, retry: Any, plan: Plan, rng: random.Random) -> Phase:
@@ -205,11 +213,11 @@ async def _aio_phase(child: Child, retry: Any, plan: Plan, rng: random.Random) -
         loop = asyncio.get_running_loop()
         before = await loop.run_in_executor(None, child.calls)
         sent0, won0, cpu0 = lb.hedges_sent, lb.hedges_won, time.process_time()
-        latencies, errors = await _aio_load(stub, request, plan.measure, rng)
+        latencies, sent, errors = await _aio_load(stub, request, plan.measure, rng)
         cpu = time.process_time() - cpu0
         after = await loop.run_in_executor(None, child.calls)
         return Phase(
-            latencies, errors, len(latencies) + errors, after - before, lb.hedges_sent - sent0,
+            latencies, errors, sent, after - before, lb.hedges_sent - sent0,
             lb.hedges_won - won0, cpu,
         )  # fmt: skip
 
@@ -226,11 +234,11 @@ def _sync_phase(child: Child, retry: Any, plan: Plan, rng: random.Random) -> Pha
         _sync_load(stub, request, plan.warmup, rng)
         before = child.calls()
         sent0, won0, cpu0 = lb.hedges_sent, lb.hedges_won, time.process_time()
-        latencies, errors = _sync_load(stub, request, plan.measure, rng)
+        latencies, sent, errors = _sync_load(stub, request, plan.measure, rng)
         cpu = time.process_time() - cpu0
         after = child.calls()
         return Phase(
-            latencies, errors, len(latencies) + errors, after - before, lb.hedges_sent - sent0,
+            latencies, errors, sent, after - before, lb.hedges_sent - sent0,
             lb.hedges_won - won0, cpu,
         )  # fmt: skip
 
@@ -370,7 +378,10 @@ def report(plan: Plan, data: dict[str, Any]) -> Result:
             " call latencies (lbkit.HedgingPolicy's default); at most 2 attempts a call, throttled by the"
             " retry budget.",
             "Servers run in a child process, so the client's CPU figure is its own. Goals are judged in the"
-            ' run, "p95" against no hedging.',
+            ' run, "p95" against no hedging. Errors: calls that failed or had not ended 7 s after the last'
+            " was sent (a 2 s deadline each).",
+            f"Load average over the last minute at the end of the run: {os.getloadavg()[0]:.1f} (2 cores"
+            " here: far above 2, the client is starved and every figure with it).",
         ],
         "data": {"plan": plan.__dict__, "apis": data, "goals": GOALS},
     }
