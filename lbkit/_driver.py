@@ -223,6 +223,8 @@ class BalancerBase:
         self.discovery.status.listeners.append(self._on_discovery_status)
         self.stats = self.core.stats
         self.members: dict[str, Member] = {}
+        self.draining: dict[str, Member] = {}
+        """The members draining (``closing_at`` set): what the drain timer looks at, not every member."""
         self.budget = RetryBudget(self.retry_policy.budget_max_tokens, self.retry_policy.budget_token_ratio)
         self.keyed = self.selector.uses_key
         self.load_reports = self.selector.uses_load_reports
@@ -280,6 +282,7 @@ class BalancerBase:
             member = self.members.get(address)
             if member is not None:
                 member.closing_at = now
+                self.draining[address] = member
         for endpoint in plan.open:
             member = self.members.get(endpoint.address)
             if member is not None and member.closing_at is not None:
@@ -368,6 +371,8 @@ class BalancerBase:
     def revive(self, member: Member) -> None:
         """Take back a draining member whose endpoint returned: the core hears its last known state."""
         member.closing_at = None
+        if self.draining.get(member.address) is member:
+            del self.draining[member.address]
         self.core.set_ready(member.address, member.ready, "channel kept while draining")
         if member.health_report is not None:
             self.core.set_health(member.address, *member.health_report)

@@ -135,6 +135,7 @@ class Balancer(SyncDriver):
         with self._lock:
             members = list(self.members.values())
             self.members.clear()
+            self.draining.clear()
         reason = f"{self.service}: the balancer closed" + (f" (grace {grace:g} s)" if grace else "")
         for m in members:
             self._close_member(m, reason)
@@ -257,11 +258,13 @@ class Balancer(SyncDriver):
         done: list[Member] = []
         pending = False
         with self._lock:
-            for address, m in list(self.members.items()):
-                if m.closing_at is None:
+            for address, m in list(self.draining.items()):
+                if m.closing_at is None or self.members.get(address) is not m:
+                    self.draining.pop(address, None)
                     continue
                 if m.stats.in_flight <= 0 or now - m.closing_at >= self.options.drain_timeout:
                     del self.members[address]
+                    self.draining.pop(address, None)
                     done.append(m)
                 else:
                     pending = True

@@ -154,6 +154,7 @@ class Balancer(AsyncDriver):
             self._build_thread.shutdown(wait=False)
         members = list(self.members.values())
         self.members.clear()
+        self.draining.clear()
         reason = f"{self.service}: the balancer closed" + (f" (grace {grace:g} s)" if grace else "")
         for m in members:
             await self._close_member(m, reason)
@@ -282,11 +283,13 @@ class Balancer(AsyncDriver):
         """Close members whose drain ended; return when to look again (``clock`` time)."""
         now = self.clock()
         pending = False
-        for address, m in list(self.members.items()):
-            if m.closing_at is None:
+        for address, m in list(self.draining.items()):
+            if m.closing_at is None or self.members.get(address) is not m:
+                self.draining.pop(address, None)
                 continue
             if m.stats.in_flight <= 0 or now - m.closing_at >= self.options.drain_timeout:
                 del self.members[address]
+                self.draining.pop(address, None)
                 await self._close_member(m, self._drained(m, now))
                 self.core.forget(address)
             else:

@@ -239,3 +239,25 @@ async def test_aio_slow_picker_builds_leave_the_event_loop_free(make_servers) ->
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         seen = {(await stub.Predict(pb2.PredictRequest(), timeout=5)).served_by for _ in range(6)}
         assert seen == {s.address for s in servers}
+
+
+def test_sync_drain_timer_keeps_the_draining_members_apart(farm: PortFarm) -> None:
+    """The drain timer looks at the members draining, not at every member: at ten thousand endpoints a
+    sweep of every member each time it wakes cost the calls more than the pool's own poller."""
+    addresses = farm.addresses[:FEW]
+    discovery = lbkit.StaticDiscovery(addresses)
+    with lbkit.Balancer(discovery) as lb:
+        lb.wait_ready(count=FEW, timeout=30)
+        assert lb.draining == {}
+        address = addresses[3]
+        entry = lb.members[address].stats
+        entry.in_flight += 1  # a call in flight keeps it draining
+        discovery.update([a for a in addresses if a != address])
+        wait_for(lambda: address in lb.draining, timeout=10)
+        assert set(lb.draining) == {address} and lb.draining[address] is lb.members[address]
+        entry.in_flight -= 1
+        wait_for(lambda: address not in lb.members, timeout=10)
+        assert lb.draining == {}
+        discovery.update(addresses)  # back: a new member, nothing draining
+        lb.wait_ready(count=FEW, timeout=30)
+        assert lb.draining == {}
