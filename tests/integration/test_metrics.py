@@ -440,3 +440,33 @@ async def test_asyncio_balancer(make_servers, exposition):
         assert m.one("lbkit_endpoint_in_flight", **labels) == 0
     assert m.total("lbkit_endpoint_calls_total", service="aio-models") == 41
     assert m.one("lbkit_endpoints", service="aio-models", state="ready") == 2
+
+
+def test_hedges_are_exported_and_a_hedged_call_counts_once(exposition, make_servers) -> None:
+    registry, port = exposition
+    (stalling,) = make_servers(1, stall_rate=1.0, stall=30.0)
+    (steady,) = make_servers(1)
+    policy = lbkit.HedgingPolicy(hedging_delay=0.02)
+    lb = lbkit.Balancer([stalling.address, steady.address], service="models", retry={"*": policy})
+    instrument(lb, registry)
+    with lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(4):
+            assert stub.Predict(REQ, timeout=10).served_by == steady.address
+        servicer = stalling.servicer
+        assert servicer is not None
+        deadline = time.monotonic() + 5
+        while (
+            servicer.abandoned < servicer.stalled or lb.stats.total_in_flight
+        ) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        m = Scrape(port)
+        sent, won, cancelled = lb.hedges_sent, lb.hedges_won, lb.hedges_cancelled
+    assert won >= 1 and sent == cancelled == servicer.stalled
+    assert m.one("lbkit_hedges_total", service="models") == sent
+    assert m.one("lbkit_hedges_won_total", service="models") == won
+    assert m.one("lbkit_hedge_attempts_cancelled_total", service="models") == cancelled
+    # Four calls, four finished calls in the endpoint counts: the cancelled losers count nowhere.
+    assert m.total("lbkit_endpoint_calls_total", service="models") == 4
+    assert m.total("lbkit_endpoint_call_latency_seconds_count", service="models") == 4
