@@ -197,8 +197,8 @@ class HedgedCall:
         inner.add_done_callback(_done_callback(self, attempt))
 
     def __del__(self) -> None:
-        # Dropped by the caller before its end: cancel what still runs (as a dropped grpc call is
-        # cancelled); grpc's done callbacks then count each attempt's end, neutral.
+        # Dropped by the caller before its end (a stream: its attempts hold it weakly): cancel what still
+        # runs, as a dropped grpc stream is cancelled; grpc's done callbacks then count each end, neutral.
         machine = getattr(self, "_machine", None)
         if machine is None:
             return
@@ -298,7 +298,14 @@ class HedgedCall:
 
 
 class HedgedUnary(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A hedged unary call as a grpc.Future (what ``future()`` returns; a blocking call waits on it)."""
+    """A hedged unary call as a grpc.Future (what ``future()`` returns; a blocking call waits on it).
+
+    Its attempts hold it, as grpc's own futures are held by their call: a future its caller drops (with
+    only a done callback kept) still ends and calls back.
+    """
+
+    def _watch(self, attempt: Attempt, inner: Any) -> None:
+        inner.add_done_callback(lambda call: self._attempt_done(attempt, call))
 
     def _begin(self, member: Member, attempt: Attempt) -> Any:
         mc = member.callables.get(self._c.spec) or member.callable(self._c.spec)

@@ -175,3 +175,19 @@ async def test_an_abandoned_hedged_stream_is_cancelled(make_servers):
         gc.collect()
         await async_wait_for(lambda: lb.stats.total_in_flight == 0)
         assert sum(e.failures for e in lb.stats) == 0
+
+
+async def test_a_call_the_caller_drops_still_ends_and_calls_back(make_servers):
+    (stalling,) = make_servers(1, stall_rate=1.0, stall=STALL)
+    (steady,) = make_servers(1)
+    async with lbkit.aio.Balancer([stalling.address, steady.address], retry=hedged(0.2)) as lb:
+        await lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        codes: list[object] = []
+        for _ in range(2):  # as grpc.aio's calls: kept alive until they end
+            stub.Predict(REQ, timeout=10).add_done_callback(lambda call: codes.append(call.done()))
+            gc.collect()
+        await async_wait_for(lambda: len(codes) == 2)
+        assert codes == [True, True]
+        await async_wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert lb.stats[steady.address].successes == 2

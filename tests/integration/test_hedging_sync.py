@@ -227,3 +227,20 @@ def test_a_hedged_stream_calls_its_callbacks_once_when_it_ends(make_servers):
             assert fired.count("callback") == 1 and fired.count(stream) == 1
             assert stream.code() is grpc.StatusCode.OK and not stream.cancel()
         wait_for(lambda: lb.stats.total_in_flight == 0)
+
+
+def test_a_future_the_caller_drops_still_ends_and_calls_back(make_servers):
+    (stalling,) = make_servers(1, stall_rate=1.0, stall=STALL)
+    (steady,) = make_servers(1)
+    with lbkit.Balancer([stalling.address, steady.address], retry=hedged(0.2)) as lb:
+        lb.wait_ready(count=2)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        answers: list[str] = []
+        for _ in range(2):  # as grpc's futures: kept alive by the call until it ends
+            stub.Predict.future(REQ, timeout=10).add_done_callback(
+                lambda f: answers.append(f.result().served_by)
+            )
+            gc.collect()
+        wait_for(lambda: len(answers) == 2)
+        assert answers == [steady.address, steady.address]
+        wait_for(lambda: lb.stats.total_in_flight == 0)
