@@ -259,11 +259,11 @@ class BalancerCore:
                 self._ramping or (self._dirty and now >= self._last_rebuild + self._coalesce_window())
             ):
                 self._rebuild(now)
-            if self._building is None:
-                self._refresh_picker(now)
-            nxt = self.next_deadline()
+            refresh = self._refresh_picker(now) if self._building is None else None
+        if refresh is not None:
+            refresh.refresh(now)  # outside the lock: the core's other inputs need not wait for it
         self._flush()
-        return nxt
+        return self.next_deadline()
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work to do (``clock`` time), or None."""
@@ -568,18 +568,19 @@ class BalancerCore:
         if refreshing(picker) is not None:
             self._deadline_moved = True  # its refresh is a timer of its own
 
-    def _refresh_picker(self, now: float) -> None:
-        """Run the picker's timed work if due (weighted round robin's weight update): here when it is
-        quick, else handed to :attr:`offload` like a slow build, then published as the same picker."""
+    def _refresh_picker(self, now: float) -> RefreshingPicker | None:
+        """The picker, if its timed work (weighted round robin's weight update) is due and quick: the
+        caller runs it; when slow, it is handed to :attr:`offload` like a slow build, then published as
+        the same picker."""
         picker = self.picker
         timed = refreshing(picker)
         if timed is None or timed.next_refresh() > now:
-            return
+            return None
         size = len(picker.endpoints)
         if self.offload is not None and self._slow(size):
             self._building = self._to_offload = PickerBuild(functools.partial(_refreshed, timed, now), size)
-            return
-        timed.refresh(now)
+            return None
+        return timed
 
     def publish(self, build: PickerBuild, picker: Picker) -> None:
         """Install the picker of a build handed to :attr:`offload` (unless a newer picker replaced it
