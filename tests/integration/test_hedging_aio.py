@@ -100,7 +100,7 @@ async def test_a_drained_budget_sends_no_hedge(make_servers):
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         served = [await call(stub, "unary") for _ in range(2)]
         assert sorted(served) == sorted([stalling.address, steady.address])
-        assert lb.budget.refused == 1 and lb.hedges_sent == 0
+        assert lb.budget.refused >= 1 and lb.hedges_sent == 0  # due, and refused
         assert steady.calls["Predict"] == 1
 
 

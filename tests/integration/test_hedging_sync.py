@@ -123,7 +123,8 @@ def test_a_drained_budget_sends_no_hedge(make_servers):
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         served = [call(stub, "unary") for _ in range(2)]
         assert sorted(served) == sorted([stalling.address, steady.address])  # the stalled call waited
-        assert lb.budget.refused == 1 and lb.hedges_sent == 0  # the hedge was due, and refused
+        # The stalled call's hedge was due and refused (a slow answer from the steady one may be too).
+        assert lb.budget.refused >= 1 and lb.hedges_sent == 0
         assert steady.calls["Predict"] == 1
 
 
