@@ -21,6 +21,7 @@ import grpc
 from lbkit._attempts import OK, SUCCESS, Attempt, failure, wants_report
 from lbkit._callspec import CallSpecBase
 from lbkit._driver import Member
+from lbkit._futures import Cancelled, EndedFuture, call_kwargs
 from lbkit._hedges import Hedges
 from lbkit.selectors.base import Picker
 
@@ -35,34 +36,6 @@ __all__ = [
 
 _NO_RESPONSE = object()
 """A stream attempt that ended OK without a response (its first read met the end)."""
-
-
-class _Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """The error of a hedged call the caller cancelled."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return "Locally cancelled by application!"
-
-    def initial_metadata(self) -> Any:
-        return ()
-
-    def trailing_metadata(self) -> Any:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return False
 
 
 def _tick(ref: weakref.ReferenceType[HedgedCall]) -> None:
@@ -106,7 +79,7 @@ def _read_first(ref: weakref.ReferenceType[HedgedStream], attempt: Attempt, inne
 
 
 class HedgedCall:
-    """One hedged call's attempts, run by events (see the module doc); the end is :attr:`ended`."""
+    """One hedged call's attempts, run by events (see the module doc); the end is ``_ended``."""
 
     stream = False
 
@@ -124,12 +97,12 @@ class HedgedCall:
         self._timer: float | None = None
         self._waiting = False
         self._cancelled = False
-        self.ended = threading.Event()
+        self._ended = threading.Event()
         """Set once the call is decided: a winner (for a stream, with its first response) or an error."""
-        self.error: BaseException | None = None
-        self.inner: Any = None
+        self._error: BaseException | None = None
+        self._inner: Any = None
         """The winning attempt's grpc call."""
-        self.first: Any = _NO_RESPONSE
+        self._first: Any = _NO_RESPONSE
         """A stream's first response (read by its attempt's reader)."""
         self._callbacks: list[Callable[[], None]] = []
         self._step()
@@ -204,7 +177,7 @@ class HedgedCall:
             return
         with self._cond:
             self._cancelled = True
-            machine.cancel(_Cancelled())
+            machine.cancel(Cancelled())
             calls = list(self._calls.values())
         for inner in calls:
             inner.cancel()
@@ -237,35 +210,35 @@ class HedgedCall:
 
     def _won(self, attempt: Attempt, inner: Any) -> None:
         """Under the lock: ``attempt`` won; the call ends once a stream's first response is at hand."""
-        if self.ended.is_set():
+        if self._ended.is_set():
             return
-        self.inner = inner
+        self._inner = inner
         if not self.stream or attempt in self._firsts:
             if self.stream:
-                self.first = self._firsts[attempt]
+                self._first = self._firsts[attempt]
             self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
         """Under the lock: the call is decided."""
-        if self.ended.is_set():
+        if self._ended.is_set():
             return
-        self.error = error
-        self.ended.set()
+        self._error = error
+        self._ended.set()
         self._cond.notify_all()
 
     def _fire(self) -> None:
         """Run the caller's callbacks once the call is over (outside the lock)."""
-        if not self.ended.is_set() or not self._callbacks:
+        if not self._ended.is_set() or not self._callbacks:
             return
         with self._cond:
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
             cb()
 
-    def on_end(self, callback: Callable[[], None]) -> bool:
+    def _on_end(self, callback: Callable[[], None]) -> bool:
         """Call ``callback()`` once the call is decided; False (not added) if it is already."""
         with self._cond:
-            if not self.ended.is_set():
+            if not self._ended.is_set():
                 self._callbacks.append(callback)
                 return True
         return False
@@ -273,14 +246,14 @@ class HedgedCall:
     def cancel(self) -> bool:
         """The caller cancels: every attempt in flight is cancelled."""
         with self._cond:
-            if self.ended.is_set() and (self.error is not None or not self.stream or self.inner.done()):
+            if self._ended.is_set() and (self._error is not None or not self.stream or self._inner.done()):
                 return False  # over (a stream that answered and still runs is cancelled below)
             self._cancelled = True
-            attempts = self._machine.cancel(_Cancelled())
+            attempts = self._machine.cancel(Cancelled())
             cancel = [self._calls[a] for a in attempts if a in self._calls]
-            if self.inner is not None:
-                cancel.append(self.inner)
-            self._end(self._machine.error if self.error is None and self.inner is None else self.error)
+            if self._inner is not None:
+                cancel.append(self._inner)
+            self._end(self._machine.error if self._error is None and self._inner is None else self._error)
         for inner in cancel:
             inner.cancel()
         if not cancel:
@@ -290,14 +263,14 @@ class HedgedCall:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the call to be decided; True if it is."""
-        return self.ended.wait(timeout)
+        return self._ended.wait(timeout)
 
     def time_remaining(self) -> float | None:
         deadline = self._machine.deadline
         return None if deadline is None else max(deadline - self._c.lb.clock(), 0.0)
 
 
-class HedgedUnary(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
+class HedgedUnary(HedgedCall, EndedFuture, grpc.Call, grpc.Future):  # type: ignore[misc]
     """A hedged unary call as a grpc.Future (what ``future()`` returns; a blocking call waits on it).
 
     Its attempts hold it, as grpc's own futures are held by their call: a future its caller drops (with
@@ -314,74 +287,16 @@ class HedgedUnary(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
     def blocking(self, with_call: bool) -> Any:
         """The blocking call's answer: the winner's response (and its call), or the call's error."""
         try:
-            self.ended.wait()
+            self._ended.wait()
         except BaseException:
             self.cancel()
             raise
-        if self.error is not None:
-            raise self.error
-        return (self.inner.result(), self.inner) if with_call else self.inner.result()
-
-    # grpc.Future
-    def cancelled(self) -> bool:
-        return self._cancelled and self.ended.is_set()
-
-    def running(self) -> bool:
-        return not self.ended.is_set()
-
-    def done(self) -> bool:
-        return self.ended.is_set()
-
-    def _settled(self, timeout: float | None) -> None:
-        if not self.ended.wait(timeout):
-            raise grpc.FutureTimeoutError()
-        if self._cancelled:
-            raise grpc.FutureCancelledError()
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._settled(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.inner.result()
-
-    def exception(self, timeout: float | None = None) -> Any:
-        self._settled(timeout)
-        return self.error
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        self._settled(timeout)
-        return None if self.error is None else self.error.__traceback__
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        if not self.on_end(lambda: fn(self)):
-            fn(self)
-
-    # grpc.Call, of the winning attempt (or the call's error)
-    def is_active(self) -> bool:
-        return not self.ended.is_set()
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return self.on_end(callback)
-
-    def _held(self) -> Any:
-        self.ended.wait()
-        error = self.error
-        return error if error is not None and hasattr(error, "code") else self.inner
-
-    def initial_metadata(self) -> Any:
-        return self._held().initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._held().trailing_metadata()
-
-    def code(self) -> grpc.StatusCode:
-        return self._held().code()
-
-    def details(self) -> str:
-        return self._held().details()  # type: ignore[no-any-return]
+        if self._error is not None:
+            raise self._error
+        return (self._inner.result(), self._inner) if with_call else self._inner.result()
 
 
-class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
+class HedgedStream(HedgedCall, EndedFuture, grpc.Call, grpc.Future):  # type: ignore[misc]
     """A hedged server stream: hedged until its first response, then the winner's stream."""
 
     stream = True
@@ -414,62 +329,46 @@ class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
         return self
 
     def __next__(self) -> Any:
-        if self.first is not _NO_RESPONSE:
-            first, self.first = self.first, _NO_RESPONSE
+        if self._first is not _NO_RESPONSE:
+            first, self._first = self._first, _NO_RESPONSE
             return first
-        if not self.ended.is_set():
+        if not self._ended.is_set():
             try:
-                self.ended.wait()
+                self._ended.wait()
             except BaseException:
                 self.cancel()
                 raise
             return self.__next__()
-        if self.error is not None:
-            raise self.error
-        return next(self.inner)
+        if self._error is not None:
+            raise self._error
+        return next(self._inner)
 
     def next(self) -> Any:
         return self.__next__()
 
-    # grpc.Call / grpc.Future, of the winning stream (or the call's error)
-    def _held(self) -> Any:
-        self.ended.wait()
-        error = self.error
-        return error if error is not None and hasattr(error, "code") else self.inner
-
+    # grpc.Call / grpc.Future, of the winning stream (or the call's error); its metadata, code and
+    # details are EndedFuture's
     def is_active(self) -> bool:
-        return not self.ended.is_set() or (self.error is None and bool(self.inner.is_active()))
+        return not self._ended.is_set() or (self._error is None and bool(self._inner.is_active()))
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         def fire() -> None:
-            if self.error is not None or not self.inner.add_callback(callback):
+            if self._error is not None or not self._inner.add_callback(callback):
                 callback()
 
-        if self.on_end(fire):
+        if self._on_end(fire):
             return True
-        return self.error is None and bool(self.inner.add_callback(callback))
+        return self._error is None and bool(self._inner.add_callback(callback))
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         def fire() -> None:
-            if self.error is not None:
+            if self._error is not None:
                 fn(self)
             else:
-                self.inner.add_done_callback(lambda _call: fn(self))
+                self._inner.add_done_callback(lambda _call: fn(self))
 
-        if not self.on_end(fire):
+        if not self._on_end(fire):
             fire()
-
-    def initial_metadata(self) -> Any:
-        return self._held().initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._held().trailing_metadata()
-
-    def code(self) -> grpc.StatusCode:
-        return self._held().code()
-
-    def details(self) -> str:
-        return self._held().details()  # type: ignore[no-any-return]
 
     def cancelled(self) -> bool:
         return self._cancelled
@@ -478,22 +377,22 @@ class HedgedStream(HedgedCall, grpc.Call, grpc.Future):  # type: ignore[misc]
         return self.is_active()
 
     def done(self) -> bool:
-        return self.ended.is_set() and (self.error is not None or bool(self.inner.done()))
+        return self._ended.is_set() and (self._error is not None or bool(self._inner.done()))
 
     def result(self, timeout: float | None = None) -> Any:
-        self.ended.wait()
-        if self.error is not None:
-            raise self.error
-        return self.inner.result(timeout)
+        self._ended.wait()
+        if self._error is not None:
+            raise self._error
+        return self._inner.result(timeout)
 
     def exception(self, timeout: float | None = None) -> Any:
-        self.ended.wait()
-        return self.error if self.error is not None else self.inner.exception(timeout)
+        self._ended.wait()
+        return self._error if self._error is not None else self._inner.exception(timeout)
 
     def traceback(self, timeout: float | None = None) -> Any:
-        self.ended.wait()
-        error = self.error
-        return error.__traceback__ if error is not None else self.inner.traceback(timeout)
+        self._ended.wait()
+        error = self._error
+        return error.__traceback__ if error is not None else self._inner.traceback(timeout)
 
 
 class HedgedUnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -513,12 +412,7 @@ class HedgedUnaryStream(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return HedgedStream(self._c, request, timeout, kw)
 
 
@@ -542,12 +436,7 @@ class HedgedUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._call(request, timeout, kw).blocking(False)
 
     def with_call(
@@ -559,12 +448,7 @@ class HedgedUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._call(request, timeout, kw).blocking(True)
 
     def future(
@@ -577,12 +461,7 @@ class HedgedUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A grpc.Future for the hedged call."""
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._call(request, timeout, kw)
 
 

@@ -30,6 +30,7 @@ from lbkit._attempts import (
 )
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
+from lbkit._futures import Cancelled, EndedFuture, call_kwargs
 from lbkit._hedged import HEDGED_MULTICALLABLES
 from lbkit.selectors.base import Key, Picker
 
@@ -100,15 +101,6 @@ def _blocking(
         ), None
     response, call = mc.with_call(arg, timeout=timeout, **kw)
     return ((response, call) if with_call else response), call.trailing_metadata()
-
-
-def _kw(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
-    return {
-        "metadata": metadata,
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
 
 
 def _stream_finisher(
@@ -211,14 +203,16 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
                         compression=compression,
                     )
                 except BaseException as exc:
-                    kw = _kw(None, credentials, wait_for_ready, compression)
+                    kw = call_kwargs(None, credentials, wait_for_ready, compression)
                     machine = Attempts(c, None, None if timeout is None else started + timeout)
                     attempt = machine.adopt(member, started, timeout)
                     machine.done(attempt, failure(exc, member, begun=isinstance(exc, grpc.RpcError)))
                     return self._run(machine, request, kw, False)
                 account(c.lb, stats, started, OK, True)
                 return result
-        return self._invoke(request, timeout, _kw(metadata, credentials, wait_for_ready, compression), False)
+        return self._invoke(
+            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), False
+        )
 
     def with_call(
         self,
@@ -229,7 +223,9 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._invoke(request, timeout, _kw(metadata, credentials, wait_for_ready, compression), True)
+        return self._invoke(
+            request, timeout, call_kwargs(metadata, credentials, wait_for_ready, compression), True
+        )
 
     def future(
         self,
@@ -241,7 +237,7 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A grpc.Future for the call, retried like a blocking one."""
-        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         key, kw["metadata"] = self._c.route(metadata, request)
         return _Future(self._c, key, lambda: request, None, timeout, kw)
 
@@ -275,7 +271,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._invoke(request_iterator, timeout, kw, False)
 
     def with_call(
@@ -287,7 +283,7 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._invoke(request_iterator, timeout, kw, True)
 
     def future(
@@ -300,13 +296,13 @@ class _StreamUnary(grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
         compression: Any = None,
     ) -> Any:
         """A grpc.Future for the call, retried like a blocking one (its requests replayed)."""
-        kw = _kw(metadata, credentials, wait_for_ready, compression)
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         key, kw["metadata"] = self._c.route(metadata, None)
         tape = RequestTape(iter(request_iterator))
         return _Future(self._c, key, tape.reader, tape, timeout, kw)
 
 
-class _Future(grpc.Call, grpc.Future):  # type: ignore[misc]
+class _Future(EndedFuture, grpc.Call, grpc.Future):  # type: ignore[misc]
     """A unary-response call as a grpc.Future: attempts chain from grpc's done callbacks; waits (a
     backoff, a ready endpoint) run on a short-lived thread, never on grpc's."""
 
@@ -324,7 +320,7 @@ class _Future(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._tape = tape
         self._kw = kw
         self._cancelled = False
-        self._done = threading.Event()
+        self._ended = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self._error: BaseException | None = None
@@ -387,121 +383,37 @@ class _Future(grpc.Call, grpc.Future):  # type: ignore[misc]
 
     def _end(self, error: BaseException | None) -> None:
         with self._lock:
-            if self._done.is_set():
+            if self._ended.is_set():
                 return
             self._error = error
-            self._done.set()
+            self._ended.set()
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
             cb()
 
     # grpc.Future
     def cancel(self) -> bool:
-        if self._done.is_set():
+        if self._ended.is_set():
             return False
         self._cancelled = True
         inner = self._inner
-        self._machine.cancel(_Cancelled())
+        self._machine.cancel(Cancelled())
         if inner is not None:
             inner.cancel()
         else:
             self._c.lb.wake()
         return True
 
-    def cancelled(self) -> bool:
-        return self._cancelled and self._done.is_set()
-
-    def running(self) -> bool:
-        return not self._done.is_set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _wait(self, timeout: float | None) -> None:
-        if not self._done.wait(timeout):
-            raise grpc.FutureTimeoutError()
-        if self._cancelled:
-            raise grpc.FutureCancelledError()
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        if self._error is not None:
-            raise self._error
-        return self._inner.result()
-
-    def exception(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        return self._error
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        return None if self._error is None else self._error.__traceback__
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(lambda: fn(self))
-                return
-        fn(self)
-
-    # grpc.Call: the answering (or last) attempt's
-    def is_active(self) -> bool:
-        return not self._done.is_set()
-
+    # grpc.Call
     def time_remaining(self) -> float | None:
         deadline = self._machine.deadline
         return None if deadline is None else max(deadline - self._c.lb.clock(), 0.0)
 
-    def add_callback(self, callback: Callable[[], None]) -> bool:
+    def _on_end(self, callback: Callable[[], None]) -> bool:
         with self._lock:
-            if not self._done.is_set():
+            if not self._ended.is_set():
                 self._callbacks.append(callback)
                 return True
-        return False
-
-    def _final(self) -> Any:
-        self._done.wait()
-        error = self._error
-        return error if error is not None and hasattr(error, "code") else self._inner
-
-    def initial_metadata(self) -> Any:
-        return self._final().initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._final().trailing_metadata()
-
-    def code(self) -> grpc.StatusCode:
-        return self._final().code()
-
-    def details(self) -> str:
-        return self._final().details()  # type: ignore[no-any-return]
-
-
-class _Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """The error of a call the caller cancelled between attempts."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return "Locally cancelled by application!"
-
-    def initial_metadata(self) -> Any:
-        return ()
-
-    def trailing_metadata(self) -> Any:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
         return False
 
 
@@ -622,7 +534,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._c = c
         self._request = request
         self._tape = tape
-        self._kw = _kw(metadata, credentials, wait_for_ready, compression)
+        self._kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         self._key = key
         self._timeout = timeout
         member = pick_now(c, key)
@@ -872,7 +784,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._cancelled = True
         machine = self._machine
         if machine is not None:
-            machine.cancel(_Cancelled())
+            machine.cancel(Cancelled())
             self._c.lb.wake()
         return bool(self._inner.cancel())
 

@@ -19,6 +19,7 @@ import grpc
 from lbkit._attempts import OK, SUCCESS, Attempt, failure, wants_report
 from lbkit._callspec import CallSpecBase
 from lbkit._driver import Member
+from lbkit._futures import call_kwargs
 from lbkit._grpc_private import finished_code, finished_trailing_metadata
 from lbkit._hedges import Hedges
 
@@ -342,12 +343,7 @@ class _MultiCallable:
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return type(self)._call(self._c, request, timeout, kw)
 
 

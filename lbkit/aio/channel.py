@@ -30,6 +30,7 @@ from lbkit._attempts import (
 )
 from lbkit._callspec import CallSpecBase, ChannelMethods
 from lbkit._driver import BalancerBase, Member
+from lbkit._futures import call_kwargs
 from lbkit._grpc_private import finished_code, finished_trailing_metadata, keep_server_status
 from lbkit.aio._hedged import HEDGED_MULTICALLABLES
 from lbkit.selectors.base import Key, Picker
@@ -771,12 +772,7 @@ class _MultiCallable:
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        kw = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kw = call_kwargs(metadata, credentials, wait_for_ready, compression)
         return self._call(self._c, request, timeout, kw)
 
 
