@@ -24,6 +24,7 @@ import grpc
 import tenacity
 
 from lbkit._driver import BalancerBase, Member
+from lbkit._futures import StatusError
 from lbkit.errors import EndpointRemovedError, NoEndpointsError
 from lbkit.hedging import HedgingPolicy, LatencyWindow
 from lbkit.orca import read_load_report
@@ -247,7 +248,7 @@ def failure(
     return Outcome(None, exc, responded=responded, local=True)
 
 
-class _AttemptError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+class _AttemptError(StatusError):
     """An attempt's end that lbkit states itself, as a finished grpc call: a status code and details."""
 
     _code = _UNAVAILABLE
@@ -256,33 +257,6 @@ class _AttemptError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         self.address = address
         self._details = details
         super().__init__(details)
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> Any:
-        return ()
-
-    def trailing_metadata(self) -> Any:
-        return ()
-
-    def debug_error_string(self) -> str:
-        return self._details
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Any) -> bool:
-        return False
 
 
 class AttemptTimeout(_AttemptError):

@@ -1,5 +1,6 @@
-"""What the sync call objects share: a call's keyword arguments, the error of a call its caller
-cancelled, and grpc.Future / grpc.Call over a call that ends once (a retried or a hedged unary call)."""
+"""What the call objects share: a call's keyword arguments, the errors lbkit states itself (a call its
+caller cancelled, an attempt lbkit ended), and grpc.Future / grpc.Call over a call that ends once (a
+retried or a hedged unary call)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["Cancelled", "EndedFuture", "call_kwargs"]
+__all__ = ["Cancelled", "EndedFuture", "StatusError", "call_kwargs"]
 
 
 def call_kwargs(metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
@@ -22,20 +23,26 @@ def call_kwargs(metadata: Any, credentials: Any, wait_for_ready: Any, compressio
     }
 
 
-class Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """The error of a call the caller cancelled (grpc's code and text for it)."""
+class StatusError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """An end of a call that lbkit states itself, as a finished grpc call: a status code and details."""
+
+    _code: grpc.StatusCode
+    _details: str
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
+        return self._code
 
     def details(self) -> str:
-        return "Locally cancelled by application!"
+        return self._details
 
     def initial_metadata(self) -> Any:
         return ()
 
     def trailing_metadata(self) -> Any:
         return ()
+
+    def debug_error_string(self) -> str:
+        return self._details
 
     def is_active(self) -> bool:
         return False
@@ -48,6 +55,13 @@ class Cancelled(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         return False
+
+
+class Cancelled(StatusError):
+    """The error of a call the caller cancelled (grpc's code and text for it)."""
+
+    _code = grpc.StatusCode.CANCELLED
+    _details = "Locally cancelled by application!"
 
 
 class EndedFuture:
