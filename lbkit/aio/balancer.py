@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -17,6 +16,7 @@ import grpc
 from lbkit._attempts import Attempts, CallRules
 from lbkit._config import check_float
 from lbkit._driver import KeyFn, Member
+from lbkit._offloop import Worker, use_worker
 from lbkit.aio.channel import AsyncDriver, BalancedChannel, PickedChannel
 from lbkit.core import PickerBuild
 from lbkit.endpoint import Endpoint, EndpointSet
@@ -55,7 +55,9 @@ class Balancer(AsyncDriver):
         self._to_open: collections.deque[Member] = collections.deque()
         self._opener: asyncio.Task[None] | None = None
         self._builds: set[asyncio.Task[None]] = set()
-        self._build_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        # Its one thread for blocking work (Consul answers decoded, slow picker builds), started now so
+        # that the thread count does not grow during the run; the loop's default executor is left alone.
+        self._worker = Worker(f"lbkit-{self.service}")
         self.core.offload = self._offload
         self.core.on_picker.append(self._threadsafe(self._picker_changed))
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
@@ -150,8 +152,7 @@ class Balancer(AsyncDriver):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._picker_changed()
-        if self._build_thread is not None:
-            self._build_thread.shutdown(wait=False)
+        self._worker.close()
         members = list(self.members.values())
         self.members.clear()
         self.draining.clear()
@@ -255,10 +256,8 @@ class Balancer(AsyncDriver):
         task.add_done_callback(self._builds.discard)
 
     async def _build_off_loop(self, build: PickerBuild) -> None:
-        if self._build_thread is None:  # one worker, made the first time a build is slow
-            self._build_thread = concurrent.futures.ThreadPoolExecutor(1, f"lbkit-build-{self.service}")
         try:
-            picker = await self._loop.run_in_executor(self._build_thread, build)
+            picker = await self._worker.run(build)
         except Exception:
             log.exception("%s: building a picker failed", self.service)
             self.core.drop_build(build)
@@ -299,6 +298,7 @@ class Balancer(AsyncDriver):
     # ----------------------------------------------------------------- tasks
 
     async def _run_discovery(self) -> None:
+        use_worker(self._worker)  # the discovery's blocking work (decoding answers) runs on it too
         try:
             await self.discovery.arun(self._on_update)
         except asyncio.CancelledError:

@@ -2,7 +2,8 @@
 (tasks, ``aiohttp``), both driving :class:`~lbkit.discovery.consul_core.ConsulWatchCore` per datacenter
 and :class:`~lbkit.discovery.consul_core.DatacenterFailover` across them.
 
-In asyncio, answers are decoded in a worker thread (``asyncio.to_thread``) and published on the loop;
+In asyncio, answers are decoded in a worker thread (:func:`lbkit._offloop.off_loop`: the asyncio balancer's
+own, else ``asyncio.to_thread``) and published on the loop;
 the decoder hands the interpreter over every millisecond or so, so a big answer never stalls the loop.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from lbkit._offloop import off_loop
 from lbkit.discovery.base import Discovery, DiscoveryStatus, OnUpdate
 from lbkit.discovery.consul_connection import ConsulConnection, resolve_connection
 from lbkit.discovery.consul_core import (
@@ -384,7 +386,7 @@ class _AsyncRun:
                 self._settle(dc, None, failed=True)
                 continue
             # Joining and decoding a big answer takes tens of milliseconds: off the loop, published on it.
-            snapshot = await asyncio.to_thread(_decode, core, status, headers, chunks)
+            snapshot = await off_loop(_decode, core, status, headers, chunks)
             self._settle(dc, snapshot, failed=core.status.consecutive_errors > 0)
 
     def _start_wanted(self) -> None:
