@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -637,10 +638,16 @@ def _fault(cluster: _Cluster, name: str, k: int, p: Plan) -> tuple[Callable[[], 
 
 
 def _schedule(
-    cluster: _Cluster, p: Plan, stop_at: float, stop: threading.Event, after_round: Callable[[], None]
+    cluster: _Cluster,
+    p: Plan,
+    stop_at: float,
+    stop: threading.Event,
+    after_round: Callable[[], None],
+    each_round: Callable[[int], None] = lambda _n: None,
 ) -> list[str]:
     """Inject faults one after another until ``stop_at``, calling ``after_round`` once every kind of fault
-    has been injected once; return their names, in order."""
+    has been injected once, and ``each_round(n)`` after each round n (1, 2, ...); return their names, in
+    order."""
     done: list[str] = []
 
     def pause(seconds: float) -> bool:
@@ -664,6 +671,8 @@ def _schedule(
         step += 1
         if step == len(FAULTS):
             after_round()
+        if step % len(FAULTS) == 0:
+            each_round(step // len(FAULTS))
         if not pause(p.gap):
             break
     return done
@@ -710,6 +719,8 @@ class _ClientRun:
         self.samples: dict[str, tuple[int, int]] = {}
         self.thread_names: dict[str, list[str]] = {}
         """The threads counted in each sample, by name."""
+        self.rounds: list[dict[str, Any]] = []
+        """A sample after each round of faults, taken with calls running (see :meth:`sample`)."""
         self.not_sent = 0
         self.running = 0
         self.idle = threading.Condition()
@@ -838,6 +849,20 @@ class _ClientRun:
         self.thread_names[name] = names
         self.quiet.clear()
 
+    def sample(self, round_no: int) -> None:
+        """RSS, threads (by name) and objects tracked by the garbage collector now, calls running: the
+        trend over the rounds tells a leak (growing every round) from a pool or allocator settling."""
+        names = _thread_names()
+        self.rounds.append(
+            {
+                "round": round_no,
+                "rss_mb": round(_rss_bytes() / 2**20, 1),
+                "threads": len(names),
+                "thread_names": dict(Counter(names)),
+                "objects": len(gc.get_objects()),
+            }
+        )
+
     def finish(self) -> dict[str, Any]:
         """Stop sending, wait for the calls running, measure; close the balancer. The client's figures."""
         if self.dispatcher is not None:
@@ -858,6 +883,7 @@ class _ClientRun:
             "retries": {"made": lb.calls_retried, "refused by the budget": lb.budget.refused},
             "samples": self.samples,
             "thread_names": self.thread_names,
+            "rounds": self.rounds,
             "starved": self.lag.starved,
             "worst_lag": self.lag.worst,
         }
@@ -897,6 +923,8 @@ def _client_child(consul_address: str, seconds: float) -> None:
                 run.start(float(arg))
             elif verb == "measure":
                 run.measure(arg)
+            elif verb == "sample":
+                run.sample(int(arg))
             elif verb == "finish":
                 figures = run.finish()
                 r = run.records
@@ -1042,7 +1070,13 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
             sync.measure("warm")
             child.done(CALL_TIMEOUT * 2 + 10.0)
 
-        done = _schedule(cluster, p, load_end - p.cooldown, stop, measure_warm)
+        def sample(round_no: int) -> None:
+            assert sync is not None and child is not None
+            child.send(f"sample {round_no}")
+            sync.sample(round_no)
+            child.done(10.0)
+
+        done = _schedule(cluster, p, load_end - p.cooldown, stop, measure_warm, sample)
         say(f"{len(done)} faults done; load until the end")
         child.send(f"finish {results}")
         figures["sync"] = sync.finish()
@@ -1086,6 +1120,7 @@ def soak(p: Plan, *, progress: Callable[[str], None] | None = None) -> dict[str,
         not_sent=sum(f["not_sent"] for f in figures.values()),
         retries={mode: f["retries"] for mode, f in figures.items()},
         thread_names={mode: f["thread_names"] for mode, f in figures.items()},
+        rounds={mode: f["rounds"] for mode, f in figures.items()},
         servers_lost=sorted(cluster.lost),
         processes_started=len(started),
         processes_left=sorted(left),
@@ -1341,6 +1376,13 @@ def report(data: dict[str, Any], p: Plan, *, quick: bool) -> Result:
             "Client RSS and threads, measured with no call running (after the first round of faults, "
             f"at the end): {data['samples']}. Load average (1 min) at the start and the end: "
             f"{data['load_average']} on {os.cpu_count()} cores.",
+            "After each round of faults, with calls running (RSS MB / threads / objects the garbage "
+            "collector tracks), by client: "
+            + "; ".join(
+                f"{mode}: " + ", ".join(f"{r['rss_mb']}/{r['threads']}/{r['objects']}" for r in rows)
+                for mode, rows in data.get("rounds", {}).items()
+            )
+            + ". Growth in every round is a leak; growth that stops is a pool or the allocator settling.",
             "Half the calls go through lbkit.Balancer (threads), half through lbkit.aio.Balancer in a "
             "process of its own (an event loop), the same kinds in turn. Policies by method (retry= "
             "mapping): Predict and "
