@@ -294,9 +294,45 @@ def test_futures_are_retried_like_blocking_calls(make_servers):
         for f in futures:
             f.add_done_callback(fired.append)
         assert {f.result().served_by for f in futures} == {good.address}
-        assert all(f.code() is grpc.StatusCode.OK for f in futures)
+        assert all(f.code() is grpc.StatusCode.OK and not f.cancelled() for f in futures)
         wait_for(lambda: len(fired) == 4)
         assert bad.calls["Predict"] >= 1
+
+
+def test_a_future_cancelled_while_its_call_runs_ends_cancelled_once(make_servers):
+    (server,) = make_servers(1, stall_rate=1.0, stall=30.0)
+    with lbkit.Balancer([server.address]) as lb:
+        lb.wait_ready(count=1)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        future = stub.Predict.future(REQ, timeout=20)
+        fired: list[object] = []
+        future.add_done_callback(fired.append)
+        wait_for(lambda: server.servicer.stalled == 1)  # on the server, running
+        assert future.running() and not future.done()
+        assert future.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=5)
+        assert future.cancelled() and future.done() and not future.cancel()
+        assert future.code() is grpc.StatusCode.CANCELLED
+        wait_for(lambda: server.servicer.abandoned == 1)  # cancelled on the server too
+        wait_for(lambda: lb.stats.total_in_flight == 0)
+        assert fired == [future] and sum(e.failures for e in lb.stats) == 0
+        assert lb.calls_retried == 0
+
+
+def test_a_future_cancelled_while_it_waits_for_an_endpoint_ends_at_once():
+    clock = FakeClock()  # stands still: only the cancel can end the wait
+    with lbkit.Balancer(["127.0.0.1:1"], wait_timeout=10.0, clock=clock) as lb:
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        future = stub.Predict.future(REQ)
+        fired: list[object] = []
+        future.add_done_callback(fired.append)
+        assert future.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=5)
+        assert future.cancelled() and future.code() is grpc.StatusCode.CANCELLED
+        wait_for(lambda: fired == [future])
+        assert lb.stats.total_in_flight == 0 and lb.calls_retried == 0
 
 
 def test_retries_follow_the_policy_of_each_method(make_servers):
