@@ -1,11 +1,15 @@
-"""One thread that follows the connectivity of every sync channel of a balancer.
+"""Following the connectivity of every channel of a balancer without a thread or a task per channel.
 
-grpcio's sync channels make their state known only through ``subscribe()``, which costs a thread per
-channel. :class:`ChannelPoller` instead reads each channel's state (a few microseconds, see
-:func:`lbkit._grpc_private.connectivity`) on a schedule, asking IDLE channels to connect as it goes, and
-calls back on every change:
+grpcio makes a sync channel's state known only through ``subscribe()``, which costs a thread per channel,
+and a ``grpc.aio`` channel's through ``wait_for_state_change()``, which costs a task (and about a dozen
+Python objects the cyclic collector walks) per channel. Instead :class:`PollSchedule` (no I/O) says which
+channel to read when, and two thin drivers read them: :class:`ChannelPoller` from one thread (the sync
+balancer) and :class:`AsyncChannelPoller` from one task on the event loop (the asyncio balancer). A read
+(:func:`lbkit._grpc_private.connectivity` for a sync channel, public ``get_state`` for a ``grpc.aio``
+one) takes a few microseconds, asks an IDLE channel to connect and
+calls back on every change. The schedule:
 
-- a channel just added, just changed, or :meth:`~ChannelPoller.hint`-ed is read again after
+- a channel just added, just changed, or :meth:`~PollSchedule.hint`-ed is read again after
   ``first_interval``, then after twice that each time it has not changed, up to a cap;
 - a *trusted* channel (a call channel: a call that fails on it hints the poller) that is READY is capped
   at ``ready_period`` (10 s): until a call fails there, nothing needs it read;
@@ -19,6 +23,8 @@ of one core; a connection that breaks under calls at the first failed call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -31,18 +37,30 @@ import grpc
 
 from lbkit._grpc_private import connectivity
 
-__all__ = ["ChannelPoller", "OnState"]
+__all__ = ["AsyncChannelPoller", "ChannelPoller", "OnState", "PollSchedule", "Reader", "aio_state"]
 
 log = logging.getLogger("lbkit")
 
+Reader = Callable[[Any, bool], "grpc.ChannelConnectivity | None"]
+"""Reads a channel's state (asking an IDLE one to connect if the flag says so); None once it is closed."""
+
 OnState = Callable[[Any, grpc.ChannelConnectivity], None]
-"""Called (on the poller's thread) with a watch's key and its channel's new state."""
+"""Called (on the poller's thread, or on the loop) with a watch's key and its channel's new state."""
 
 TICK = 0.01
 """The poller sleeps at least this long between rounds: reads due within it are made together."""
 
 NOT_READY_CAP = 1.0
 """The longest interval between reads of a channel that is not READY."""
+
+LOOP_SLICE = 0.002
+"""Seconds of reads :class:`AsyncChannelPoller` makes before it lets the event loop run other work."""
+
+
+def aio_state(channel: Any, try_to_connect: bool) -> grpc.ChannelConnectivity | None:
+    """A ``grpc.aio`` channel's state (public: ``get_state``; on its loop only); None once it is closed."""
+    state: grpc.ChannelConnectivity = channel.get_state(try_to_connect)
+    return None if state is grpc.ChannelConnectivity.SHUTDOWN else state
 
 
 class _Watch:
@@ -60,6 +78,125 @@ class _Watch:
         self.trusted = trusted
 
 
+class PollSchedule:
+    """Which channel to read when (see the module doc); no I/O, no lock: its driver serializes calls."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "lbkit-connectivity",
+        first_interval: float = 0.01,
+        min_period: float = 0.05,
+        reads_per_second: float = 2_000.0,
+        ready_period: float = 10.0,
+        read: Reader = connectivity,
+    ) -> None:
+        self.name = name
+        self._read = read
+        self.first_interval = first_interval
+        self.min_period = min_period
+        self.reads_per_second = reads_per_second
+        self.ready_period = ready_period
+        self._trusted = 0
+        """Watches of trusted channels (their reads, once READY, are not on the sweep's budget)."""
+        self._watches: dict[Hashable, _Watch] = {}
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self.reads = 0
+        """Channel states read so far."""
+
+    def watch(self, key: Hashable, channel: Any, on_state: OnState, now: float, *, trusted: bool) -> None:
+        """Follow ``channel`` under ``key`` (replacing any watch with that key), read first at ``now``."""
+        self.unwatch(key)
+        entry = _Watch(key, channel, on_state, now, self.first_interval, trusted)
+        self._watches[key] = entry
+        self._trusted += trusted
+        self._push(entry)
+
+    def unwatch(self, key: Hashable) -> None:
+        """Stop following the channel under ``key``."""
+        entry = self._watches.pop(key, None)
+        if entry is not None:
+            self._trusted -= entry.trusted
+
+    def unwatched(self, entry: _Watch) -> bool:
+        """Whether ``entry`` is no longer the watch of its key."""
+        return self._watches.get(entry.key) is not entry
+
+    def clear(self) -> None:
+        """Forget every watch."""
+        self._watches.clear()
+        self._heap.clear()
+        self._trusted = 0
+
+    def hint(self, key: Hashable, now: float) -> bool:
+        """Read the channel under ``key`` again at ``now``; False if it was due that soon anyway."""
+        entry = self._watches.get(key)
+        if entry is None or entry.interval <= self.first_interval:
+            return False
+        entry.interval = self.first_interval
+        entry.due = now
+        self._push(entry)
+        return True
+
+    def next_due(self) -> float | None:
+        """When the next read is due; None with nothing watched."""
+        heap, watches = self._heap, self._watches
+        while heap and (watches.get(heap[0][2].key) is not heap[0][2] or heap[0][2].due != heap[0][0]):
+            heapq.heappop(heap)  # stale: removed, or queued again since
+        return heap[0][0] if heap else None
+
+    def __len__(self) -> int:
+        return len(self._watches)
+
+    @property
+    def period(self) -> float:
+        """Seconds within which every channel on the sweep's budget is read, once settled."""
+        return max(self.min_period, (len(self._watches) - self._trusted) / self.reads_per_second)
+
+    def _cap(self, entry: _Watch, period: float) -> float:
+        if entry.state is not grpc.ChannelConnectivity.READY:
+            return max(self.first_interval, min(period, NOT_READY_CAP))
+        return self.ready_period if entry.trusted else period
+
+    def _push(self, entry: _Watch) -> None:
+        heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
+
+    def take_due(self, now: float) -> list[tuple[_Watch, float]]:
+        """Pop the watches due by ``now``, each with the time it was due (current ones only: a re-scheduled
+        or removed watch leaves a stale heap entry behind, skipped here)."""
+        heap, watches = self._heap, self._watches
+        due: list[tuple[_Watch, float]] = []
+        while heap and heap[0][0] <= now:
+            at, _, entry = heapq.heappop(heap)
+            if watches.get(entry.key) is entry and entry.due == at:
+                due.append((entry, at))
+        return due
+
+    def reschedule(self, taken: list[tuple[_Watch, float]], now: float) -> None:
+        """Queue the next read of each watch read from :meth:`take_due`'s list."""
+        period = self.period
+        for entry, was_due in taken:
+            # Unless removed, or hinted meanwhile (then it is already queued again).
+            if self._watches.get(entry.key) is entry and entry.due == was_due:
+                entry.due = now + entry.interval
+                entry.interval = min(entry.interval * 2.0, self._cap(entry, period))
+                self._push(entry)
+
+    def read(self, entry: _Watch) -> None:
+        """Read the channel's state (asking an IDLE one to connect); call back if it changed."""
+        state = self._read(entry.channel, True)
+        self.reads += 1
+        if state is None or state is entry.state:  # None: closed under us, its owner unwatches it
+            return
+        entry.state = state
+        entry.interval = self.first_interval
+        try:
+            entry.on_state(entry.key, state)
+        except Exception:  # one channel's callback must not stop the others being watched
+            log.exception("%s: connectivity callback failed for %r", self.name, entry.key)
+
+
 class ChannelPoller:
     """Follows many sync ``grpc.Channel`` s' connectivity from one daemon thread (see the module doc)."""
 
@@ -74,30 +211,29 @@ class ChannelPoller:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.first_interval = first_interval
-        self.min_period = min_period
-        self.reads_per_second = reads_per_second
-        self.ready_period = ready_period
-        self._trusted = 0
-        """Watches of trusted channels (their reads, once READY, are not on the sweep's budget)."""
+        self.schedule = PollSchedule(
+            name=name,
+            first_interval=first_interval,
+            min_period=min_period,
+            reads_per_second=reads_per_second,
+            ready_period=ready_period,
+        )
         self._clock = clock
-        self._watches: dict[Hashable, _Watch] = {}
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.reads = 0
-        """Channel states read so far."""
         follow = getattr(clock, "on_advance", None)
         if follow is not None:  # a test's fake clock: look at the new time at once
             follow(self._wake)
 
+    @property
+    def reads(self) -> int:
+        """Channel states read so far."""
+        return self.schedule.reads
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
-
-    # ----------------------------------------------------------------- control
 
     def start(self) -> ChannelPoller:
         """Start the thread (once)."""
@@ -111,9 +247,7 @@ class ChannelPoller:
         """Stop the thread; no callback runs after this returns (unless called from one)."""
         with self._cond:
             self._stopped = True
-            self._watches.clear()
-            self._trusted = 0
-            self._heap.clear()
+            self.schedule.clear()
             self._cond.notify()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -129,104 +263,154 @@ class ChannelPoller:
         with self._cond:
             if self._stopped:
                 return
-            self._forget(key)
-            entry = _Watch(key, channel, on_state, self._clock(), self.first_interval, trusted)
-            self._watches[key] = entry
-            self._trusted += trusted
-            self._push(entry)
+            self.schedule.watch(key, channel, on_state, self._clock(), trusted=trusted)
             self._cond.notify()
 
     def unwatch(self, key: Hashable) -> None:
         """Stop following the channel under ``key``."""
         with self._cond:
-            self._forget(key)
-
-    def _forget(self, key: Hashable) -> None:
-        entry = self._watches.pop(key, None)
-        if entry is not None:
-            self._trusted -= entry.trusted
+            self.schedule.unwatch(key)
 
     def hint(self, key: Hashable) -> None:
         """Read the channel under ``key`` again soon (something suggests its state changed)."""
         with self._cond:
-            entry = self._watches.get(key)
-            if entry is None or entry.interval <= self.first_interval:
-                return
-            entry.interval = self.first_interval
-            entry.due = self._clock()
-            self._push(entry)
-            self._cond.notify()
+            if self.schedule.hint(key, self._clock()):
+                self._cond.notify()
 
     def next_due(self) -> float | None:
         """When the next read is due (``clock`` time); None with nothing watched."""
         with self._cond:
-            return min((w.due for w in self._watches.values()), default=None)
+            return self.schedule.next_due()
 
     def __len__(self) -> int:
-        return len(self._watches)
+        return len(self.schedule)
 
     @property
     def period(self) -> float:
         """Seconds within which every channel on the sweep's budget is read, once settled."""
-        return max(self.min_period, (len(self._watches) - self._trusted) / self.reads_per_second)
-
-    def _cap(self, entry: _Watch, period: float) -> float:
-        if entry.state is not grpc.ChannelConnectivity.READY:
-            return max(self.first_interval, min(period, NOT_READY_CAP))
-        return self.ready_period if entry.trusted else period
-
-    # ----------------------------------------------------------------- thread
-
-    def _push(self, entry: _Watch) -> None:
-        heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
-
-    def _take_due(self, now: float) -> list[_Watch]:
-        """Pop the watches due by ``now`` (current ones only: a re-scheduled or removed watch leaves a stale
-        heap entry behind, skipped here)."""
-        heap, watches = self._heap, self._watches
-        due: list[_Watch] = []
-        while heap and heap[0][0] <= now:
-            at, _, entry = heapq.heappop(heap)
-            if watches.get(entry.key) is entry and entry.due == at:
-                due.append(entry)
-        return due
+        return self.schedule.period
 
     def _run(self) -> None:
-        cond = self._cond
+        cond, schedule = self._cond, self.schedule
         while True:
             with cond:
                 if self._stopped:
                     return
                 now = self._clock()
-                due = self._take_due(now + TICK)
+                due = schedule.take_due(now + TICK)
                 if not due:
-                    wait = self._heap[0][0] - now if self._heap else None
-                    cond.wait(None if wait is None else max(wait, TICK))
+                    at = schedule.next_due()
+                    cond.wait(None if at is None else max(at - now, TICK))
                     continue
-            taken = [(entry, entry.due) for entry in due]
-            for entry in due:
-                self._read(entry)
+            for entry, _ in due:
+                schedule.read(entry)
             with cond:
-                period = self.period
-                now = self._clock()
-                for entry, was_due in taken:
-                    # Unless removed, or hinted meanwhile (then it is already queued again).
-                    if self._watches.get(entry.key) is entry and entry.due == was_due:
-                        entry.due = now + entry.interval
-                        entry.interval = min(entry.interval * 2.0, self._cap(entry, period))
-                        self._push(entry)
+                schedule.reschedule(due, self._clock())
             time.sleep(TICK)
 
-    def _read(self, entry: _Watch) -> None:
-        state = connectivity(entry.channel, try_to_connect=True)
-        self.reads += 1
-        if state is None:  # closed under us: its owner unwatches it
-            return
-        if state is entry.state:
-            return
-        entry.state = state
-        entry.interval = self.first_interval
-        try:
-            entry.on_state(entry.key, state)
-        except Exception:  # one channel's callback must not stop the others being watched
-            log.exception("%s: connectivity callback failed for %r", self.name, entry.key)
+
+class AsyncChannelPoller:
+    """Follows many ``grpc.aio`` channels' connectivity from one task on the running event loop.
+
+    The same schedule as :class:`ChannelPoller`; every method is called on the loop (a ``grpc.aio``
+    channel may be read only there: closing it frees its core channel without a lock). Reads are made
+    :data:`LOOP_SLICE` seconds at a time, so ten thousand channels due together do not stall the loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "lbkit-connectivity",
+        first_interval: float = 0.01,
+        min_period: float = 0.05,
+        reads_per_second: float = 2_000.0,
+        ready_period: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.schedule = PollSchedule(
+            name=name,
+            first_interval=first_interval,
+            min_period=min_period,
+            reads_per_second=reads_per_second,
+            ready_period=ready_period,
+            read=aio_state,
+        )
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def reads(self) -> int:
+        """Channel states read so far."""
+        return self.schedule.reads
+
+    def start(self) -> AsyncChannelPoller:
+        """Start the task (once), on the running loop."""
+        if self._task is None and not self._stopped:
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name=self.name)
+            follow = getattr(self._clock, "on_advance", None)
+            if follow is not None:  # a test's fake clock: look at the new time at once
+
+                def wake() -> None:
+                    if not loop.is_closed():
+                        loop.call_soon_threadsafe(self._wake.set)
+
+                follow(wake)
+        return self
+
+    async def stop(self) -> None:
+        """Stop the task; no callback runs after this returns."""
+        self._stopped = True
+        self.schedule.clear()
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def watch(self, key: Hashable, channel: Any, on_state: OnState, *, trusted: bool = False) -> None:
+        """As :meth:`ChannelPoller.watch`; ``on_state`` is called on the loop."""
+        if not self._stopped:
+            self.schedule.watch(key, channel, on_state, self._clock(), trusted=trusted)
+            self._wake.set()
+
+    def unwatch(self, key: Hashable) -> None:
+        """Stop following the channel under ``key``."""
+        self.schedule.unwatch(key)
+
+    def hint(self, key: Hashable) -> None:
+        """Read the channel under ``key`` again soon (something suggests its state changed)."""
+        if self.schedule.hint(key, self._clock()):
+            self._wake.set()
+
+    def next_due(self) -> float | None:
+        """When the next read is due (``clock`` time); None with nothing watched."""
+        return self.schedule.next_due()
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    async def _run(self) -> None:
+        schedule, perf = self.schedule, time.perf_counter
+        while not self._stopped:
+            now = self._clock()
+            due = schedule.take_due(now + TICK)
+            if not due:
+                at = schedule.next_due()
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), None if at is None else max(at - now, TICK))
+                continue
+            until = perf() + LOOP_SLICE
+            for entry, _ in due:
+                if schedule.unwatched(entry):
+                    continue  # removed while the loop ran other work
+                schedule.read(entry)
+                if perf() > until:
+                    await asyncio.sleep(0)
+                    until = perf() + LOOP_SLICE
+            schedule.reschedule(due, self._clock())
+            await asyncio.sleep(TICK)

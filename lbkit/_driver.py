@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from lbkit._grpc_private import connectivity
 from lbkit.core import BalancerCore, PoolPlan
 from lbkit.discovery.base import Discovery, DiscoveryStatus
 from lbkit.discovery.static import StaticDiscovery
@@ -20,6 +21,7 @@ from lbkit.endpoint import Endpoint, EndpointSet
 from lbkit.errors import ConfigError, NoEndpointsError, NoReadyEndpointError
 from lbkit.events import Cause, Event
 from lbkit.health.active import HealthCheck
+from lbkit.health.native import UNIMPLEMENTED_REASON, HealthChannel, health_options, verdict
 from lbkit.health.outlier import OutlierDetection
 from lbkit.health.slow_start import SlowStart
 from lbkit.hedging import HedgingPolicy, LatencyWindow
@@ -308,6 +310,88 @@ class BalancerBase:
     def _open_member(self, member: Member) -> None:
         """Start watching a new member's connectivity (and health); the driver's part."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- connectivity and health
+
+    _poller: Any
+    """The driver's :class:`~lbkit._connectivity.ChannelPoller` (sync) or ``AsyncChannelPoller``."""
+
+    @staticmethod
+    def _state_of(channel: Any) -> grpc.ChannelConnectivity | None:
+        """A channel's state now (the driver's kind of read)."""
+        return connectivity(channel)
+
+    def _follow(self, member: Member) -> None:
+        """Follow the member's connectivity (and, with health checks on, its health) with the poller.
+
+        Health checks are gRPC's own (gRFC A17): a twin channel to the address whose service config turns
+        them on, sharing the call channel's connection (see :mod:`lbkit.health.native`).
+        """
+        self._poller.watch(member, member.channel, self._on_connectivity, trusted=True)  # failed calls hint
+        check = self.options.health_check
+        if check is not None:
+            opts = self.options
+            options = health_options(self.channel_args, check)
+            if opts.credentials is not None:
+                channel = self._channels.secure_channel(member.address, opts.credentials, options=options)
+            else:
+                channel = self._channels.insecure_channel(member.address, options=options)
+            health = member.health = HealthChannel(member, channel)
+            self._poller.watch(health, channel, self._on_health_state)
+
+    def _unfollow(self, member: Member) -> None:
+        """Stop following the member (its channels are the driver's to close)."""
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.unwatch(member)
+            if member.health is not None:
+                poller.unwatch(member.health)
+
+    def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:
+        """The poller read a new state of ``member``'s channel (IDLE ones it has asked to connect)."""
+        member.ready = state is grpc.ChannelConnectivity.READY
+        if self.members.get(member.address) is not member or member.closing_at is not None:
+            return
+        failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
+        if member.health is not None and member.ready:
+            self._judge_health(member)
+
+    def _on_health_state(self, health: HealthChannel, state: grpc.ChannelConnectivity) -> None:
+        """The poller read a new state of a member's health-checked channel."""
+        member: Member = health.member
+        health.state = state
+        self._judge_health(member)
+        check = self.options.health_check
+        if (
+            state is grpc.ChannelConnectivity.READY
+            and check is not None
+            and check.unimplemented == "unhealthy"
+        ):
+            self._probe(member, check)
+
+    def _probe(self, member: Member, check: HealthCheck) -> None:
+        """Ask the member's server once whether it has the health service; the driver's part (calls
+        :meth:`_on_unimplemented` if not)."""
+        raise NotImplementedError
+
+    def _judge_health(self, member: Member) -> None:
+        # Not serving only while the connection is up: confirm with the call channel's state right now.
+        health: HealthChannel = member.health
+        call_ready = member.ready and self._state_of(member.channel) is grpc.ChannelConnectivity.READY
+        report = verdict(health.state, call_ready)
+        if report is not None:
+            self.on_health(member.address, *report)
+
+    def _on_unimplemented(self, member: Member) -> None:
+        if self.members.get(member.address) is member and not self._closed:
+            self.on_health(member.address, False, Cause.HEALTH_UNIMPLEMENTED, UNIMPLEMENTED_REASON)
+
+    def _on_call_failed(self, entry: EndpointStats) -> None:
+        """A call failed on ``entry``'s endpoint: read its channel's state now, not at the next sweep."""
+        member = self.members.get(entry.address)
+        if member is not None:
+            self._poller.hint(member)
 
     def _detach(self) -> None:
         """Stop hearing from the discovery source (it may outlive this balancer)."""

@@ -12,13 +12,11 @@ from lbkit._attempts import Attempts, CallRules
 from lbkit._config import check_float
 from lbkit._connectivity import ChannelPoller
 from lbkit._driver import KeyFn, Member
-from lbkit._grpc_private import connectivity
 from lbkit.channel import BalancedChannel, PickedChannel, SyncDriver
 from lbkit.endpoint import EndpointSet
-from lbkit.events import Cause
-from lbkit.health.native import UNIMPLEMENTED_REASON, HealthChannel, health_options, probe, verdict
+from lbkit.health.active import HealthCheck
+from lbkit.health.native import probe
 from lbkit.selectors.base import Key, Picker
-from lbkit.stats import EndpointStats
 
 __all__ = ["Balancer"]
 
@@ -184,68 +182,15 @@ class Balancer(SyncDriver):
                 self._apply_update(endpoint_set)
 
     def _open_member(self, member: Member) -> None:
-        """Follow the member's connectivity (and health) from the pool's one poller thread."""
-        self._poller.watch(member, member.channel, self._on_connectivity, trusted=True)  # failed calls hint
-        check = self.options.health_check
-        if check is not None:
-            opts = self.options
-            options = health_options(self.channel_args, check)
-            if opts.credentials is not None:
-                channel = grpc.secure_channel(member.address, opts.credentials, options=options)
-            else:
-                channel = grpc.insecure_channel(member.address, options=options)
-            health = member.health = HealthChannel(member, channel)
-            self._poller.watch(health, channel, self._on_health_state)
+        self._follow(member)
 
-    def _on_connectivity(self, member: Member, state: grpc.ChannelConnectivity) -> None:
-        """The poller read a new state of ``member``'s channel (IDLE ones it has asked to connect)."""
-        member.ready = state is grpc.ChannelConnectivity.READY
-        if self.members.get(member.address) is not member or member.closing_at is not None:
-            return
-        failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
-        if member.health is not None and member.ready:
-            self._judge_health(member)
-
-    def _on_health_state(self, health: HealthChannel, state: grpc.ChannelConnectivity) -> None:
-        """The poller read a new state of a member's health-checked channel."""
-        member: Member = health.member
-        health.state = state
-        self._judge_health(member)
-        check = self.options.health_check
-        if (
-            state is grpc.ChannelConnectivity.READY
-            and check is not None
-            and check.unimplemented == "unhealthy"
-        ):
-            probe(member.channel, check, functools.partial(self._on_unimplemented, member))
-
-    def _judge_health(self, member: Member) -> None:
-        # Not serving only while the connection is up: confirm with the call channel's state right now.
-        health: HealthChannel = member.health
-        call_ready = member.ready and connectivity(member.channel) is grpc.ChannelConnectivity.READY
-        report = verdict(health.state, call_ready)
-        if report is not None:
-            self.on_health(member.address, *report)
-
-    def _on_unimplemented(self, member: Member) -> None:
-        if self.members.get(member.address) is member and not self._closed:
-            self.on_health(member.address, False, Cause.HEALTH_UNIMPLEMENTED, UNIMPLEMENTED_REASON)
-
-    def _on_call_failed(self, entry: EndpointStats) -> None:
-        """A call failed on ``entry``'s endpoint: read its channel's state now, not at the next sweep."""
-        member = self.members.get(entry.address)
-        if member is not None:
-            self._poller.hint(member)
+    def _probe(self, member: Member, check: HealthCheck) -> None:
+        probe(member.channel, check, functools.partial(self._on_unimplemented, member))
 
     def _close_member(self, member: Member, reason: str) -> None:
         member.mark_closed(reason)
-        poller = getattr(self, "_poller", None)
-        if poller is not None:
-            poller.unwatch(member)
+        self._unfollow(member)
         if member.health is not None:
-            if poller is not None:
-                poller.unwatch(member.health)
             member.health.close()
         try:
             member.channel.close()

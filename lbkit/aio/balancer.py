@@ -15,11 +15,14 @@ import grpc
 
 from lbkit._attempts import Attempts, CallRules
 from lbkit._config import check_float
+from lbkit._connectivity import AsyncChannelPoller, aio_state
 from lbkit._driver import KeyFn, Member
 from lbkit._offloop import Worker, use_worker
 from lbkit.aio.channel import AsyncDriver, BalancedChannel, PickedChannel
 from lbkit.core import PickerBuild
 from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.health.active import HealthCheck
+from lbkit.health.native import aprobe
 from lbkit.selectors.base import Key, Picker
 
 __all__ = ["Balancer"]
@@ -51,7 +54,7 @@ class Balancer(AsyncDriver):
         self._loop_thread = threading.get_ident()
         self._picker_event = asyncio.Event()
         self._wake = asyncio.Event()
-        self._member_tasks: dict[str, asyncio.Task[None]] = {}
+        self._probes: set[asyncio.Task[None]] = set()
         self._to_open: collections.deque[Member] = collections.deque()
         self._opener: asyncio.Task[None] | None = None
         self._builds: set[asyncio.Task[None]] = set()
@@ -63,6 +66,8 @@ class Balancer(AsyncDriver):
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
         self._follow_clock(self._threadsafe(self._on_clock_advanced))
         self.core.on_pool.append(self._threadsafe(self._wake.set))
+        self._poller = AsyncChannelPoller(name=f"lbkit-pool-{self.service}").start()
+        self.stats.on_failure = self._on_call_failed
         self._tasks = [
             asyncio.create_task(self._run_discovery(), name=f"lbkit-discovery-{self.service}"),
             asyncio.create_task(self._run_timers(), name=f"lbkit-timers-{self.service}"),
@@ -143,7 +148,8 @@ class Balancer(AsyncDriver):
             end = self.clock() + grace
             while self.stats.total_in_flight > 0 and self.clock() < end:
                 await asyncio.sleep(0.005)
-        tasks = [*self._tasks, *self._member_tasks.values(), *self._builds]
+        await self._poller.stop()
+        tasks = [*self._tasks, *self._probes, *self._builds]
         if self._opener is not None:
             tasks.append(self._opener)
         for t in tasks:
@@ -214,7 +220,6 @@ class Balancer(AsyncDriver):
     async def _open_queued(self) -> None:
         """Open queued members, yielding to the loop every OPEN_SLICE seconds."""
         queue = self._to_open
-        check = self.options.health_check
         while queue and not self._closed:
             until = time.perf_counter() + OPEN_SLICE
             while queue and time.perf_counter() < until:
@@ -222,26 +227,21 @@ class Balancer(AsyncDriver):
                 if self.members.get(member.address) is not member or member.closed:
                     continue  # gone (or replaced) before its turn
                 member.channel = self._channel_to(member.address)
-                self._member_tasks[member.address] = asyncio.create_task(self._watch_connectivity(member))
-                if check is not None:
-                    from lbkit.health.active_aio import AsyncHealthWatcher
-
-                    member.health = AsyncHealthWatcher(check, member.channel, member.address, self.on_health)
-                    member.health.start()
+                self._follow(member)
             await asyncio.sleep(0)
 
-    async def _watch_connectivity(self, member: Member) -> None:
-        channel = member.channel
-        state = channel.get_state(try_to_connect=True)
-        while not self._closed and self.members.get(member.address) is member:
-            member.ready = state is grpc.ChannelConnectivity.READY
-            if member.closing_at is None:
-                failed = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-                self.core.set_ready(member.address, member.ready, f"channel {state.name}", failed=failed)
-            if state is grpc.ChannelConnectivity.IDLE:
-                channel.get_state(try_to_connect=True)  # kick a connect; keep waiting on what we saw
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=False)
+    @staticmethod
+    def _state_of(channel: Any) -> grpc.ChannelConnectivity | None:
+        return aio_state(channel, False)
+
+    def _probe(self, member: Member, check: HealthCheck) -> None:
+        task = asyncio.create_task(self._aprobe(member, check), name=f"lbkit-probe-{member.address}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _aprobe(self, member: Member, check: HealthCheck) -> None:
+        if await aprobe(member.channel, check):
+            self._on_unimplemented(member)
 
     def _offload(self, build: PickerBuild) -> None:
         """The core's hook for slow picker builds: run it in a worker thread, publish it on the loop."""
@@ -266,17 +266,15 @@ class Balancer(AsyncDriver):
 
     async def _close_member(self, member: Member, reason: str) -> None:
         member.mark_closed(reason)
-        task = self._member_tasks.pop(member.address, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        if member.health is not None:
-            await member.health.stop()
+        self._unfollow(member)
         if member.channel is None:
             return  # never opened
-        try:
-            await member.channel.close()
-        except Exception:
-            log.debug("closing channel to %s failed", member.address, exc_info=True)
+        channels = [member.channel] if member.health is None else [member.channel, member.health.channel]
+        for channel in channels:
+            try:
+                await channel.close()
+            except Exception:
+                log.debug("closing a channel to %s failed", member.address, exc_info=True)
 
     async def _drain(self) -> float | None:
         """Close members whose drain ended; return when to look again (``clock`` time)."""

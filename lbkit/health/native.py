@@ -1,18 +1,18 @@
-"""Active health checks by gRPC itself (gRFC A17) on the connection the calls use, for the sync balancer.
+"""Active health checks by gRPC itself (gRFC A17) on the connection the calls use, for both balancers.
 
-A sync grpc channel can follow a ``Watch`` stream only with a thread of its own, so instead of running
-the stream in Python, the sync balancer opens per endpoint a second channel whose service config turns
-on gRPC's client-side health checking. With the same target, options and credentials it shares the call
-channel's connection (gRPC's subchannel pool), so the ``Watch`` stream rides the calls' connection and
-costs no thread: the second channel is READY while the server says SERVING and TRANSIENT_FAILURE while
-it says anything else. The balancer reads that state with the rest of its pool (:mod:`lbkit._connectivity`)
-and :func:`verdict` turns it into a health report.
+Following a ``Watch`` stream in Python costs a thread per endpoint (sync) or a task, a call and some
+seventy Python objects the cyclic collector walks (asyncio), so instead per endpoint a balancer opens a
+second channel whose service config turns on gRPC's client-side health checking. With the same target,
+options and credentials it shares the call channel's connection (gRPC's subchannel pool), so the
+``Watch`` stream rides the calls' connection: the second channel is READY while the server says SERVING
+and TRANSIENT_FAILURE while it says anything else. The balancer reads that state with the rest of its
+pool (:mod:`lbkit._connectivity`) and :func:`verdict` turns it into a health report.
 
-What this gives up against :class:`~lbkit.health.active.HealthWatcher` (the asyncio balancer's way):
-the reason of an unhealthy report is not the status name; a server whose ``Watch`` is UNIMPLEMENTED
-counts as healthy, as gRPC has it (with ``unimplemented="unhealthy"`` one ``Check`` per connection tells
-a server without the health service apart, see :func:`probe`); the stream is reopened with gRPC's
-connection backoff, so ``interval``, ``timeout`` and ``backoff_*`` do not apply.
+What this gives up against :class:`~lbkit.health.active.HealthWatcher` (the protocol run in Python, for
+a channel of one's own): the reason of an unhealthy report is not the status name; a server whose
+``Watch`` is UNIMPLEMENTED counts as healthy, as gRPC has it (with ``unimplemented="unhealthy"`` one
+``Check`` per connection tells a server without the health service apart, see :func:`probe`); the stream
+is reopened with gRPC's connection backoff, so ``interval`` and ``backoff_*`` do not apply.
 """
 
 from __future__ import annotations
@@ -23,12 +23,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbkit.events import Cause
 from lbkit.health.active import UNIMPLEMENTED_REASON, HealthCheck
 
-__all__ = ["UNIMPLEMENTED_REASON", "HealthChannel", "health_options", "probe", "service_config", "verdict"]
+__all__ = [
+    "UNIMPLEMENTED_REASON",
+    "HealthChannel",
+    "aprobe",
+    "health_options",
+    "probe",
+    "service_config",
+    "verdict",
+]
 
 log = logging.getLogger("lbkit.health")
 
@@ -110,3 +119,15 @@ def probe(
 
     future.add_done_callback(done)
     return future
+
+
+async def aprobe(channel: grpc.aio.Channel, check: HealthCheck) -> bool:
+    """:func:`probe` for a ``grpc.aio`` channel: whether its server answered ``Check`` UNIMPLEMENTED."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(service=check.service), timeout=check.timeout)
+    except grpc.RpcError as error:
+        return error.code() is grpc.StatusCode.UNIMPLEMENTED
+    except Exception:  # the channel was closed under us
+        return False
+    return False

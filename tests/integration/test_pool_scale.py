@@ -3,6 +3,7 @@ health reports still arrive for every endpoint (sync and asyncio)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -14,8 +15,9 @@ import pytest
 
 import lbkit
 import lbkit.aio
+import lbkit.aio.balancer
 import lbkit.balancer
-from lbkit._connectivity import ChannelPoller
+from lbkit._connectivity import AsyncChannelPoller, ChannelPoller
 from lbkit.events import Cause, Event, EventKind
 from lbkit.testing import FakeClock, ModelServer
 from lbkit.testing.port_farm import PortFarm
@@ -110,6 +112,20 @@ async def test_aio_pool_threads_do_not_grow_with_endpoints(farm: PortFarm, healt
     assert counts[MANY][1] <= counts[FEW][1] + 3, counts
 
 
+@pytest.mark.parametrize("health", [False, True], ids=["health-off", "health-on"])
+async def test_aio_pool_runs_no_task_per_endpoint(farm: PortFarm, health: bool) -> None:
+    """Each task is a coroutine chain the cyclic collector walks: at ten thousand endpoints a task per
+    channel (and a health stream per endpoint) made every full collection stall the loop for longer."""
+    tasks: dict[int, int] = {}
+    for n in (FEW, MANY):
+        addresses = farm.addresses[:n]
+        check = lbkit.HealthCheck() if health else None
+        async with lbkit.aio.Balancer(addresses, health_check=check) as lb:
+            await lb.wait_ready(count=n, timeout=30)  # with health checks: every first answer is in
+            tasks[n] = len(asyncio.all_tasks())
+    assert tasks[MANY] == tasks[FEW], tasks
+
+
 def test_sync_health_flips_reach_every_endpoint(farm: PortFarm) -> None:
     events: list[Event] = []
     try:
@@ -161,6 +177,19 @@ def test_sync_health_checks_ride_the_calls_connection_and_balancers_share_none(m
             wait_for(lambda: established_to(port) == 2)
 
 
+async def test_aio_health_checks_ride_the_calls_connection_and_balancers_share_none(make_servers) -> None:
+    (server,) = make_servers(1)
+    port = int(server.address.rsplit(":", 1)[1])
+    async with lbkit.aio.Balancer([server.address], health_check=lbkit.HealthCheck()) as lb:
+        await lb.wait_ready()
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        await stub.Predict(pb2.PredictRequest(), timeout=5)
+        assert established_to(port) == 1
+        async with lbkit.aio.Balancer([server.address]) as other:
+            await other.wait_ready()
+            await async_wait_for(lambda: established_to(port) == 2)
+
+
 @pytest.mark.parametrize("unimplemented", ["healthy", "unhealthy"])
 def test_sync_server_without_health_service_is_healthy_or_not_as_configured(
     make_servers, unimplemented: str
@@ -181,6 +210,31 @@ def test_sync_server_without_health_service_is_healthy_or_not_as_configured(
                     Cause.HEALTH_UNIMPLEMENTED
                 }
                 wait_for(lambda: [e.address for e in lb.core.picker.endpoints] == [other.address])
+    finally:
+        plain.stop(0)
+
+
+@pytest.mark.parametrize("unimplemented", ["healthy", "unhealthy"])
+async def test_aio_server_without_health_service_is_healthy_or_not_as_configured(
+    make_servers, unimplemented: str
+) -> None:
+    plain = ModelServer(health_service=False).start()
+    (other,) = make_servers(1)
+    events: list[Event] = []
+    check = lbkit.HealthCheck(unimplemented=unimplemented)
+    addresses = [plain.address, other.address]
+    try:
+        async with lbkit.aio.Balancer(addresses, health_check=check, on_event=events.append) as lb:
+            if unimplemented == "healthy":
+                await lb.wait_ready(count=2)
+                assert addresses_of(events, EventKind.UNHEALTHY) == set()
+            else:
+                await async_wait_for(lambda: plain.address in addresses_of(events, EventKind.UNHEALTHY))
+                assert lb.endpoint_states()[plain.address] == "unhealthy"
+                assert {e.cause for e in events if e.kind is EventKind.UNHEALTHY} == {
+                    Cause.HEALTH_UNIMPLEMENTED
+                }
+                await async_wait_for(lambda: [e.address for e in lb.core.picker.endpoints] == [other.address])
     finally:
         plain.stop(0)
 
@@ -209,6 +263,31 @@ def test_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, mon
         # One read at the first failure, and the one follow-up the poller makes first_interval after a
         # change (on its clock, which stands still: no sweep reads it again).
         wait_for(lambda: poller.reads - reads >= 2)
+        assert poller.reads - reads == 2
+
+
+async def test_aio_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, monkeypatch) -> None:
+    # As the sync test above: the poller's clock stands still once the endpoints are ready.
+    clock = FakeClock()
+    monkeypatch.setattr(
+        lbkit.aio.balancer, "AsyncChannelPoller", functools.partial(AsyncChannelPoller, clock=clock)
+    )
+    servers = make_servers(2)
+    events: list[Event] = []
+    async with lbkit.aio.Balancer([s.address for s in servers], on_event=events.append) as lb:
+        await async_wait_for(lambda: clock.advance(0.05) and len(lb.core.picker.endpoints) == 2)
+        poller = lb._poller
+        await async_wait_for(lambda: (poller.next_due() or 0.0) > clock.now)
+        reads = poller.reads
+        servers[0].stop(0)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+        for _ in range(4):
+            with contextlib.suppress(grpc.RpcError):
+                await stub.Predict(pb2.PredictRequest(), timeout=5)
+        assert lb.stats[servers[0].address].failures >= 1
+        await async_wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
+        await async_wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == {servers[1].address})
+        await async_wait_for(lambda: poller.reads - reads >= 2)
         assert poller.reads - reads == 2
 
 

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
-from lbkit._connectivity import ChannelPoller
+from lbkit._connectivity import AsyncChannelPoller, ChannelPoller
 from lbkit.testing.clock import FakeClock
 
 READY, IDLE, CONNECTING = (
@@ -34,9 +35,18 @@ class _Core:
         return self.state
 
 
+_ENUM = {s.value[0]: s for s in grpc.ChannelConnectivity}
+
+
 class FakeChannel:
+    """As a sync channel (its Cython channel's ``check_connectivity_state``) and as a ``grpc.aio`` one
+    (``get_state``), both reading the same core."""
+
     def __init__(self, state: int = IDLE) -> None:
         self._channel = _Core(state)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return _ENUM[self._channel.check_connectivity_state(try_to_connect)]
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -115,3 +125,85 @@ def test_unwatched_and_closed_channels_are_not_read_again(poller) -> None:
     closed._channel = None  # type: ignore[assignment]  # as a closed grpc channel: reads fail
     settle(p, clock, 2.0)
     assert gone._channel.reads == reads and len(p) == 1
+
+
+# --------------------------------------------------------------------------- the asyncio driver
+
+
+class SlowCore(_Core):
+    """A channel whose state takes ``cost`` seconds of CPU to read (the loop cannot run meanwhile)."""
+
+    def __init__(self, state: int, cost: float) -> None:
+        super().__init__(state)
+        self.cost = cost
+
+    def check_connectivity_state(self, try_to_connect: bool) -> int:
+        end = time.perf_counter() + self.cost
+        while time.perf_counter() < end:
+            pass
+        return super().check_connectivity_state(try_to_connect)
+
+
+async def test_async_poller_reads_a_large_batch_in_slices_that_let_the_loop_run() -> None:
+    p = AsyncChannelPoller().start()
+    channels = [FakeChannel(READY) for _ in range(400)]
+    for channel in channels:
+        channel._channel = SlowCore(READY, 50e-6)  # 400 reads: 20 ms, ten loop slices
+    seen_mid_batch: list[int] = []
+
+    async def other_work() -> None:
+        while p.reads < len(channels):
+            if p.reads > 0:
+                seen_mid_batch.append(p.reads)
+            await asyncio.sleep(0)
+
+    try:
+        for i, channel in enumerate(channels):
+            p.watch(i, channel, lambda key, state: None)
+        await asyncio.wait_for(other_work(), 5.0)
+    finally:
+        await p.stop()
+    # Other work ran while the first batch (all 400 due at once) was being read, not only after it.
+    assert any(0 < reads < len(channels) for reads in seen_mid_batch), seen_mid_batch[:5]
+
+
+async def test_async_poller_skips_a_channel_unwatched_while_its_batch_is_read() -> None:
+    p = AsyncChannelPoller().start()
+    first, second = FakeChannel(READY), FakeChannel(READY)
+    heard: list[object] = []
+
+    def on_first(key: object, state: grpc.ChannelConnectivity) -> None:
+        heard.append(key)
+        p.unwatch("second")  # as a member closed by what the first one's state set off
+
+    try:
+        p.watch("first", first, on_first)
+        p.watch("second", second, lambda key, state: heard.append(key))  # due in the same batch
+        while not heard:
+            await asyncio.sleep(0.001)
+        assert heard == ["first"]
+        assert second._channel.reads == 0 and len(p) == 1
+    finally:
+        await p.stop()
+
+
+async def test_async_poller_hears_changes_and_nothing_after_stop() -> None:
+    clock = FakeClock()
+    p = AsyncChannelPoller(clock=clock).start()
+    channel = FakeChannel(IDLE)
+    seen: list[grpc.ChannelConnectivity] = []
+    p.watch("a", channel, lambda key, state: seen.append(state))
+    while not seen:
+        await asyncio.sleep(0.001)
+    assert seen == [grpc.ChannelConnectivity.IDLE] and channel._channel.asked >= 1
+    channel._channel.state = READY
+    reads = p.reads
+    clock.advance(0.05)  # the follow-up read comes due on the poller's clock
+    while p.reads == reads:
+        await asyncio.sleep(0.001)
+    assert seen == [grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.READY]
+    task = p._task
+    await p.stop()
+    assert task is not None and task.done()  # stop() returns once the reading task has ended
+    p.watch("b", FakeChannel(IDLE), lambda key, state: seen.append(state))  # ignored once stopped
+    assert len(p) == 0 and p._task is None
