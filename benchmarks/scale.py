@@ -336,6 +336,8 @@ async def _stall_main(spec: str) -> None:
         await lb.wait_ready(count=opts["start"], timeout=READY_TIMEOUT)
         predict = pb2_grpc.ModelServiceStub(lb.channel()).Predict  # type: ignore[no-untyped-call]
         request = pb2.PredictRequest(features=[1.0])
+        gc.collect()
+        objects0 = len(gc.get_objects())
         print("READY", flush=True)
         await lines.get()  # GO
         gaps: list[float] = []
@@ -363,11 +365,15 @@ async def _stall_main(spec: str) -> None:
         stop.set()
         await asyncio.gather(ticker, caller)
         pauses.uninstall()
+        gc.collect()
+        grew = len(lb.core.picker.endpoints) - opts["start"]
+        objects_per_endpoint = (len(gc.get_objects()) - objects0) / grew if grew > 0 else 0.0
         result = {
             **_gap_figures(gaps),
             "gc_max_ms": pauses.longest * 1e3,
             "max_gap_no_gc_ms": _max_gap_without_gc(gaps, ends, pauses.pauses) * 1e3,
             "gc_full": pauses.full,
+            "objects_per_endpoint": objects_per_endpoint,
             "grown_s": grown_s,
             "endpoints": len(lb.core.picker.endpoints),
             "calls": calls[0],
@@ -650,6 +656,7 @@ def _report(
                 "failed",
                 "longest GC pause",
                 "full GCs",
+                "tracked objects per endpoint",
                 "max gap without a GC pause",
             ],
             "rows": [
@@ -664,6 +671,7 @@ def _report(
                     s["failed"],
                     fmt(s["gc_max_ms"]),
                     s["gc_full"],
+                    fmt(s.get("objects_per_endpoint", float("nan")), 1),
                     fmt(s["max_gap_no_gc_ms"]),
                 ],
                 [
@@ -672,6 +680,7 @@ def _report(
                     fmt(stall["control"]["p999_gap_ms"]),
                     fmt(stall["control"]["p99_gap_ms"]),
                     stall["control"]["ticks"],
+                    "-",
                     "-",
                     "-",
                     "-",
@@ -699,9 +708,9 @@ def _report(
         "The stall scenario's Consul server runs in the benchmark's own process; the discovery answer "
         "is decoded wherever lbkit.discovery decodes it.",
         "Longest GC pause: CPython's cyclic collector, which stops every thread; a full collection walks "
-        "every tracked object of the process, about 34 per endpoint in the stall scenario (most of them "
-        "grpc.aio's channel objects and the task waiting on each channel's state). The last column is "
-        "the longest ticker gap with no collector pause in it: the balancer's own work on the loop.",
+        "every tracked object of the process; 'tracked objects per endpoint' is the growth of that count "
+        "over the endpoints added, most of them grpc.aio's channel objects. The last column is the longest "
+        "ticker gap with no collector pause in it: the balancer's own work on the loop.",
     ]
     return {
         "title": "Scale: 10 to 10,000 endpoints in one client",
