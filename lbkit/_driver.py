@@ -264,12 +264,15 @@ class BalancerBase:
             subscribe(wake)
 
     def _apply_update(self, endpoint_set: EndpointSet) -> None:
-        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest.
-        The client's zone discovery knows (``Discovery.local_zone``) is taken first, for zone routing."""
-        zone = self.discovery.local_zone
+        """Take a new endpoint set: drain what left, keep what came back while draining, open the rest."""
+        self._apply_plan(self._core_update(self.discovery.local_zone, endpoint_set))
+
+    def _core_update(self, zone: str, endpoint_set: EndpointSet) -> PoolPlan:
+        """The core's part of an update (any thread): the client's zone discovery knows
+        (``Discovery.local_zone``) first, for zone routing, then the set; the pool's part is the plan."""
         if zone:
             self.core.set_zone(zone)
-        self._apply_plan(self.core.set_endpoints(endpoint_set))
+        return self.core.set_endpoints(endpoint_set)
 
     def _apply_pending(self) -> None:
         """Apply the pool changes the core asked for since the last update (a subset widened or narrowed)."""

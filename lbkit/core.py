@@ -183,6 +183,17 @@ class BalancerCore:
         self._to_offload: PickerBuild | None = None
         self._build_seconds = 0.0
         self._build_size = 0
+        self.defer_passes = False
+        """Set by a driver that runs :meth:`tick` and :meth:`set_endpoints` off its event loop when a pass
+        over the members is slow (see :meth:`slow_pass`; the asyncio balancer): a change then never
+        rebuilds inline, on the caller's thread, but marks the picker dirty for the next :meth:`tick`."""
+        self._pass_seconds = 0.0
+        self._pass_size = 0
+        """Real seconds the last pass over every member took (taking an endpoint set, with the rebuild it
+        made inline; or a rebuild, but for a build handed to ``offload``), and over how many members."""
+        self.dispatch: Callable[[list[Event]], None] | None = None
+        """Set by a driver that delivers events elsewhere (the asyncio balancer, on its loop, in order):
+        called outside the lock with each batch of events, which it hands to :meth:`deliver`."""
         """Real seconds the last picker build took, and over how many endpoints (to judge the next)."""
 
     # ----------------------------------------------------------------- inputs
@@ -190,6 +201,7 @@ class BalancerCore:
     def set_endpoints(self, new: EndpointSet) -> PoolPlan:
         """Take a new endpoint set from discovery; return what to open and close."""
         with self._lock:
+            started = time.perf_counter()
             self.endpoint_set = new
             self._order = (
                 new.endpoints if self._preference is None else self._preference.update(new.by_address)
@@ -197,6 +209,7 @@ class BalancerCore:
             now = self.clock()
             if self._update_members(now, Cause.DISCOVERED, first=not self.members):
                 self._changed(now)
+            self._timed_pass(started)
             plan = self.take_plan()
         self._flush()
         return plan
@@ -459,15 +472,33 @@ class BalancerCore:
                 EventKind.HEALTHY, e.address, "discovery reports it passing", now, Cause.CONSUL_PASSING
             )
 
+    def slow_pass(self, size: int | None = None) -> bool:
+        """Whether a pass over ``size`` members (default: the current ones) is expected to take over
+        ``offload_above``: the last pass's time, scaled up by size (before any was timed:
+        ``size >= OFFLOAD_UNMEASURED``)."""
+        n = len(self.members) if size is None else size
+        if self._pass_size == 0:
+            return n >= OFFLOAD_UNMEASURED
+        return self._pass_seconds * max(1.0, n / self._pass_size) >= self.offload_above
+
+    def _timed_pass(self, started: float) -> None:
+        self._pass_seconds = time.perf_counter() - started
+        self._pass_size = max(1, len(self.members))
+
     def _changed(self, now: float) -> None:
         """Widen or narrow the subset, then publish a new picker now, or soon when rebuilds are slow and
-        one was just made.
+        one was just made; with :attr:`defer_passes`, at the next :meth:`tick` once passes are slow.
 
         A Maglev table over many endpoints takes tens of milliseconds to build; a thousand endpoints
         turning READY one by one must not build it a thousand times.
         """
         if self.subsetting is not None and self._update_members(now, Cause.SUBSET_WIDENED):
             self._plan_waiting = True
+        if self.defer_passes and self.slow_pass():
+            if not self._dirty:
+                self._dirty = True
+                self._deadline_moved = True
+            return
         if now >= self._last_rebuild + self._coalesce_window():
             self._rebuild(now)
         elif not self._dirty:
@@ -475,6 +506,13 @@ class BalancerCore:
             self._deadline_moved = True
 
     def _rebuild(self, now: float) -> None:
+        pass_started = time.perf_counter()
+        try:
+            self._rebuild_picker(now)
+        finally:
+            self._timed_pass(pass_started)
+
+    def _rebuild_picker(self, now: float) -> None:
         started = self.clock()
         members = self.members.values()
         connected: list[EndpointState] = []
@@ -626,13 +664,11 @@ class BalancerCore:
             self._deadline_moved = False
             pool = self._plan_waiting and bool(self._plan_open or self._plan_close)
             to_offload, self._to_offload = self._to_offload, None
-        for event in events:
-            _log_event(self.service, event)
-            for listener in self.listeners:
-                try:
-                    listener(event)
-                except Exception:  # a listener must not break the balancer
-                    log.exception("lbkit event listener failed on %s", event)
+        if events:
+            if self.dispatch is None:
+                self.deliver(events)
+            else:
+                self.dispatch(events)
         if changed:
             for hook in self.on_picker:
                 hook()
@@ -648,6 +684,16 @@ class BalancerCore:
             except Exception:
                 log.exception("%s: handing a picker build over failed", self.service or "lbkit")
                 self.drop_build(to_offload)
+
+    def deliver(self, events: list[Event]) -> None:
+        """Log ``events`` and call every listener with each, in order (see :attr:`dispatch`)."""
+        for event in events:
+            _log_event(self.service, event)
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:  # a listener must not break the balancer
+                    log.exception("lbkit event listener failed on %s", event)
 
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener(event)`` for every state change from now on."""

@@ -220,9 +220,11 @@ class EndpointSet:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, EndpointSet):
             return NotImplemented
+        if len(self._endpoints) != len(other._endpoints):
+            return False  # at once, not after copying ten thousand entries (failover compares each answer)
         if self._endpoints == other._endpoints:  # the same order (and objects: no field compared)
             return True
-        return dict(self._by_address) == dict(other._by_address)
+        return self._by_address == other._by_address
 
     def __hash__(self) -> int:
         return hash(frozenset(self._by_address))

@@ -21,6 +21,7 @@ from lbkit._offloop import Worker, use_worker
 from lbkit.aio.channel import AsyncDriver, BalancedChannel, PickedChannel
 from lbkit.core import PickerBuild
 from lbkit.endpoint import Endpoint, EndpointSet
+from lbkit.events import Event
 from lbkit.health.active import HealthCheck
 from lbkit.health.native import aprobe
 from lbkit.selectors.base import Key, Picker
@@ -62,6 +63,15 @@ class Balancer(AsyncDriver):
         # that the thread count does not grow during the run; the loop's default executor is left alone.
         self._worker = Worker(f"lbkit-{self.service}")
         self.core.offload = self._offload
+        # Passes over every member (an update, a rebuild) leave the loop once they are slow; events still
+        # reach the listeners on the loop, in order.
+        self.core.defer_passes = True
+        self.core.dispatch = self._dispatch_events
+        self._event_backlog: collections.deque[Event] = collections.deque()
+        self._event_lock = threading.Lock()
+        self._events_scheduled = False
+        self._next_set: EndpointSet | None = None
+        self._updater: asyncio.Task[None] | None = None
         self.core.on_picker.append(self._threadsafe(self._picker_changed))
         self.core.on_deadline.append(self._threadsafe(self._wake.set))
         self._follow_clock(self._threadsafe(self._on_clock_advanced))
@@ -150,8 +160,7 @@ class Balancer(AsyncDriver):
                 await asyncio.sleep(0.005)
         await self._poller.stop()
         tasks = [*self._tasks, *self._probes, *self._builds]
-        if self._opener is not None:
-            tasks.append(self._opener)
+        tasks += [t for t in (self._opener, self._updater) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -202,8 +211,43 @@ class Balancer(AsyncDriver):
         if threading.get_ident() != self._loop_thread:
             self._loop.call_soon_threadsafe(self._on_update, endpoint_set)
             return
-        if not self._closed:
+        if self._closed:
+            return
+        if self._updater is not None and not self._updater.done():
+            self._next_set = endpoint_set  # after the one in the worker; a newer set replaces it
+        elif self.core.slow_pass(max(len(endpoint_set), len(self.core.members))):
+            self._next_set = endpoint_set
+            self._updater = asyncio.create_task(self._update_off_loop(), name=f"lbkit-update-{self.service}")
+        else:
             self._apply_update(endpoint_set)
+
+    async def _update_off_loop(self) -> None:
+        """Hand the core's part of each pending update to the worker, then apply its plan on the loop."""
+        while self._next_set is not None and not self._closed:
+            endpoint_set, self._next_set = self._next_set, None
+            zone = self.discovery.local_zone
+            plan = await self._worker.run(self._core_update, zone, endpoint_set)
+            if not self._closed:
+                self._apply_plan(plan)
+
+    def _dispatch_events(self, events: list[Event]) -> None:
+        """The core's events to its listeners on the loop, in the order they happened (from any thread)."""
+        if threading.get_ident() == self._loop_thread and not self._event_backlog:
+            self.core.deliver(events)
+            return
+        with self._event_lock:
+            self._event_backlog.extend(events)
+            schedule = not self._events_scheduled
+            self._events_scheduled = True
+        if schedule and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver_backlog)
+
+    def _deliver_backlog(self) -> None:
+        with self._event_lock:
+            events = list(self._event_backlog)
+            self._event_backlog.clear()
+            self._events_scheduled = False
+        self.core.deliver(events)
 
     def _new_member(self, endpoint: Endpoint) -> Member:
         """A member whose channel :meth:`_open_member` opens later, a slice at a time."""
@@ -309,7 +353,7 @@ class Balancer(AsyncDriver):
         core = self.core
         while not self._closed:
             self._apply_pending()
-            next_core = core.tick()
+            next_core = await self._worker.run(core.tick) if core.slow_pass() else core.tick()
             next_drain = await self._drain()
             self._sleep_until = float("inf")  # planning: a timer added now wakes the wait below
             next_timer = self._run_due(self.clock())

@@ -292,35 +292,86 @@ async def test_aio_a_failed_call_makes_the_pool_read_its_channel_at_once(make_se
 
 
 class GatedRoundRobin(lbkit.Selector):
-    """Round robin whose builds after the first wait for ``gate`` (set by a coroutine on the loop)."""
+    """Round robin whose builds, once ``armed``, wait for ``gate`` (set by a coroutine on the loop)."""
 
     name = "gated_round_robin"
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.armed = False
         self.builds = 0
         self.waited: list[bool] = []
 
     def _build(self, endpoints: tuple[lbkit.Endpoint, ...], stats: lbkit.Stats) -> lbkit.Picker:
         self.builds += 1
-        if self.builds > 1:
+        if self.armed:
             self.waited.append(self.gate.wait(5.0))
         return lbkit.RoundRobin().build(endpoints, stats)
 
 
 async def test_aio_slow_picker_builds_leave_the_event_loop_free(make_servers) -> None:
     servers = make_servers(3)
+    addresses = [s.address for s in servers]
+    discovery = lbkit.StaticDiscovery(addresses)
     selector = GatedRoundRobin()
-    async with lbkit.aio.Balancer([s.address for s in servers], selector=selector) as lb:
-        lb.core.offload_above = 0.0  # every timed build counts as slow
-        await async_wait_for(lambda: selector.builds >= 2)
-        # A build waits for the gate; only a loop that is free to run this line can open it.
-        selector.gate.set()
+    async with lbkit.aio.Balancer(discovery, selector=selector) as lb:
         await lb.wait_ready(count=3)
+        lb.core.offload_above = 0.0  # every timed build counts as slow
+        selector.armed = True
+        builds = selector.builds
+        discovery.update(addresses[:2])
+        await async_wait_for(lambda: selector.builds > builds)
+        # The build waits for the gate; only a loop that is free to run this line can open it.
+        selector.gate.set()
+        await async_wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == set(addresses[:2]))
         assert selector.waited and all(selector.waited)
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         seen = {(await stub.Predict(pb2.PredictRequest(), timeout=5)).served_by for _ in range(6)}
-        assert seen == {s.address for s in servers}
+        assert seen == set(addresses[:2])
+
+
+async def test_aio_slow_passes_over_the_members_leave_the_event_loop(make_servers) -> None:
+    """Taking an endpoint set and finding the eligible endpoints walk every member: at ten thousand
+    endpoints, milliseconds each. Once slow they run in the balancer's worker; events still reach the
+    listeners on the loop, in order."""
+    servers = make_servers(3)
+    addresses = [s.address for s in servers]
+    discovery = lbkit.StaticDiscovery(addresses)
+    events: list[tuple[Event, int]] = []
+    loop_thread = threading.get_ident()
+    async with lbkit.aio.Balancer(
+        discovery, on_event=lambda e: events.append((e, threading.get_ident()))
+    ) as lb:
+        await lb.wait_ready(count=3)
+        core = lb.core
+        core.offload_above = 0.0  # every pass over the members counts as slow
+        gate = threading.Event()
+        updates: list[int] = []
+        rebuilds: list[int] = []
+        update_members, rebuild = core._update_members, core._rebuild
+
+        def gated_update(*args: object, **kwargs: object) -> bool:
+            updates.append(threading.get_ident())
+            assert gate.wait(5.0)
+            return update_members(*args, **kwargs)  # type: ignore[arg-type]
+
+        def recorded_rebuild(now: float) -> None:
+            rebuilds.append(threading.get_ident())
+            rebuild(now)
+
+        core._update_members = gated_update  # type: ignore[method-assign]
+        core._rebuild = recorded_rebuild  # type: ignore[method-assign]
+        discovery.update(addresses[:2])
+        await async_wait_for(lambda: updates)
+        gate.set()  # the pass waits for it: only a loop that is free to run this line can open it
+        await async_wait_for(lambda: {e.address for e in core.picker.endpoints} == set(addresses[:2]))
+        assert updates and loop_thread not in updates
+        assert rebuilds and loop_thread not in rebuilds  # the rebuild the change asked for: at a tick, off it
+        await async_wait_for(lambda: any(e.kind is EventKind.REMOVED for e, _ in events))
+        assert [e.address for e, _ in events if e.kind is EventKind.REMOVED] == [addresses[2]]
+        assert {thread for _, thread in events} == {loop_thread}
+        kinds = [e.kind for e, _ in events]
+        assert kinds.index(EventKind.READY) < kinds.index(EventKind.REMOVED)  # in the order they happened
 
 
 def test_sync_drain_timer_keeps_the_draining_members_apart(farm: PortFarm) -> None:

@@ -122,3 +122,70 @@ def test_without_an_offload_hook_every_build_runs_inline() -> None:
     for address in ADDRS:
         core.set_ready(address, True)
     assert selector.builds == len(ADDRS)  # no offload hook: every build inline
+
+
+# --------------------------------------------------------------------------- passes over every member
+
+
+def deferring_core() -> tuple[BalancerCore, Listing, list[str], list[int]]:
+    """A core whose driver runs slow passes off its loop (``defer_passes``), with every pass slow."""
+    selector = Listing()
+    core = BalancerCore(selector, clock=FakeClock(), rng=random.Random(1))
+    core.defer_passes = True
+    core.offload_above = 0.0
+    deadlines: list[str] = []
+    pickers: list[int] = []
+    core.on_deadline.append(lambda: deadlines.append("moved"))
+    core.on_picker.append(lambda: pickers.append(len(core.picker.endpoints)))
+    core.set_endpoints(EndpointSet(ADDRS))  # no pass timed before it: small sets are taken inline
+    assert core.rebuilds == 1 and core._pass_size == len(ADDRS)
+    deadlines.clear()
+    return core, selector, deadlines, pickers
+
+
+def test_with_slow_passes_a_change_waits_for_the_next_tick_instead_of_rebuilding_on_the_callers_thread() -> (
+    None
+):
+    core, selector, deadlines, pickers = deferring_core()
+    rebuilds = core.rebuilds
+    core.set_ready(ADDRS[0], True)
+    core.set_ready(ADDRS[1], True)
+    assert core.rebuilds == rebuilds and selector.builds == 0  # nothing walked every member here
+    assert deadlines == ["moved"]  # once: the driver's timer wakes and ticks (where the driver wants)
+    assert core.next_deadline() is not None and core.next_deadline() <= core.clock()
+    core.tick()
+    assert core.rebuilds == rebuilds + 1 and len(core.picker.endpoints) == 2  # both changes, one rebuild
+    assert pickers[-1] == 2
+
+
+def test_quick_passes_or_no_deferring_driver_rebuild_at_once() -> None:
+    core, _, _, _ = deferring_core()
+    core.offload_above = 1.0  # no pass takes a second: passes are quick
+    core.set_ready(ADDRS[0], True)
+    assert len(core.picker.endpoints) == 1  # rebuilt inline, as without a deferring driver
+    core.defer_passes = False
+    core.offload_above = 0.0
+    core.set_ready(ADDRS[1], True)
+    assert len(core.picker.endpoints) == 2
+
+
+def test_slow_pass_scales_the_last_pass_by_size_and_counts_big_sets_slow_before_any() -> None:
+    core = BalancerCore(Listing(), clock=FakeClock(), rng=random.Random(1))
+    assert not core.slow_pass(10) and core.slow_pass(100_000)  # nothing timed yet: by size alone
+    core.set_endpoints(EndpointSet(ADDRS))  # times a pass over 8 members
+    assert core._pass_size == len(ADDRS) and core._pass_seconds > 0.0
+    core.offload_above = core._pass_seconds * 10.0
+    assert not core.slow_pass() and not core.slow_pass(len(ADDRS) * 5)
+    assert core.slow_pass(len(ADDRS) * 20)  # twenty times the members: twenty times the last pass
+
+
+def test_a_dispatch_hook_gets_every_event_batch_to_deliver_elsewhere() -> None:
+    core = BalancerCore(Listing(), clock=FakeClock(), rng=random.Random(1))
+    heard: list[str] = []
+    core.add_listener(lambda e: heard.append(e.address))
+    batches: list[list[object]] = []
+    core.dispatch = batches.append  # type: ignore[assignment]
+    core.set_endpoints(EndpointSet(ADDRS[:2]))
+    assert heard == [] and [len(b) for b in batches] == [2]  # two ADDED, held for the driver
+    core.deliver(batches[0])  # type: ignore[arg-type]
+    assert heard == ADDRS[:2]
