@@ -73,6 +73,9 @@ OFFLOAD_ABOVE = 0.002
 OFFLOAD_UNMEASURED = 500
 """Before any build has been timed, builds over at least this many endpoints count as slow."""
 
+PASS_MIN_MEMBERS = 100
+"""A pass over fewer members never counts as slow: one that took milliseconds was preempted, not long."""
+
 
 @dataclass(slots=True)
 class EndpointState:
@@ -187,6 +190,8 @@ class BalancerCore:
         """Set by a driver that runs :meth:`tick` and :meth:`set_endpoints` off its event loop when a pass
         over the members is slow (see :meth:`slow_pass`; the asyncio balancer): a change then never
         rebuilds inline, on the caller's thread, but marks the picker dirty for the next :meth:`tick`."""
+        self.pass_min_members = PASS_MIN_MEMBERS
+        """Passes over fewer members than this never count as slow (see :data:`PASS_MIN_MEMBERS`)."""
         self._pass_seconds = 0.0
         self._pass_size = 0
         """Real seconds the last pass over every member took (taking an endpoint set, with the rebuild it
@@ -477,6 +482,8 @@ class BalancerCore:
         ``offload_above``: the last pass's time, scaled up by size (before any was timed:
         ``size >= OFFLOAD_UNMEASURED``)."""
         n = len(self.members) if size is None else size
+        if n < self.pass_min_members:
+            return False
         if self._pass_size == 0:
             return n >= OFFLOAD_UNMEASURED
         return self._pass_seconds * max(1.0, n / self._pass_size) >= self.offload_above

@@ -344,7 +344,8 @@ async def test_aio_slow_passes_over_the_members_leave_the_event_loop(make_server
     ) as lb:
         await lb.wait_ready(count=3)
         core = lb.core
-        core.offload_above = 0.0  # every pass over the members counts as slow
+        core.offload_above = 0.0  # every pass over the members counts as slow...
+        core.pass_min_members = 0  # ...even over three
         gate = threading.Event()
         updates: list[int] = []
         rebuilds: list[int] = []

@@ -133,6 +133,7 @@ def deferring_core() -> tuple[BalancerCore, Listing, list[str], list[int]]:
     core = BalancerCore(selector, clock=FakeClock(), rng=random.Random(1))
     core.defer_passes = True
     core.offload_above = 0.0
+    core.pass_min_members = 0  # eight members: real passes this short are slow only when preempted
     deadlines: list[str] = []
     pickers: list[int] = []
     core.on_deadline.append(lambda: deadlines.append("moved"))
@@ -172,6 +173,10 @@ def test_quick_passes_or_no_deferring_driver_rebuild_at_once() -> None:
 def test_slow_pass_scales_the_last_pass_by_size_and_counts_big_sets_slow_before_any() -> None:
     core = BalancerCore(Listing(), clock=FakeClock(), rng=random.Random(1))
     assert not core.slow_pass(10) and core.slow_pass(100_000)  # nothing timed yet: by size alone
+    core.offload_above = 0.0
+    assert not core.slow_pass(core.pass_min_members - 1)  # so few: never slow, whatever was timed
+    core.offload_above = 0.002
+    core.pass_min_members = 0
     core.set_endpoints(EndpointSet(ADDRS))  # times a pass over 8 members
     assert core._pass_size == len(ADDRS) and core._pass_seconds > 0.0
     core.offload_above = core._pass_seconds * 10.0
