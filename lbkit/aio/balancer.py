@@ -226,9 +226,12 @@ class Balancer(AsyncDriver):
         while self._next_set is not None and not self._closed:
             endpoint_set, self._next_set = self._next_set, None
             zone = self.discovery.local_zone
-            plan = await self._worker.run(self._core_update, zone, endpoint_set)
-            if not self._closed:
-                self._apply_plan(plan)
+            try:
+                plan = await self._worker.run(self._core_update, zone, endpoint_set)
+                if not self._closed:
+                    self._apply_plan(plan)
+            except Exception:  # as an update applied inline: logged, and the next one is taken
+                log.exception("%s: taking a discovery update failed", self.service)
 
     def _dispatch_events(self, events: list[Event]) -> None:
         """The core's events to its listeners on the loop, in the order they happened (from any thread)."""
