@@ -175,7 +175,7 @@ async def _aio_cell(cell: Cell, addresses: list[str]) -> dict[str, Any]:
     import lbkit
     import lbkit.aio
     import lbkit.aio.balancer  # loaded before the baseline, as in the sync cell
-    import lbkit.health.active_aio
+    import lbkit.health.native
     import lbkit.selectors.round_robin
     from lbkit.testing.proto import model_service_pb2 as pb2
     from lbkit.testing.proto import model_service_pb2_grpc as pb2_grpc

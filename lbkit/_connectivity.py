@@ -197,8 +197,10 @@ class PollSchedule:
             log.exception("%s: connectivity callback failed for %r", self.name, entry.key)
 
 
-class ChannelPoller:
-    """Follows many sync ``grpc.Channel`` s' connectivity from one daemon thread (see the module doc)."""
+class _Poller:
+    """What both drivers share: the schedule, on ``clock``, and how they are sized."""
+
+    _read: Reader = connectivity
 
     def __init__(
         self,
@@ -217,19 +219,35 @@ class ChannelPoller:
             min_period=min_period,
             reads_per_second=reads_per_second,
             ready_period=ready_period,
+            read=type(self)._read,
         )
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
         self._stopped = False
-        self._thread: threading.Thread | None = None
-        follow = getattr(clock, "on_advance", None)
-        if follow is not None:  # a test's fake clock: look at the new time at once
-            follow(self._wake)
 
     @property
     def reads(self) -> int:
         """Channel states read so far."""
         return self.schedule.reads
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def period(self) -> float:
+        """Seconds within which every channel on the sweep's budget is read, once settled."""
+        return self.schedule.period
+
+
+class ChannelPoller(_Poller):
+    """Follows many sync ``grpc.Channel`` s' connectivity from one daemon thread (see the module doc)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        follow = getattr(self._clock, "on_advance", None)
+        if follow is not None:  # a test's fake clock: look at the new time at once
+            follow(self._wake)
 
     def _wake(self) -> None:
         with self._cond:
@@ -282,14 +300,6 @@ class ChannelPoller:
         with self._cond:
             return self.schedule.next_due()
 
-    def __len__(self) -> int:
-        return len(self.schedule)
-
-    @property
-    def period(self) -> float:
-        """Seconds within which every channel on the sweep's budget is read, once settled."""
-        return self.schedule.period
-
     def _run(self) -> None:
         cond, schedule = self._cond, self.schedule
         while True:
@@ -309,7 +319,7 @@ class ChannelPoller:
             time.sleep(TICK)
 
 
-class AsyncChannelPoller:
+class AsyncChannelPoller(_Poller):
     """Follows many ``grpc.aio`` channels' connectivity from one task on the running event loop.
 
     The same schedule as :class:`ChannelPoller`; every method is called on the loop (a ``grpc.aio``
@@ -317,34 +327,12 @@ class AsyncChannelPoller:
     :data:`LOOP_SLICE` seconds at a time, so ten thousand channels due together do not stall the loop.
     """
 
-    def __init__(
-        self,
-        *,
-        name: str = "lbkit-connectivity",
-        first_interval: float = 0.01,
-        min_period: float = 0.05,
-        reads_per_second: float = 2_000.0,
-        ready_period: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name = name
-        self.schedule = PollSchedule(
-            name=name,
-            first_interval=first_interval,
-            min_period=min_period,
-            reads_per_second=reads_per_second,
-            ready_period=ready_period,
-            read=aio_state,
-        )
-        self._clock = clock
+    _read = staticmethod(aio_state)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopped = False
-
-    @property
-    def reads(self) -> int:
-        """Channel states read so far."""
-        return self.schedule.reads
 
     def start(self) -> AsyncChannelPoller:
         """Start the task (once), on the running loop."""
@@ -389,9 +377,6 @@ class AsyncChannelPoller:
     def next_due(self) -> float | None:
         """When the next read is due (``clock`` time); None with nothing watched."""
         return self.schedule.next_due()
-
-    def __len__(self) -> int:
-        return len(self.schedule)
 
     async def _run(self) -> None:
         schedule, perf = self.schedule, time.perf_counter

@@ -186,6 +186,7 @@ class BalancerCore:
         self._to_offload: PickerBuild | None = None
         self._build_seconds = 0.0
         self._build_size = 0
+        """Real seconds the last picker build took, and over how many endpoints (to judge the next)."""
         self.defer_passes = False
         """Set by a driver that runs :meth:`tick` and :meth:`set_endpoints` off its event loop when a pass
         over the members is slow (see :meth:`slow_pass`; the asyncio balancer): a change then never
@@ -199,7 +200,6 @@ class BalancerCore:
         self.dispatch: Callable[[list[Event]], None] | None = None
         """Set by a driver that delivers events elsewhere (the asyncio balancer, on its loop, in order):
         called outside the lock with each batch of events, which it hands to :meth:`deliver`."""
-        """Real seconds the last picker build took, and over how many endpoints (to judge the next)."""
 
     # ----------------------------------------------------------------- inputs
 
@@ -482,11 +482,14 @@ class BalancerCore:
         ``offload_above``: the last pass's time, scaled up by size (before any was timed:
         ``size >= OFFLOAD_UNMEASURED``)."""
         n = len(self.members) if size is None else size
-        if n < self.pass_min_members:
-            return False
-        if self._pass_size == 0:
-            return n >= OFFLOAD_UNMEASURED
-        return self._pass_seconds * max(1.0, n / self._pass_size) >= self.offload_above
+        return n >= self.pass_min_members and self._expect_slow(self._pass_seconds, self._pass_size, n)
+
+    def _expect_slow(self, seconds: float, measured: int, size: int) -> bool:
+        """Whether work that took ``seconds`` over ``measured`` items (0: never timed) takes over
+        ``offload_above`` over ``size``: scaled up by size; untimed, ``size >= OFFLOAD_UNMEASURED``."""
+        if measured == 0:
+            return size >= OFFLOAD_UNMEASURED
+        return seconds * max(1.0, size / measured) >= self.offload_above
 
     def _timed_pass(self, started: float) -> None:
         self._pass_seconds = time.perf_counter() - started
@@ -597,9 +600,7 @@ class BalancerCore:
     def _slow(self, size: int) -> bool:
         """Whether a build over ``size`` endpoints is expected to take over ``offload_above``: the last
         build's time, scaled up by size (before any was timed: ``size >= OFFLOAD_UNMEASURED``)."""
-        if self._build_size == 0:
-            return size >= OFFLOAD_UNMEASURED
-        return self._build_seconds * max(1.0, size / self._build_size) >= self.offload_above
+        return self._expect_slow(self._build_seconds, self._build_size, size)
 
     def _timed(self, build: PickerBuild) -> None:
         self._build_seconds = build.seconds
