@@ -129,14 +129,19 @@ class PollSchedule:
         self._heap.clear()
         self._trusted = 0
 
-    def hint(self, key: Hashable, now: float) -> bool:
-        """Read the channel under ``key`` again at ``now``; False if it was due that soon anyway."""
+    def hint(self, key: Hashable, now: float, *, read_now: bool = False) -> bool:
+        """Read the channel under ``key`` again at ``now`` (``read_now``: read it here, then again after
+        ``first_interval``); False if it was due that soon anyway."""
         entry = self._watches.get(key)
         if entry is None or entry.interval <= self.first_interval:
             return False
         entry.interval = self.first_interval
         entry.due = now
-        self._push(entry)
+        if read_now:
+            self.read(entry)
+            self.reschedule([(entry, now)], now)
+        else:
+            self._push(entry)
         return True
 
     def next_due(self) -> float | None:
@@ -202,25 +207,10 @@ class _Poller:
 
     _read: Reader = connectivity
 
-    def __init__(
-        self,
-        *,
-        name: str = "lbkit-connectivity",
-        first_interval: float = 0.01,
-        min_period: float = 0.05,
-        reads_per_second: float = 2_000.0,
-        ready_period: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name = name
-        self.schedule = PollSchedule(
-            name=name,
-            first_interval=first_interval,
-            min_period=min_period,
-            reads_per_second=reads_per_second,
-            ready_period=ready_period,
-            read=type(self)._read,
-        )
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, **schedule: Any) -> None:
+        """``schedule``: :class:`PollSchedule`'s options (``name``, ``first_interval``, ...), its defaults."""
+        self.schedule = PollSchedule(read=type(self)._read, **schedule)
+        self.name = self.schedule.name
         self._clock = clock
         self._stopped = False
 
@@ -370,8 +360,10 @@ class AsyncChannelPoller(_Poller):
         self.schedule.unwatch(key)
 
     def hint(self, key: Hashable) -> None:
-        """Read the channel under ``key`` again soon (something suggests its state changed)."""
-        if self.schedule.hint(key, self._clock()):
+        """Read the channel under ``key`` now (something suggests its state changed), on the caller's turn
+        of the loop: a connection lost under calls is seen at the first failed call, before the calls
+        after it fail there too (and eject the endpoint, which would outlast its return)."""
+        if self.schedule.hint(key, self._clock(), read_now=True):
             self._wake.set()
 
     def next_due(self) -> float | None:
