@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from lbkit._grpc_private import connectivity
+from lbkit._wakeup import Wakeup
 
 __all__ = ["AsyncChannelPoller", "ChannelPoller", "OnState", "PollSchedule", "Reader", "aio_state"]
 
@@ -54,7 +55,8 @@ NOT_READY_CAP = 1.0
 """The longest interval between reads of a channel that is not READY."""
 
 LOOP_SLICE = 0.002
-"""Seconds of reads :class:`AsyncChannelPoller` makes before it lets the event loop run other work."""
+"""Seconds of reads made in one go: :class:`AsyncChannelPoller` then lets the event loop run other work,
+:class:`ChannelPoller` lets a failed call's read in."""
 
 
 def aio_state(channel: Any, try_to_connect: bool) -> grpc.ChannelConnectivity | None:
@@ -129,20 +131,23 @@ class PollSchedule:
         self._heap.clear()
         self._trusted = 0
 
-    def hint(self, key: Hashable, now: float, *, read_now: bool = False) -> bool:
-        """Read the channel under ``key`` again at ``now`` (``read_now``: read it here, then again after
-        ``first_interval``); False if it was due that soon anyway."""
+    def hint(self, key: Hashable, now: float) -> bool:
+        """Read the channel under ``key`` again at ``now``, then after ``first_interval``; False if it was
+        due that soon anyway."""
         entry = self._watches.get(key)
         if entry is None or entry.interval <= self.first_interval:
             return False
         entry.interval = self.first_interval
         entry.due = now
-        if read_now:
-            self.read(entry)
-            self.reschedule([(entry, now)], now)
-        else:
-            self._push(entry)
+        self._push(entry)
         return True
+
+    def suspect(self, key: Hashable) -> _Watch | None:
+        """The watch under ``key`` if its channel was READY when last read: after a call failed on it,
+        worth a read at once (its driver's :meth:`read`, after :meth:`hint`), as the calls after it would
+        go there too. None otherwise (it is out of the pickers already, or not watched)."""
+        entry = self._watches.get(key)
+        return entry if entry is not None and entry.state is grpc.ChannelConnectivity.READY else None
 
     def next_due(self) -> float | None:
         """When the next read is due; None with nothing watched."""
@@ -234,6 +239,9 @@ class ChannelPoller(_Poller):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._cond = threading.Condition(threading.Lock())
+        """Guards the schedule's queue."""
+        self._reading = threading.RLock()
+        """Held while channels are read and their callbacks run (the poller's thread, or a failed call's)."""
         self._thread: threading.Thread | None = None
         follow = getattr(self._clock, "on_advance", None)
         if follow is not None:  # a test's fake clock: look at the new time at once
@@ -257,6 +265,8 @@ class ChannelPoller(_Poller):
             self._stopped = True
             self.schedule.clear()
             self._cond.notify()
+        with self._reading:  # a read under way on a failed call's thread ends first
+            pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -280,10 +290,18 @@ class ChannelPoller(_Poller):
             self.schedule.unwatch(key)
 
     def hint(self, key: Hashable) -> None:
-        """Read the channel under ``key`` again soon (something suggests its state changed)."""
+        """A call on the channel under ``key`` failed: read it now, on the caller's thread, if it was READY
+        (the calls after it would go there too: a connection lost under calls is seen at the first failed
+        call, before enough fail there to eject the endpoint, which would outlast its return); and again
+        soon, on the poller's thread."""
         with self._cond:
             if self.schedule.hint(key, self._clock()):
                 self._cond.notify()
+            entry = self.schedule.suspect(key)
+        if entry is not None:
+            with self._reading:
+                if not self._stopped and not self.schedule.unwatched(entry):
+                    self.schedule.read(entry)
 
     def next_due(self) -> float | None:
         """When the next read is due (``clock`` time); None with nothing watched."""
@@ -302,11 +320,28 @@ class ChannelPoller(_Poller):
                     at = schedule.next_due()
                     cond.wait(None if at is None else max(at - now, TICK))
                     continue
-            for entry, _ in due:
-                schedule.read(entry)
+            self._read_all(due)
             with cond:
                 schedule.reschedule(due, self._clock())
             time.sleep(TICK)
+
+    def _read_all(self, due: list[tuple[_Watch, float]]) -> None:
+        """Read ``due``, holding the read lock :data:`LOOP_SLICE` seconds at a time (a failed call's read
+        waits no longer than that)."""
+        schedule, perf, reading = self.schedule, time.perf_counter, self._reading
+        i, n = 0, len(due)
+        while i < n:
+            with reading:
+                until = perf() + LOOP_SLICE
+                while i < n:
+                    entry = due[i][0]
+                    i += 1
+                    if self._stopped:
+                        return
+                    if not schedule.unwatched(entry):
+                        schedule.read(entry)
+                        if perf() > until:
+                            break
 
 
 class AsyncChannelPoller(_Poller):
@@ -321,7 +356,7 @@ class AsyncChannelPoller(_Poller):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> AsyncChannelPoller:
@@ -360,11 +395,13 @@ class AsyncChannelPoller(_Poller):
         self.schedule.unwatch(key)
 
     def hint(self, key: Hashable) -> None:
-        """Read the channel under ``key`` now (something suggests its state changed), on the caller's turn
-        of the loop: a connection lost under calls is seen at the first failed call, before the calls
-        after it fail there too (and eject the endpoint, which would outlast its return)."""
-        if self.schedule.hint(key, self._clock(), read_now=True):
+        """As :meth:`ChannelPoller.hint`, the read on the caller's turn of the loop."""
+        schedule = self.schedule
+        if schedule.hint(key, self._clock()):
             self._wake.set()
+        entry = schedule.suspect(key)
+        if entry is not None:
+            schedule.read(entry)
 
     def next_due(self) -> float | None:
         """When the next read is due (``clock`` time); None with nothing watched."""
@@ -378,8 +415,7 @@ class AsyncChannelPoller(_Poller):
             if not due:
                 at = schedule.next_due()
                 self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), None if at is None else max(at - now, TICK))
+                await self._wake.wait(None if at is None else max(at - now, TICK))
                 continue
             until = perf() + LOOP_SLICE
             for entry, _ in due:

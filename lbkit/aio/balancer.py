@@ -18,6 +18,7 @@ from lbkit._config import check_float
 from lbkit._connectivity import AsyncChannelPoller, aio_state
 from lbkit._driver import KeyFn, Member
 from lbkit._offloop import Worker, use_worker
+from lbkit._wakeup import Wakeup
 from lbkit.aio.channel import AsyncDriver, BalancedChannel, PickedChannel
 from lbkit.core import PickerBuild
 from lbkit.endpoint import Endpoint, EndpointSet
@@ -54,7 +55,7 @@ class Balancer(AsyncDriver):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._picker_event = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._probes: set[asyncio.Task[None]] = set()
         self._to_open: collections.deque[Member] = collections.deque()
         self._opener: asyncio.Task[None] | None = None
@@ -364,6 +365,5 @@ class Balancer(AsyncDriver):
             now = self.clock()
             timeout = min(max(0.0, min(deadlines) - now) if deadlines else 1.0, 1.0)
             self._sleep_until = now + timeout
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await self._wake.wait(timeout)
             self._wake.clear()

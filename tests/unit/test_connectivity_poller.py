@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,12 +14,13 @@ import pytest
 from lbkit._connectivity import AsyncChannelPoller, ChannelPoller
 from lbkit.testing.clock import FakeClock
 
-READY, IDLE, CONNECTING = (
+READY, IDLE, CONNECTING, TRANSIENT_FAILURE = (
     s.value[0]
     for s in (
         grpc.ChannelConnectivity.READY,
         grpc.ChannelConnectivity.IDLE,
         grpc.ChannelConnectivity.CONNECTING,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
     )
 )
 
@@ -99,6 +101,31 @@ def test_a_trusted_ready_channel_is_read_only_every_ready_period_unless_hinted(p
     reads = channel._channel.reads
     p.hint("call")  # a call failed on it: read it now, not at the next sweep
     wait_until(lambda: channel._channel.reads == reads + 1)
+
+
+def test_a_failed_calls_hint_reads_a_ready_channel_on_the_callers_thread_every_time(poller) -> None:
+    p, _ = poller
+    channel = FakeChannel(READY)
+    heard: list[tuple[grpc.ChannelConnectivity, threading.Thread]] = []
+
+    def on_state(key: object, state: grpc.ChannelConnectivity) -> None:
+        heard.append((state, threading.current_thread()))
+
+    p.watch("call", channel, on_state, trusted=True)
+    wait_until(lambda: len(heard) == 1)
+    reads = channel._channel.reads
+    p.hint("call")  # the first failed call: the channel still reads READY (grpc has not caught up)
+    assert channel._channel.reads >= reads + 1  # read before hint() returned
+    channel._channel.state = TRANSIENT_FAILURE
+    p.hint("call")  # the next one, moments later: read again at once, though a read is due soon anyway
+    assert heard[-1] == (grpc.ChannelConnectivity.TRANSIENT_FAILURE, threading.current_thread())
+    reads = channel._channel.reads
+    p.hint("call")  # not READY any more: out of the pickers already, left to the poller's own reads
+    assert channel._channel.reads == reads
+    p.stop()
+    channel._channel.state = READY
+    p.hint("call")  # stopped: nothing is read, no callback runs
+    assert channel._channel.reads == reads and len(heard) == 2
 
 
 def test_untrusted_channels_share_the_read_budget(poller) -> None:
@@ -207,3 +234,20 @@ async def test_async_poller_hears_changes_and_nothing_after_stop() -> None:
     assert task is not None and task.done()  # stop() returns once the reading task has ended
     p.watch("b", FakeChannel(IDLE), lambda key, state: seen.append(state))  # ignored once stopped
     assert len(p) == 0 and p._task is None
+
+
+async def test_async_poller_reads_a_ready_channel_at_once_on_every_failed_calls_hint() -> None:
+    clock = FakeClock()  # stands still: only the hints read
+    p = AsyncChannelPoller(clock=clock).start()
+    channel = FakeChannel(READY)
+    seen: list[grpc.ChannelConnectivity] = []
+    try:
+        p.watch("call", channel, lambda key, state: seen.append(state), trusted=True)
+        while not seen:
+            await asyncio.sleep(0.001)
+        p.hint("call")  # still READY
+        channel._channel.state = TRANSIENT_FAILURE
+        p.hint("call")  # a read is due soon anyway; this one is made now, before the next pick
+        assert seen == [grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE]
+    finally:
+        await p.stop()
