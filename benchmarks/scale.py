@@ -15,7 +15,9 @@ The stall scenario: an ``aio.Balancer`` watches a Consul service (lbkit's test C
 process) that grows from ``START`` to ``TARGET`` instances, registered through py-consul as fast as the
 server takes them, while a light call loop runs; a 1 ms ticker on the balancer's loop records its
 longest gap. A bare 1 ms ticker in its own process over the same window is the control: the machine's
-own stalls.
+own stalls. Then, alone, the floor: a loop holding bare ``grpc.aio`` channels to the same addresses,
+grown the same way over the same time, with the same ticker: what the channels alone cost the loop
+(CPython's collector walks their objects too).
 """
 
 from __future__ import annotations
@@ -382,6 +384,80 @@ async def _stall_main(spec: str) -> None:
     print(json.dumps(result), flush=True)
 
 
+SLICE = 100
+"""The floor's loop makes this many channel reads or channels in one go, then lets other work run."""
+
+
+async def _floor_main(spec: str) -> None:
+    """grpc.aio channels alone (no balancer): ``start`` connected; on GO, grown to ``target`` over
+    ``seconds`` while a 1 ms ticker runs, until all are READY. What holding the channels costs the loop."""
+    import grpc
+
+    from lbkit.testing.port_farm import raise_file_limit
+
+    raise_file_limit()
+    opts = json.loads(spec)
+    with open(opts["addresses"]) as f:
+        addresses = f.read().split()[: opts["target"]]
+    lines = _stdin_lines(asyncio.get_running_loop())
+    channels = [grpc.aio.insecure_channel(a) for a in addresses[: opts["start"]]]
+
+    async def all_ready(deadline: float) -> bool:
+        pending = list(channels)
+        while pending and time.perf_counter() < deadline:
+            left = []
+            for i, channel in enumerate(pending, 1):
+                if channel.get_state(True) is not grpc.ChannelConnectivity.READY:
+                    left.append(channel)
+                if i % SLICE == 0:
+                    await asyncio.sleep(0)  # the loop's best: reads in slices, as lbkit's poller
+            pending = left
+            if pending:
+                await asyncio.sleep(0.05)
+        return not pending
+
+    await all_ready(time.perf_counter() + READY_TIMEOUT)
+    gc.collect()
+    objects0 = len(gc.get_objects())
+    print("READY", flush=True)
+    await lines.get()  # GO
+    gaps: list[float] = []
+    ends: list[float] = []
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_ticker(gaps, stop, ends))
+    pauses = _GcPauses().install()
+    started = time.perf_counter()
+    rest = addresses[opts["start"] :]
+    steps = max(1, int(opts["seconds"] / 0.05))
+    per_step = max(1, -(-len(rest) // steps))
+    for i in range(0, len(rest), per_step):
+        for j, address in enumerate(rest[i : i + per_step], 1):
+            channel = grpc.aio.insecure_channel(address)
+            channel.get_state(True)
+            channels.append(channel)
+            if j % SLICE == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+    ready = await all_ready(started + READY_TIMEOUT)
+    grown_s = time.perf_counter() - started
+    stop.set()
+    await ticker
+    pauses.uninstall()
+    gc.collect()
+    result = {
+        **_gap_figures(gaps),
+        "gc_max_ms": pauses.longest * 1e3,
+        "max_gap_no_gc_ms": _max_gap_without_gc(gaps, ends, pauses.pauses) * 1e3,
+        "gc_full": pauses.full,
+        "objects_per_endpoint": (len(gc.get_objects()) - objects0) / max(1, len(rest)),
+        "grown_s": grown_s,
+        "endpoints": len(channels) if ready else -1,
+    }
+    for channel in channels:
+        await channel.close()
+    print(json.dumps(result), flush=True)
+
+
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -484,8 +560,30 @@ def _stall(start: int, target: int, progress: Progress) -> dict[str, Any]:
             for proc in (stall, control):
                 proc.kill()
                 proc.wait()
-    progress.step(f"stall: grew to {target:,}")
-    return {"lbkit": lbkit, "control": bare, "registered_s": registered_s, "start": start, "target": target}
+        progress.step(f"stall: grew to {target:,}")
+        # After, alone: the same growth of bare grpc.aio channels, over the time lbkit's took.
+        with _addresses_file(farm.addresses) as path:
+            spec = {"addresses": path, "start": start, "target": target, "seconds": lbkit["grown_s"]}
+            floor = _child(["floor", json.dumps(spec)])
+            try:
+                if _line(floor, READY_TIMEOUT) != "READY":
+                    raise RuntimeError("the floor child did not start")
+                assert floor.stdin is not None
+                floor.stdin.write("GO\n")
+                floor.stdin.flush()
+                channels_only = json.loads(_line(floor, READY_TIMEOUT))
+            finally:
+                floor.kill()
+                floor.wait()
+    progress.step("stall: grpc.aio channels alone")
+    return {
+        "lbkit": lbkit,
+        "control": bare,
+        "floor": channels_only,
+        "registered_s": registered_s,
+        "start": start,
+        "target": target,
+    }
 
 
 def _picker_memory(n: int) -> dict[str, dict[str, float]]:
@@ -526,7 +624,7 @@ def run(quick: bool = False) -> Result:
     plan = QUICK if quick else FULL
     ns: tuple[int, ...] = plan["ns"]
     stall_start, stall_target = STALL_QUICK if quick else STALL_FULL
-    progress = Progress("scale", len(ns) * 4 * len(plan["health"]) * plan["rounds"] + 2)
+    progress = Progress("scale", len(ns) * 4 * len(plan["health"]) * plan["rounds"] + 3)
     by_n: dict[int, dict[tuple, Any]] = {}
     for n in ns:
         with PortFarm(n) as farm, _addresses_file(farm.addresses) as path:
@@ -640,7 +738,7 @@ def _report(
             "rows": rows,
         },
     )
-    s = stall["lbkit"]
+    s, f = stall["lbkit"], stall["floor"]
     tables.append(
         {
             "caption": f"asyncio loop while Consul grows a service from {stall['start']:,} to "
@@ -673,6 +771,20 @@ def _report(
                     s["gc_full"],
                     fmt(s.get("objects_per_endpoint", float("nan")), 1),
                     fmt(s["max_gap_no_gc_ms"]),
+                ],
+                [
+                    "grpc.aio channels alone, grown the same (after, own process)",
+                    fmt(f["max_gap_ms"]),
+                    fmt(f["p999_gap_ms"]),
+                    fmt(f["p99_gap_ms"]),
+                    f["ticks"],
+                    fmt(f["grown_s"]),
+                    "-",
+                    "-",
+                    fmt(f["gc_max_ms"]),
+                    f["gc_full"],
+                    fmt(f["objects_per_endpoint"], 1),
+                    fmt(f["max_gap_no_gc_ms"]),
                 ],
                 [
                     "control: bare loop, own process",
@@ -711,6 +823,8 @@ def _report(
         "every tracked object of the process; 'tracked objects per endpoint' is the growth of that count "
         "over the endpoints added, most of them grpc.aio's channel objects. The last column is the longest "
         "ticker gap with no collector pause in it: the balancer's own work on the loop.",
+        "The row of grpc.aio channels alone is the floor under any balancer: a loop that only holds the "
+        "same channels, grown the same way, pays the collector's walk over them too.",
     ]
     return {
         "title": "Scale: 10 to 10,000 endpoints in one client",
@@ -721,7 +835,8 @@ def _report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m benchmarks.scale [--quick]``; the children take ``cell``, ``stall`` and ``control``."""
+    """``python -m benchmarks.scale [--quick]``; the children take ``cell``, ``stall``, ``control`` and
+    ``floor``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "cell":
         _cell_main(args[1])
@@ -729,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(_stall_main(args[1]))
     elif args and args[0] == "control":
         asyncio.run(_control_main())
+    elif args and args[0] == "floor":
+        asyncio.run(_floor_main(args[1]))
     else:
         module_main("scale", run, args)
 

@@ -248,6 +248,9 @@ class BalancerBase:
         self._retry_lock = threading.Lock()
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._watchers = (self._on_connectivity, self._on_health_state)
+        """The poller's callbacks, made once: a bound method per watch is an object per endpoint the
+        cyclic collector walks."""
         self._timer_seq = itertools.count()
         self._timer_lock = threading.Lock()
 
@@ -330,7 +333,8 @@ class BalancerBase:
         Health checks are gRPC's own (gRFC A17): a twin channel to the address whose service config turns
         them on, sharing the call channel's connection (see :mod:`lbkit.health.native`).
         """
-        self._poller.watch(member, member.channel, self._on_connectivity, trusted=True)  # failed calls hint
+        on_connectivity, on_health = self._watchers
+        self._poller.watch(member, member.channel, on_connectivity, trusted=True)  # failed calls hint
         check = self.options.health_check
         if check is not None:
             opts = self.options
@@ -340,7 +344,7 @@ class BalancerBase:
             else:
                 channel = self._channels.insecure_channel(member.address, options=options)
             health = member.health = HealthChannel(member, channel)
-            self._poller.watch(health, channel, self._on_health_state)
+            self._poller.watch(health, channel, on_health)
 
     def _unfollow(self, member: Member) -> None:
         """Stop following the member (its channels are the driver's to close)."""

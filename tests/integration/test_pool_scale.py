@@ -260,10 +260,11 @@ def test_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, mon
         # ...and that failure alone made the pool read the channel and take the endpoint out.
         wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
         wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == {servers[1].address})
-        # One read at the first failure, and the one follow-up the poller makes first_interval after a
-        # change (on its clock, which stands still: no sweep reads it again).
+        # Every read came of a failed call there (the clock stands still: no sweep): at most two each, one
+        # on the failed call's thread and one queued for the poller's, and the poller's one follow-up
+        # first_interval after the change.
         wait_for(lambda: poller.reads - reads >= 2)
-        assert poller.reads - reads == 2
+        assert poller.reads - reads <= 2 * lb.stats[servers[0].address].failures + 1
 
 
 async def test_aio_a_failed_call_makes_the_pool_read_its_channel_at_once(make_servers, monkeypatch) -> None:
@@ -288,7 +289,7 @@ async def test_aio_a_failed_call_makes_the_pool_read_its_channel_at_once(make_se
         await async_wait_for(lambda: servers[0].address in addresses_of(events, EventKind.NOT_READY))
         await async_wait_for(lambda: {e.address for e in lb.core.picker.endpoints} == {servers[1].address})
         await async_wait_for(lambda: poller.reads - reads >= 2)
-        assert poller.reads - reads == 2
+        assert poller.reads - reads <= 2 * lb.stats[servers[0].address].failures + 1
 
 
 class GatedRoundRobin(lbkit.Selector):
