@@ -68,7 +68,8 @@ def test_critical_instances_leave_the_picker_and_all_critical_is_panic(
         stub = pb2_grpc.ModelServiceStub(lb.channel())  # type: ignore[no-untyped-call]
         c.agent.check.ttl_fail("service:m0")
         wait_for(lambda: picker(lb) == {servers[1].address, servers[2].address})
-        assert (servers[0].address, Cause.CONSUL_CRITICAL) in events.causes(EventKind.UNHEALTHY)
+        # (events reach listeners just after the picker they come with is in place)
+        wait_for(lambda: (servers[0].address, Cause.CONSUL_CRITICAL) in events.causes(EventKind.UNHEALTHY))
         assert servers[0].address not in {stub.Predict(REQ, timeout=5).served_by for _ in range(30)}
         c.agent.check.ttl_fail("service:m1")
         c.agent.check.ttl_fail("service:m2")
@@ -76,6 +77,7 @@ def test_critical_instances_leave_the_picker_and_all_critical_is_panic(
         # every instance critical: calls are still tried on all of them (the pool is not drained)
         served = Counter(stub.Predict(REQ, timeout=5).served_by for _ in range(60))
         assert set(served) == {s.address for s in servers}
+        wait_for(lambda: events.causes(EventKind.PANIC_START) != [])
         assert [c for _, c in events.causes(EventKind.PANIC_START)] == [Cause.PANIC_THRESHOLD]
         for i in range(3):
             c.agent.check.ttl_pass(f"service:m{i}")
@@ -105,7 +107,7 @@ def test_maintenance_drains_the_instance_and_its_stream_in_flight_finishes(
         assert stream is not None
         c.agent.service.maintenance("slow", True, "upgrade")
         wait_for(lambda: picker(lb) == {other.address})
-        assert (slow.address, Cause.MAINTENANCE) in events.causes(EventKind.REMOVED)
+        wait_for(lambda: (slow.address, Cause.MAINTENANCE) in events.causes(EventKind.REMOVED))
         rest = list(stream)  # the stream in flight on the drained instance runs to its end
         assert len(rest) == 19 and rest[-1].is_finished and {t.served_by for t in rest} == {slow.address}
         assert {stub.Predict(REQ, timeout=5).served_by for _ in range(10)} == {other.address}
