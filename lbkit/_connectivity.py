@@ -17,8 +17,8 @@ calls back on every change. The schedule:
   at the sweep period, ``max(min_period, channels / reads_per_second)``, and at 1 s while not READY: these
   reads together stay within ``reads_per_second`` once settled.
 
-A health flip is seen within 50 ms at 100 endpoints, 0.5 s at 1,000 and 5 s at 10,000, for well under 1%
-of one core; a connection that breaks under calls at the first failed call.
+A health flip is seen within 50 ms at 100 endpoints, 0.5 s at 1,000 and 5 s at 10,000; a connection that
+breaks under calls at the first failed call.
 """
 
 from __future__ import annotations
