@@ -309,6 +309,45 @@ class _GcPauses:
         gc.callbacks.remove(self)
 
 
+class _LoopWatch:
+    """A growth window on this loop: from GO, a 1 ms ticker and the collector's pauses; at the end, their
+    figures and the tracked objects added per endpoint added."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self._gaps: list[float] = []
+        self._ends: list[float] = []
+        self._pauses = _GcPauses()
+        self._objects0 = 0
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self, lines: asyncio.Queue[str]) -> float:
+        """Say READY, wait for GO, start watching; the start time (``perf_counter``)."""
+        gc.collect()
+        self._objects0 = len(gc.get_objects())
+        print("READY", flush=True)
+        await lines.get()  # GO
+        self._ticker = asyncio.create_task(_ticker(self._gaps, self.stop, self._ends))
+        self._pauses.install()
+        return time.perf_counter()
+
+    async def end(self, grew: int) -> dict[str, Any]:
+        """Stop watching (after the tasks that also wait for :attr:`stop`); the window's figures."""
+        self.stop.set()
+        assert self._ticker is not None
+        await self._ticker
+        self._pauses.uninstall()
+        gc.collect()
+        pauses = self._pauses
+        return {
+            **_gap_figures(self._gaps),
+            "gc_max_ms": pauses.longest * 1e3,
+            "max_gap_no_gc_ms": _max_gap_without_gc(self._gaps, self._ends, pauses.pauses) * 1e3,
+            "gc_full": pauses.full,
+            "objects_per_endpoint": (len(gc.get_objects()) - self._objects0) / grew if grew > 0 else 0.0,
+        }
+
+
 async def _control_main() -> None:
     """A bare 1 ms ticker until stdin closes; prints its gaps."""
     lines = _stdin_lines(asyncio.get_running_loop())
@@ -338,14 +377,9 @@ async def _stall_main(spec: str) -> None:
         await lb.wait_ready(count=opts["start"], timeout=READY_TIMEOUT)
         predict = pb2_grpc.ModelServiceStub(lb.channel()).Predict  # type: ignore[no-untyped-call]
         request = pb2.PredictRequest(features=[1.0])
-        gc.collect()
-        objects0 = len(gc.get_objects())
-        print("READY", flush=True)
-        await lines.get()  # GO
-        gaps: list[float] = []
-        ends: list[float] = []
-        stop = asyncio.Event()
-        ticker = asyncio.create_task(_ticker(gaps, stop, ends))
+        watch = _LoopWatch()
+        stop = watch.stop
+        started = await watch.start(lines)
         calls = [0, 0]
 
         async def call_loop() -> None:
@@ -358,24 +392,14 @@ async def _stall_main(spec: str) -> None:
                 await asyncio.sleep(0.002)
 
         caller = asyncio.create_task(call_loop())
-        pauses = _GcPauses().install()
-        started = time.perf_counter()
         deadline = started + READY_TIMEOUT
         while len(lb.core.picker.endpoints) < opts["target"] and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
         grown_s = time.perf_counter() - started
         stop.set()
-        await asyncio.gather(ticker, caller)
-        pauses.uninstall()
-        gc.collect()
-        grew = len(lb.core.picker.endpoints) - opts["start"]
-        objects_per_endpoint = (len(gc.get_objects()) - objects0) / grew if grew > 0 else 0.0
+        await caller
         result = {
-            **_gap_figures(gaps),
-            "gc_max_ms": pauses.longest * 1e3,
-            "max_gap_no_gc_ms": _max_gap_without_gc(gaps, ends, pauses.pauses) * 1e3,
-            "gc_full": pauses.full,
-            "objects_per_endpoint": objects_per_endpoint,
+            **await watch.end(len(lb.core.picker.endpoints) - opts["start"]),
             "grown_s": grown_s,
             "endpoints": len(lb.core.picker.endpoints),
             "calls": calls[0],
@@ -417,16 +441,8 @@ async def _floor_main(spec: str) -> None:
         return not pending
 
     await all_ready(time.perf_counter() + READY_TIMEOUT)
-    gc.collect()
-    objects0 = len(gc.get_objects())
-    print("READY", flush=True)
-    await lines.get()  # GO
-    gaps: list[float] = []
-    ends: list[float] = []
-    stop = asyncio.Event()
-    ticker = asyncio.create_task(_ticker(gaps, stop, ends))
-    pauses = _GcPauses().install()
-    started = time.perf_counter()
+    watch = _LoopWatch()
+    started = await watch.start(lines)
     rest = addresses[opts["start"] :]
     steps = max(1, int(opts["seconds"] / 0.05))
     per_step = max(1, -(-len(rest) // steps))
@@ -440,16 +456,8 @@ async def _floor_main(spec: str) -> None:
         await asyncio.sleep(0.05)
     ready = await all_ready(started + READY_TIMEOUT)
     grown_s = time.perf_counter() - started
-    stop.set()
-    await ticker
-    pauses.uninstall()
-    gc.collect()
     result = {
-        **_gap_figures(gaps),
-        "gc_max_ms": pauses.longest * 1e3,
-        "max_gap_no_gc_ms": _max_gap_without_gc(gaps, ends, pauses.pauses) * 1e3,
-        "gc_full": pauses.full,
-        "objects_per_endpoint": (len(gc.get_objects()) - objects0) / max(1, len(rest)),
+        **await watch.end(len(rest)),
         "grown_s": grown_s,
         "endpoints": len(channels) if ready else -1,
     }
