@@ -46,7 +46,8 @@ Reader = Callable[[Any, bool], "grpc.ChannelConnectivity | None"]
 """Reads a channel's state (asking an IDLE one to connect if the flag says so); None once it is closed."""
 
 OnState = Callable[[Any, grpc.ChannelConnectivity], None]
-"""Called (on the poller's thread, or on the loop) with a watch's key and its channel's new state."""
+"""Called with a watch's key and its channel's new state: on the poller's thread or a failed call's (sync),
+on the loop (asyncio)."""
 
 TICK = 0.01
 """The poller sleeps at least this long between rounds: reads due within it are made together."""
