@@ -747,6 +747,23 @@ def _report(
         },
     )
     s, f = stall["lbkit"], stall["floor"]
+
+    def window_row(name: str, w: dict[str, Any], calls: Any = "-", failed: Any = "-") -> list[Any]:
+        return [
+            name,
+            fmt(w["max_gap_ms"]),
+            fmt(w["p999_gap_ms"]),
+            fmt(w["p99_gap_ms"]),
+            w["ticks"],
+            fmt(w["grown_s"]),
+            calls,
+            failed,
+            fmt(w["gc_max_ms"]),
+            w["gc_full"],
+            fmt(w["objects_per_endpoint"], 1),
+            fmt(w["max_gap_no_gc_ms"]),
+        ]
+
     tables.append(
         {
             "caption": f"asyncio loop while Consul grows a service from {stall['start']:,} to "
@@ -766,34 +783,8 @@ def _report(
                 "max gap without a GC pause",
             ],
             "rows": [
-                [
-                    "lbkit aio.Balancer's loop",
-                    fmt(s["max_gap_ms"]),
-                    fmt(s["p999_gap_ms"]),
-                    fmt(s["p99_gap_ms"]),
-                    s["ticks"],
-                    fmt(s["grown_s"]),
-                    s["calls"],
-                    s["failed"],
-                    fmt(s["gc_max_ms"]),
-                    s["gc_full"],
-                    fmt(s.get("objects_per_endpoint", float("nan")), 1),
-                    fmt(s["max_gap_no_gc_ms"]),
-                ],
-                [
-                    "grpc.aio channels alone, grown the same (after, own process)",
-                    fmt(f["max_gap_ms"]),
-                    fmt(f["p999_gap_ms"]),
-                    fmt(f["p99_gap_ms"]),
-                    f["ticks"],
-                    fmt(f["grown_s"]),
-                    "-",
-                    "-",
-                    fmt(f["gc_max_ms"]),
-                    f["gc_full"],
-                    fmt(f["objects_per_endpoint"], 1),
-                    fmt(f["max_gap_no_gc_ms"]),
-                ],
+                window_row("lbkit aio.Balancer's loop", s, s["calls"], s["failed"]),
+                window_row("grpc.aio channels alone, grown the same (after, own process)", f),
                 [
                     "control: bare loop, own process",
                     fmt(stall["control"]["max_gap_ms"]),
