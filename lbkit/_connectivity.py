@@ -296,13 +296,15 @@ class ChannelPoller(_Poller):
         call, before enough fail there to eject the endpoint, which would outlast its return); and again
         soon, on the poller's thread."""
         with self._cond:
-            if self.schedule.hint(key, self._clock()):
-                self._cond.notify()
+            queued = self.schedule.hint(key, self._clock())
             entry = self.schedule.suspect(key)
         if entry is not None:
             with self._reading:
                 if not self._stopped and not self.schedule.unwatched(entry):
                     self.schedule.read(entry)
+        if queued:  # (after the read here: the poller's follow-up need not race it)
+            with self._cond:
+                self._cond.notify()
 
     def next_due(self) -> float | None:
         """When the next read is due (``clock`` time); None with nothing watched."""
