@@ -103,7 +103,11 @@ class PollSchedule:
         self._trusted = 0
         """Watches of trusted channels (their reads, once READY, are not on the sweep's budget)."""
         self._watches: dict[Hashable, _Watch] = {}
-        self._heap: list[tuple[float, int, _Watch]] = []
+        self._heap: list[tuple[float, int]] = []
+        """(due, sequence number) of each queued read: atoms only, so CPython's collector stops tracking
+        these tuples (a tuple holding the watch would be one more object per channel for it to walk)."""
+        self._queued: dict[int, _Watch] = {}
+        """The watch of each heap entry, by its sequence number."""
         self._seq = itertools.count()
         self.reads = 0
         """Channel states read so far."""
@@ -130,6 +134,7 @@ class PollSchedule:
         """Forget every watch."""
         self._watches.clear()
         self._heap.clear()
+        self._queued.clear()
         self._trusted = 0
 
     def hint(self, key: Hashable, now: float) -> bool:
@@ -152,10 +157,18 @@ class PollSchedule:
 
     def next_due(self) -> float | None:
         """When the next read is due; None with nothing watched."""
-        heap, watches = self._heap, self._watches
-        while heap and (watches.get(heap[0][2].key) is not heap[0][2] or heap[0][2].due != heap[0][0]):
+        heap, queued = self._heap, self._queued
+        while heap:
+            at, seq = heap[0]
+            if self._current(queued[seq], at):
+                return at
             heapq.heappop(heap)  # stale: removed, or queued again since
-        return heap[0][0] if heap else None
+            del queued[seq]
+        return None
+
+    def _current(self, entry: _Watch, at: float) -> bool:
+        """Whether a heap entry of ``entry`` due ``at`` is its current one (not removed, not queued again)."""
+        return self._watches.get(entry.key) is entry and entry.due == at
 
     def __len__(self) -> int:
         return len(self._watches)
@@ -171,16 +184,19 @@ class PollSchedule:
         return self.ready_period if entry.trusted else period
 
     def _push(self, entry: _Watch) -> None:
-        heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
+        seq = next(self._seq)
+        self._queued[seq] = entry
+        heapq.heappush(self._heap, (entry.due, seq))
 
     def take_due(self, now: float) -> list[tuple[_Watch, float]]:
         """Pop the watches due by ``now``, each with the time it was due (current ones only: a re-scheduled
         or removed watch leaves a stale heap entry behind, skipped here)."""
-        heap, watches = self._heap, self._watches
+        heap, queued, current = self._heap, self._queued, self._current
         due: list[tuple[_Watch, float]] = []
         while heap and heap[0][0] <= now:
-            at, _, entry = heapq.heappop(heap)
-            if watches.get(entry.key) is entry and entry.due == at:
+            at, seq = heapq.heappop(heap)
+            entry = queued.pop(seq)
+            if current(entry, at):
                 due.append((entry, at))
         return due
 
@@ -189,7 +205,7 @@ class PollSchedule:
         period = self.period
         for entry, was_due in taken:
             # Unless removed, or hinted meanwhile (then it is already queued again).
-            if self._watches.get(entry.key) is entry and entry.due == was_due:
+            if self._current(entry, was_due):
                 entry.due = now + entry.interval
                 entry.interval = min(entry.interval * 2.0, self._cap(entry, period))
                 self._push(entry)
