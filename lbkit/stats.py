@@ -45,11 +45,16 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )
 """Upper bounds (seconds, inclusive) of the call-latency histogram's buckets; one more holds the rest."""
 
+_SLOT = len(LATENCY_BUCKETS) + 1
+"""Counts of one endpoint's latency histogram."""
+
 
 class EndpointStats:
     """Counters for one endpoint. Fields are read without a lock; writes hold the group's lock."""
 
     __slots__ = (
+        "_base",
+        "_counts",
         "_group",
         "_load_report",
         "_load_taken",
@@ -62,7 +67,6 @@ class EndpointStats:
         "in_flight",
         "interval_failures",
         "interval_successes",
-        "latency_buckets",
         "latency_sum",
         "load_eps",
         "load_qps",
@@ -78,6 +82,7 @@ class EndpointStats:
     )
 
     def __init__(self, address: str, group: Stats) -> None:
+        """Made by ``group`` (:meth:`Stats.__getitem__`), under its lock."""
         self.address = address
         self._group = group
         self.in_flight = 0
@@ -97,9 +102,10 @@ class EndpointStats:
         """Failures since the outlier detector last took the interval's counts."""
         self.weight_factor = 1.0
         """Share of its full weight the endpoint gets now, in (0, 1]; below 1 during slow start."""
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        """Finished calls by latency: entry i counts those in (LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]],
-        the last those above every bound (not cumulative)."""
+        self._counts, self._base = group._latency_slot()
+        """The histogram's counts: ``_counts[_base:_base + _SLOT]``, a slot of the group's one list (a list
+        per endpoint would be one more object for CPython's collector to walk); a list of its own once
+        the group discarded the entry."""
         self.latency_sum = 0.0
         """Seconds of latency over the calls counted in ``latency_buckets``."""
         self.ewma = 0.0
@@ -172,7 +178,7 @@ class EndpointStats:
                     w = math.exp(-max(now - self.ewma_stamp, 0.0) / group.decay)
                     self.ewma = self.ewma * w + rtt * (1.0 - w)
                 self.ewma_stamp = now
-                self.latency_buckets[bisect_left(LATENCY_BUCKETS, rtt)] += 1
+                self._counts[self._base + bisect_left(LATENCY_BUCKETS, rtt)] += 1
                 self.latency_sum += rtt
         if ok is False and group.on_failure is not None:
             group.on_failure(self)
@@ -265,13 +271,22 @@ class EndpointStats:
         with self._group.lock:
             self.load_usable_since = math.inf
 
+    @property
+    def latency_buckets(self) -> list[int]:
+        """Finished calls by latency: entry i counts those in (LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]],
+        the last those above every bound (not cumulative). A copy; read it under the group's lock, or
+        use :meth:`latency_histogram`, for one consistent with ``latency_sum``."""
+        base = self._base
+        return self._counts[base : base + _SLOT]
+
     def latency_histogram(self) -> tuple[tuple[int, ...], float]:
         """A consistent copy of (``latency_buckets``, ``latency_sum``): calls finished with a latency.
 
         ``observe`` samples (not calls) are left out, as are calls finished with ``observe_latency=False``.
         """
         with self._group.lock:
-            return tuple(self.latency_buckets), self.latency_sum
+            base = self._base
+            return tuple(self._counts[base : base + _SLOT]), self.latency_sum
 
     def take_interval(self) -> tuple[int, int]:
         """Return and reset (successes, failures) since the last call, for the outlier detector."""
@@ -309,6 +324,21 @@ class Stats:
         self.on_failure: Callable[[EndpointStats], None] | None = None
         """Called after each failed call (the sync balancer then looks at the endpoint's channel at once)."""
         self._entries: dict[str, EndpointStats] = {}
+        self._latency_counts: list[int] = []
+        """The latency histograms of every entry, one slot of ``_SLOT`` counts each."""
+        self._free_slots: list[int] = []
+        """Offsets of the slots of discarded entries, for the next entries."""
+
+    def _latency_slot(self) -> tuple[list[int], int]:
+        """A zeroed slot for a new entry's latency histogram: (the list, its offset); under the lock."""
+        counts = self._latency_counts
+        if self._free_slots:
+            base = self._free_slots.pop()
+            counts[base : base + _SLOT] = [0] * _SLOT
+        else:
+            base = len(counts)
+            counts.extend([0] * _SLOT)
+        return counts, base
 
     def __getitem__(self, address: str) -> EndpointStats:
         """The entry for ``address``, made on first use."""
@@ -332,6 +362,11 @@ class Stats:
             if entry is not None and not entry.discarded:
                 entry.discarded = True
                 self.total_in_flight -= entry.in_flight
+                # Its histogram moves to a list of its own (calls finishing late still count there) and
+                # its slot goes to the next entry.
+                base = entry._base
+                entry._counts, entry._base = self._latency_counts[base : base + _SLOT], 0
+                self._free_slots.append(base)
 
     def __contains__(self, address: object) -> bool:
         return address in self._entries
