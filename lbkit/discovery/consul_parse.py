@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,11 +304,17 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
     return lo
 
 
-@dataclass
-class _Decoded:
-    endpoint: Endpoint | None
-    problem: str = ""
-    name: str = ""
+@dataclass(frozen=True, slots=True)
+class _Skipped:
+    """An entry that cannot become an endpoint: why, and which entry (:func:`entry_name`)."""
+
+    problem: str
+    name: str
+
+
+_Item = Endpoint | _Skipped
+"""One decoded entry: its endpoint itself (no wrapper per endpoint kept for CPython's collector to walk),
+or why it was skipped."""
 
 
 class HealthDecoder:
@@ -340,14 +346,14 @@ class HealthDecoder:
         self.ranked = ranked
         self._log = log
         self._pause = pause
-        self._entries: dict[bytes, _Decoded] = {}
+        self._entries: dict[bytes, _Item] = {}
         """The previous answer's entries by the digest of their text."""
         self._raw: bytes | None = None
         """The previous answer, when it was laid out as Consul writes it; with its entries' spans,
         digests and decodings, in order."""
         self._spans: list[tuple[int, int]] = []
         self._digests: list[bytes] = []
-        self._items: list[_Decoded] = []
+        self._items: list[_Item] = []
         self._endpoints: list[Endpoint] = []
         self._warned: set[str] = set()
         self.decoded = 0
@@ -377,7 +383,7 @@ class HealthDecoder:
         items = self._items[:head]
         view = memoryview(raw)
         previous = self._entries
-        fresh: dict[bytes, _Decoded] = {}
+        fresh: dict[bytes, _Item] = {}
         clock = time.perf_counter
         pause = self._pause
         next_pause = clock() + pause if pause is not None else float("inf")
@@ -390,7 +396,7 @@ class HealthDecoder:
                 except ValueError:
                     return self._decode_whole(raw)  # not Consul's layout after all: decode it whole
                 except RecursionError:
-                    item = _Decoded(None, "nested too deeply to decode", f"the entry at byte {start}")
+                    item = _Skipped("nested too deeply to decode", f"the entry at byte {start}")
                 self.decoded += 1
             fresh[digest] = item
             spans.append((start, end))
@@ -404,7 +410,12 @@ class HealthDecoder:
             spans.extend((start + delta, end + delta) for start, end in self._spans[tail:])
             digests.extend(self._digests[tail:])
             items.extend(self._items[tail:])
-        endpoints = self._collect(items)
+
+        def name_of(position: int) -> str:
+            start, end = spans[position]
+            return entry_name(json.loads(view[start:end].tobytes()))
+
+        endpoints = self._collect(items, name_of)
         self._raw, self._spans, self._digests, self._items = raw, spans, digests, items
         self._entries = dict(zip(digests, items, strict=True))
         self._endpoints = endpoints
@@ -440,11 +451,11 @@ class HealthDecoder:
         middle = _split_range(raw, start, end)
         return None if middle is None else (head, tail, delta, middle)
 
-    def _decode_entry(self, entry: object) -> _Decoded:
+    def _decode_entry(self, entry: object) -> _Item:
         try:
-            return _Decoded(entry_endpoint(entry, self.rules), name=entry_name(entry))
+            return entry_endpoint(entry, self.rules)
         except SkipEntry as exc:
-            return _Decoded(None, str(exc), entry_name(entry))
+            return _Skipped(str(exc), entry_name(entry))
 
     def _decode_whole(self, raw: bytes) -> list[Endpoint]:
         try:
@@ -458,33 +469,39 @@ class HealthDecoder:
         self._entries = {}
         self._raw, self._spans, self._digests, self._items = None, [], [], []
         self.decoded = self.hashed = len(payload)
-        return self._collect([self._decode_entry(entry) for entry in payload])
+        return self._collect(
+            [self._decode_entry(entry) for entry in payload], lambda i: entry_name(payload[i])
+        )
 
-    def _collect(self, results: Iterable[_Decoded]) -> list[Endpoint]:
+    def _collect(self, items: list[_Item], name_of: Callable[[int], str]) -> list[Endpoint]:
+        """The endpoints of ``items`` (an answer's entries, decoded), skipping with a warning those that
+        cannot be one or repeat an earlier address; ``name_of(i)`` names entry i (decoded again: needed
+        only for a repeated address). With ``ranked``, an entry's endpoint is replaced in ``items`` by
+        the one with its rank."""
         endpoints: list[Endpoint] = []
-        seen: dict[str, str] = {}
+        seen: dict[str, int] = {}
+        """The position of the entry that gave each address."""
         warned: set[str] = set()
         new = 0
-        for position, item in enumerate(results):
-            problem = item.problem
-            endpoint = item.endpoint
-            if endpoint is not None and endpoint.address in seen:
-                problem = f"address {endpoint.address} repeats {seen[endpoint.address]}"
-                endpoint = None
-            if endpoint is None:
-                message = f"{item.name}: {problem}"
-                warned.add(message)
-                if message not in self._warned:
-                    new += 1
-                    if new <= _WARNINGS_PER_ANSWER:
-                        self._log.warning(
-                            "consul service %r: skipping entry %d (%s)", self.service, position, message[:500]
-                        )
-                continue
-            seen[endpoint.address] = item.name
-            if self.ranked and endpoint.rank != len(endpoints):
-                endpoint = item.endpoint = dataclasses.replace(endpoint, rank=len(endpoints))
-            endpoints.append(endpoint)
+        for position, item in enumerate(items):
+            if isinstance(item, _Skipped):
+                message = f"{item.name}: {item.problem}"
+            else:
+                first = seen.get(item.address)
+                if first is None:
+                    seen[item.address] = position
+                    if self.ranked and item.rank != len(endpoints):
+                        item = items[position] = dataclasses.replace(item, rank=len(endpoints))
+                    endpoints.append(item)
+                    continue
+                message = f"{name_of(position)}: address {item.address} repeats {name_of(first)}"
+            warned.add(message)
+            if message not in self._warned:
+                new += 1
+                if new <= _WARNINGS_PER_ANSWER:
+                    self._log.warning(
+                        "consul service %r: skipping entry %d (%s)", self.service, position, message[:500]
+                    )
         if new > _WARNINGS_PER_ANSWER:
             self._log.warning(
                 "consul service %r: skipping %d more unusable entries of this answer",
@@ -507,4 +524,6 @@ def parse_health_entries(
     decoder = HealthDecoder(service, rules, log=log, ranked=ranked)
     if type(payload) is not list:
         raise ConsulPayloadError(f"expected a JSON list of health entries, got {type(payload).__name__}")
-    return decoder._collect([decoder._decode_entry(entry) for entry in payload])
+    return decoder._collect(
+        [decoder._decode_entry(entry) for entry in payload], lambda i: entry_name(payload[i])
+    )
