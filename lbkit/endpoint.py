@@ -54,7 +54,37 @@ _NO_METADATA: Mapping[str, str] = MappingProxyType({})
 _NO_TAGS: frozenset[str] = frozenset()
 """Shared by every endpoint without tags or metadata: one object, not one per endpoint for the cyclic
 garbage collector to walk."""
-"""The metadata of every endpoint without any: one read-only empty mapping, not one per endpoint."""
+
+_SHARED_LIMIT = 1024
+"""Distinct tag sets (and metadata) remembered for sharing; past this, the memory starts over."""
+_shared_tags: dict[frozenset[str], frozenset[str]] = {}
+_shared_metadata: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+"""Endpoints with equal tags (equal metadata, in the same order) share one read-only object: a service's
+instances mostly carry the same ones (Consul adds its node's metadata to each), and an object per
+endpoint is one more for CPython's collector to walk in every full collection."""
+
+
+def _shared_tag_set(tags: frozenset[str]) -> frozenset[str]:
+    if not tags:
+        return _NO_TAGS
+    shared = _shared_tags.get(tags)
+    if shared is None:
+        if len(_shared_tags) >= _SHARED_LIMIT:
+            _shared_tags.clear()
+        shared = _shared_tags.setdefault(tags, tags)
+    return shared
+
+
+def _shared_mapping(meta: Mapping[str, str]) -> Mapping[str, str]:
+    if not meta:
+        return _NO_METADATA
+    items = tuple(meta.items())
+    shared = _shared_metadata.get(items)
+    if shared is None:
+        if len(_shared_metadata) >= _SHARED_LIMIT:
+            _shared_metadata.clear()
+        shared = _shared_metadata.setdefault(items, MappingProxyType(dict(items)))
+    return shared
 
 
 def _check_weight(weight: object, address: str) -> int:
@@ -112,7 +142,7 @@ class Endpoint:
             raise ConfigError(
                 f"endpoint {self.address}: every tag must be a str, got {sorted(map(repr, tag_set))}"
             )
-        object.__setattr__(self, "tags", tag_set or _NO_TAGS)
+        object.__setattr__(self, "tags", _shared_tag_set(tag_set))
         meta: Any = self.metadata
         if not isinstance(meta, Mapping):
             raise ConfigError(f"endpoint {self.address}: metadata must be a mapping, got {meta!r}")
@@ -120,7 +150,7 @@ class Endpoint:
             raise ConfigError(
                 f"endpoint {self.address}: metadata keys and values must be str, got {dict(meta)!r}"
             )
-        object.__setattr__(self, "metadata", MappingProxyType(dict(meta)) if meta else _NO_METADATA)
+        object.__setattr__(self, "metadata", _shared_mapping(meta))
         rank = self.rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ConfigError(f"endpoint {self.address}: rank must be an int >= 0 or None, got {rank!r}")
