@@ -67,7 +67,7 @@ def aio_state(channel: Any, try_to_connect: bool) -> grpc.ChannelConnectivity | 
 
 
 class _Watch:
-    __slots__ = ("channel", "due", "interval", "key", "on_state", "state", "trusted")
+    __slots__ = ("channel", "due", "interval", "key", "on_state", "state", "taken", "trusted")
 
     def __init__(
         self, key: Hashable, channel: Any, on_state: OnState, due: float, interval: float, trusted: bool
@@ -77,6 +77,8 @@ class _Watch:
         self.on_state = on_state
         self.state: grpc.ChannelConnectivity | None = None
         self.due = due
+        self.taken = due
+        """The ``due`` of its read last taken by :meth:`PollSchedule.take_due`."""
         self.interval = interval
         self.trusted = trusted
 
@@ -188,24 +190,25 @@ class PollSchedule:
         self._queued[seq] = entry
         heapq.heappush(self._heap, (entry.due, seq))
 
-    def take_due(self, now: float) -> list[tuple[_Watch, float]]:
-        """Pop the watches due by ``now``, each with the time it was due (current ones only: a re-scheduled
-        or removed watch leaves a stale heap entry behind, skipped here)."""
+    def take_due(self, now: float) -> list[_Watch]:
+        """Pop the watches due by ``now`` (current ones only: a re-scheduled or removed watch leaves a stale
+        heap entry behind, skipped here); each keeps the time it was due in ``taken``."""
         heap, queued, current = self._heap, self._queued, self._current
-        due: list[tuple[_Watch, float]] = []
+        due: list[_Watch] = []
         while heap and heap[0][0] <= now:
             at, seq = heapq.heappop(heap)
             entry = queued.pop(seq)
             if current(entry, at):
-                due.append((entry, at))
+                entry.taken = at
+                due.append(entry)
         return due
 
-    def reschedule(self, taken: list[tuple[_Watch, float]], now: float) -> None:
+    def reschedule(self, taken: list[_Watch], now: float) -> None:
         """Queue the next read of each watch read from :meth:`take_due`'s list."""
         period = self.period
-        for entry, was_due in taken:
+        for entry in taken:
             # Unless removed, or hinted meanwhile (then it is already queued again).
-            if self._current(entry, was_due):
+            if self._current(entry, entry.taken):
                 entry.due = now + entry.interval
                 entry.interval = min(entry.interval * 2.0, self._cap(entry, period))
                 self._push(entry)
@@ -344,7 +347,7 @@ class ChannelPoller(_Poller):
                 schedule.reschedule(due, self._clock())
             time.sleep(TICK)
 
-    def _read_all(self, due: list[tuple[_Watch, float]]) -> None:
+    def _read_all(self, due: list[_Watch]) -> None:
         """Read ``due``, holding the read lock :data:`LOOP_SLICE` seconds at a time (a failed call's read
         waits no longer than that)."""
         schedule, perf, reading = self.schedule, time.perf_counter, self._reading
@@ -353,7 +356,7 @@ class ChannelPoller(_Poller):
             with reading:
                 until = perf() + LOOP_SLICE
                 while i < n:
-                    entry = due[i][0]
+                    entry = due[i]
                     i += 1
                     if self._stopped:
                         return
@@ -437,7 +440,7 @@ class AsyncChannelPoller(_Poller):
                 await self._wake.wait(None if at is None else max(at - now, TICK))
                 continue
             until = perf() + LOOP_SLICE
-            for entry, _ in due:
+            for entry in due:
                 if schedule.unwatched(entry):
                     continue  # removed while the loop ran other work
                 schedule.read(entry)
