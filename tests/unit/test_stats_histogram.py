@@ -102,3 +102,22 @@ def test_concurrent_finishes_lose_no_count():
     buckets, _ = entry.latency_histogram()
     assert sum(buckets) == threads * per_thread == entry.successes
     assert entry.in_flight == 0
+
+
+def test_a_discarded_entry_keeps_its_counts_and_its_slot_goes_to_the_next_entry_zeroed():
+    clock = FakeClock(0.0)
+    stats = Stats(clock=clock)
+    one_call(stats, "a:1", clock, 0.01)
+    one_call(stats, "b:1", clock, 0.2)
+    gone = stats["a:1"]
+    started = gone.start()  # a call still in flight when its endpoint is forgotten
+    stats.discard("a:1")
+    newcomer = stats["c:1"]  # takes the freed slot
+    assert sum(newcomer.latency_histogram()[0]) == 0
+    gone.finish(started - 1.5, True)  # finishes late: counts for its own endpoint only
+    one_call(stats, "c:1", clock, 0.0003)
+    gone_buckets, _ = gone.latency_histogram()
+    assert sum(gone_buckets) == 2 and gone_buckets[LATENCY_BUCKETS.index(2.0)] == 1
+    assert list(newcomer.latency_histogram()[0]) == [1] + [0] * len(LATENCY_BUCKETS)
+    assert sum(stats["b:1"].latency_histogram()[0]) == 1
+    assert gone.latency_buckets == list(gone_buckets)
