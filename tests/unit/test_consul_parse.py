@@ -304,6 +304,21 @@ def test_a_skipped_entry_is_warned_about_once(caplog: pytest.LogCaptureFixture) 
     assert len(caplog.records) == 2
 
 
+def test_a_repeated_address_is_warned_naming_both_entries(caplog: pytest.LogCaptureFixture) -> None:
+    decoder = HealthDecoder("model")
+    first, other = entry("first", "10.0.0.1", 1), entry("other", "10.0.0.2", 2)
+    decode(decoder, first, other)
+    with caplog.at_level(logging.WARNING, logger="lbkit.discovery"):
+        # The first entry comes from the previous answer, not decoded again: its name is read back.
+        got = decode(decoder, first, other, entry("dup", "10.0.0.1", 1, node="node-b"))
+    assert [e.address for e in got] == ["10.0.0.1:1", "10.0.0.2:2"]
+    (record,) = caplog.records
+    assert (
+        "service id 'dup' on node 'node-b': address 10.0.0.1:1 repeats service id 'first' on node 'node-a'"
+        in record.getMessage()
+    )
+
+
 def test_many_skipped_entries_are_summed_up(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="lbkit.discovery"):
         got = HealthDecoder("model").decode(json.dumps([entry("a"), *range(100)]))
