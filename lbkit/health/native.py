@@ -8,6 +8,11 @@ options and credentials it shares the call channel's connection (gRPC's subchann
 and TRANSIENT_FAILURE while it says anything else. The balancer reads that state with the rest of its
 pool (:mod:`lbkit._connectivity`) and :func:`verdict` turns it into a health report.
 
+Calls never go on the health-checked channel, though it would save a channel per endpoint: once its
+server flips NOT_SERVING, gRPC fails every call on it at once with UNAVAILABLE, and nothing typed tells
+such a call (never sent) from one the server answered UNAVAILABLE, so a call picked just before the
+balancer hears the flip would be lost with retries off, though that server still serves.
+
 What this gives up against :class:`~lbkit.health.active.HealthWatcher` (the protocol run in Python, for
 a channel of one's own): the reason of an unhealthy report is not the status name; a server whose
 ``Watch`` is UNIMPLEMENTED counts as healthy, as gRPC has it (with ``unimplemented="unhealthy"`` one

@@ -201,3 +201,43 @@ def test_slow_start_ramps_a_new_endpoint(make_servers):
     assert early[new.address] < 120 / 3 / 2  # well under its full share at first
     assert late[new.address] >= 120 / 3 * 0.8  # its full share once the window is over
     assert served_counts([new]) == [early[new.address] + late[new.address]]
+
+
+def test_health_flips_under_calls_lose_no_call_with_retries_off(make_servers):
+    # A server flipping NOT_SERVING still serves: a call picked for it just before the balancer hears
+    # the flip must reach it (calls never go on the health-checked channel, which fails them at once).
+    servers = make_servers(3)
+    addresses = [s.address for s in servers]
+    stop = threading.Event()
+    failures: list[grpc.RpcError] = []
+    served = [0]
+    with lbkit.Balancer(
+        addresses, health_check=lbkit.HealthCheck(), retry=lbkit.RetryPolicy(max_attempts=1)
+    ) as lb:
+        lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+
+        def call() -> None:
+            deadline = time.monotonic() + 60  # bounded: the flips below end it sooner
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    stub.Predict(REQ, timeout=5)
+                    served[0] += 1
+                except grpc.RpcError as err:
+                    failures.append(err)
+
+        callers = [threading.Thread(target=call) for _ in range(4)]
+        for t in callers:
+            t.start()
+        try:
+            for i in range(12):
+                server = servers[i % 3]
+                server.set_serving(False)
+                wait_for(lambda s=server: lb.endpoint_states()[s.address] == "unhealthy")
+                server.set_serving(True)
+                wait_for(lambda s=server: lb.endpoint_states()[s.address] == "ready")
+        finally:
+            stop.set()
+            for t in callers:
+                t.join(10)
+    assert failures == [] and served[0] > 0

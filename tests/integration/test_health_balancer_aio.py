@@ -93,3 +93,39 @@ async def test_no_call_fails_with_a_deadline_shorter_than_the_hang(make_servers)
     # Every server hangs: the call fails with its own deadline, not later, and is not retried past it.
     assert [f.code() for f in failures] == [grpc.StatusCode.DEADLINE_EXCEEDED]
     assert time.monotonic() - start <= 0.3 + SCHEDULING_MARGIN
+
+
+async def test_health_flips_under_calls_lose_no_call_with_retries_off(make_servers):
+    # The asyncio twin of the sync test: a call picked for a server just before the balancer hears it
+    # flip NOT_SERVING must still reach it (that server still serves).
+    servers = make_servers(3)
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    served = [0]
+    addresses = [s.address for s in servers]
+    check, once = lbkit.HealthCheck(), lbkit.RetryPolicy(max_attempts=1)
+    async with lbkit.aio.Balancer(addresses, health_check=check, retry=once) as lb:
+        await lb.wait_ready(count=3)
+        stub = pb2_grpc.ModelServiceStub(lb.channel())
+
+        async def call() -> None:
+            deadline = time.monotonic() + 60  # bounded: the flips below end it sooner
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    await stub.Predict(REQ, timeout=5)
+                    served[0] += 1
+                except grpc.RpcError as err:
+                    failures.append(err)
+
+        callers = [asyncio.create_task(call()) for _ in range(4)]
+        try:
+            for i in range(12):
+                server = servers[i % 3]
+                server.set_serving(False)
+                await async_wait_for(lambda s=server: lb.endpoint_states()[s.address] == "unhealthy")
+                server.set_serving(True)
+                await async_wait_for(lambda s=server: lb.endpoint_states()[s.address] == "ready")
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+    assert failures == [] and served[0] > 0
