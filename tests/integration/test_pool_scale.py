@@ -162,10 +162,18 @@ async def test_aio_health_flips_reach_every_endpoint(farm: PortFarm) -> None:
         farm.set_serving(True)
 
 
-def test_sync_health_checks_ride_the_calls_connection_and_balancers_share_none(make_servers) -> None:
+CHANNEL_OPTIONS = pytest.mark.parametrize(
+    "options", [(), (("grpc.enable_channelz", 0),)], ids=["default-options", "channelz-off"]
+)
+"""Options a pool's channels get alike: the health-checked twin still shares the call channel's connection."""
+
+
+@CHANNEL_OPTIONS
+def test_sync_health_checks_ride_the_calls_connection_and_balancers_share_none(make_servers, options) -> None:
     (server,) = make_servers(1)
     port = int(server.address.rsplit(":", 1)[1])
-    with lbkit.Balancer([server.address], health_check=lbkit.HealthCheck()) as lb:
+    check = lbkit.HealthCheck()
+    with lbkit.Balancer([server.address], health_check=check, channel_options=options) as lb:
         lb.wait_ready()
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         stub.Predict(pb2.PredictRequest(), timeout=5)
@@ -177,10 +185,14 @@ def test_sync_health_checks_ride_the_calls_connection_and_balancers_share_none(m
             wait_for(lambda: established_to(port) == 2)
 
 
-async def test_aio_health_checks_ride_the_calls_connection_and_balancers_share_none(make_servers) -> None:
+@CHANNEL_OPTIONS
+async def test_aio_health_checks_ride_the_calls_connection_and_balancers_share_none(
+    make_servers, options
+) -> None:
     (server,) = make_servers(1)
     port = int(server.address.rsplit(":", 1)[1])
-    async with lbkit.aio.Balancer([server.address], health_check=lbkit.HealthCheck()) as lb:
+    check = lbkit.HealthCheck()
+    async with lbkit.aio.Balancer([server.address], health_check=check, channel_options=options) as lb:
         await lb.wait_ready()
         stub = pb2_grpc.ModelServiceStub(lb.channel())
         await stub.Predict(pb2.PredictRequest(), timeout=5)
