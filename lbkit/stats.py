@@ -285,8 +285,7 @@ class EndpointStats:
         ``observe`` samples (not calls) are left out, as are calls finished with ``observe_latency=False``.
         """
         with self._group.lock:
-            base = self._base
-            return tuple(self._counts[base : base + _SLOT]), self.latency_sum
+            return tuple(self.latency_buckets), self.latency_sum
 
     def take_interval(self) -> tuple[int, int]:
         """Return and reset (successes, failures) since the last call, for the outlier detector."""
